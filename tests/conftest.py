@@ -1,0 +1,74 @@
+"""Tiny synthetic data and models: no test needs MNIST or a network connection."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+IMAGE_SIZE = 12
+
+
+def make_images(num_examples, seed):
+    """uint8 images whose label is the row of a bright bar: learnable by a tiny CNN in seconds."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, num_examples)
+    images = rng.integers(0, 60, (num_examples, IMAGE_SIZE, IMAGE_SIZE)).astype(np.uint8)
+    images[np.arange(num_examples), labels + 1, :] = 255
+    return images, labels.astype(np.uint8)
+
+
+def tiny_topology(**changes):
+    topology = {
+        "image_dim_size": [IMAGE_SIZE, IMAGE_SIZE, 1],
+        "num_classes": 10,
+        "conv_layers": [
+            {"filter": [3, 3, 1, 4], "strides": [1, 1, 1, 1], "padding": "SAME", "act_fn": "relu"},
+            {"filter": [3, 3, 4, 6], "strides": [1, 1, 1, 1], "padding": "SAME", "act_fn": "relu"},
+        ],
+        "pool_layers": [
+            {"filter": [1, 2, 2, 1], "strides": [1, 2, 2, 1], "padding": "SAME"},
+            {"filter": [1, 2, 2, 1], "strides": [1, 2, 2, 1], "padding": "SAME"},
+        ],
+        "num_fc_units": [16],
+        "batch_norm": False,
+        "dropout": 0.0,
+    }
+    topology.update(changes)
+    return topology
+
+
+def tiny_options(num_steps=150, **model_changes):
+    return {"model": tiny_topology(**model_changes),
+            "train": {"num_steps": num_steps, "log_every": 50, "learning_rate": 1e-2,
+                      "batch_size": 20, "seed": 0}}
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    x_train, y_train = make_images(500, seed=1)
+    x_test, y_test = make_images(100, seed=2)
+    path = tmp_path_factory.mktemp("data") / "tiny_mnist.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_npz):
+    import common
+
+    return common.split_validation(common.load_mnist(tiny_npz), 100)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_data, tmp_path_factory):
+    """A tiny model trained once per session and saved where the scripts can load it."""
+    import proc_mnist
+
+    model, metrics = proc_mnist.train(tiny_data, tiny_options(num_steps=150), progress=lambda line: None)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    proc_mnist.save_model(model, path)
+    return path, metrics

@@ -1,0 +1,133 @@
+import pickle
+
+import numpy as np
+import pytest
+
+import common
+from common import UserError
+
+
+def write(tmp_path, text, name="config.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_config_lists_only_differences(tmp_path):
+    config = common.load_config(write(tmp_path, "[train]\nlearning_rate = 1\n"), ["train.batch_size=7"])
+    assert config["train"]["learning_rate"] == 1.0 and isinstance(config["train"]["learning_rate"], float)
+    assert config["train"]["batch_size"] == 7
+    assert config["model"] == common.default_config()["model"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[train]\nlearning_rat = 0.1\n", "unknown key train.learning_rat"),
+    ("[trian]\n", r"unknown section \[trian\]"),
+    ("[train]\nbatch_size = 2.5\n", "train.batch_size must be a int"),
+    ("[model]\nbatch_norm = 1\n", "model.batch_norm must be a bool"),
+    ("[train\n", "not valid TOML"),
+])
+def test_bad_configs_are_one_clear_error(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        common.load_config(write(tmp_path, text))
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    config = common.load_config(None, ["model.fc_act_fn=tanh", "model.num_fc_units=[8, 4]", "model.dropout=0"])
+    assert config["model"]["fc_act_fn"] == "tanh"
+    assert config["model"]["num_fc_units"] == [8, 4]
+    with pytest.raises(UserError, match="section.key=value"):
+        common.load_config(None, ["learning_rate=3"])
+
+
+def test_dumped_config_reads_back_identically(tmp_path):
+    config = common.load_config(None, ["model.pool_layers=[{}, {filter = [1, 3, 3, 1], strides = [1, 2, 2, 1], padding = 'VALID'}]"])
+    path = write(tmp_path, common.dump_toml(config), name="resolved.toml")
+    assert common.load_config(path) == config
+
+
+def test_load_mnist_scales_and_adds_channel(tiny_npz, monkeypatch):
+    monkeypatch.delenv("MNIST_PATH", raising=False)
+    data = common.load_mnist(tiny_npz)
+    assert data["x_train"].dtype == np.float32 and data["x_train"].shape == (500, 12, 12, 1)
+    assert 0.0 <= data["x_train"].min() and data["x_train"].max() == 1.0
+    monkeypatch.setenv("MNIST_PATH", str(tiny_npz))
+    np.testing.assert_array_equal(common.load_mnist()["y_test"], data["y_test"])
+
+
+def test_load_mnist_rejects_bad_files(tmp_path):
+    x = np.zeros((4, 5, 5), np.uint8)
+    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.array([0, 1, 2, 12]), x_test=x, y_test=np.zeros(4, int))
+    with pytest.raises(UserError, match="labels outside 0-9"):
+        common.load_mnist(tmp_path / "labels.npz")
+    np.savez(tmp_path / "keys.npz", x_train=x)
+    with pytest.raises(UserError, match="lacks x_train or y_train|lacks x_test"):
+        common.load_mnist(tmp_path / "keys.npz")
+    with pytest.raises(UserError, match="--data PATH or MNIST_PATH"):
+        common.load_mnist(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable .npz"):
+        common.load_mnist(tmp_path / "junk.npz")
+
+
+def test_download_failure_says_how_to_give_a_file(monkeypatch):
+    import keras
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.delenv("MNIST_PATH", raising=False)
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(UserError, match="could not download MNIST.*--data PATH"):
+        common.load_mnist()
+
+
+def test_split_validation_holds_out_the_last_examples(tiny_data):
+    assert len(tiny_data["x_train"]) == 400 and len(tiny_data["x_val"]) == 100
+    with pytest.raises(UserError, match="validation_size"):
+        common.split_validation(tiny_data, 10_000)
+
+
+def test_results_round_trip(tmp_path):
+    results = {"label": 3, "images": np.random.rand(2, 4, 4).astype(np.float32),
+               "history": [{"step": 10, "probs": np.float32(0.5)}], "options": {"a": [1, 2.5, "x", None]}}
+    common.save_results(tmp_path / "results.pkl", results)
+    loaded = common.load_results(tmp_path / "results.pkl")
+    np.testing.assert_array_equal(loaded["images"], results["images"])
+    assert loaded["history"][0]["probs"] == np.float32(0.5) and loaded["options"] == results["options"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_hostile_and_truncated_pickles_are_refused(tmp_path, capsys):
+    (tmp_path / "hostile.pkl").write_bytes(pickle.dumps({"images": Exploit()}))
+    with pytest.raises(UserError, match="refusing to load .*builtins.print"):
+        common.load_results(tmp_path / "hostile.pkl")
+    assert "this ran" not in capsys.readouterr().out
+    good = pickle.dumps({"images": np.zeros((3, 3))}, protocol=4)
+    (tmp_path / "truncated.pkl").write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="refusing to load"):
+        common.load_results(tmp_path / "truncated.pkl")
+
+
+def test_unsafe_values_are_not_written(tmp_path):
+    with pytest.raises(TypeError, match="cannot be saved"):
+        common.save_results(tmp_path / "bad.pkl", {"model": object()})
+    assert not (tmp_path / "bad.pkl").exists()
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"old": 1})
+
+    def broken(temporary):
+        open(temporary, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(path, broken)
+    assert path.read_text().strip().startswith("{") and '"old": 1' in path.read_text()
+    assert [entry.name for entry in tmp_path.iterdir()] == ["metrics.json"]
