@@ -154,7 +154,7 @@ def logits_model(model):
     """A view of model that outputs the class scores before softmax, sharing its weights."""
     import keras
 
-    return keras.Model(model.inputs, model.get_layer("logits").output)
+    return keras.Model(model.input, model.get_layer("logits").output)
 
 
 # --------------------------------------------------------------------------- training

@@ -1,0 +1,207 @@
+import numpy as np
+import pytest
+
+import cnn_backwork
+import common
+from common import UserError
+from conftest import tiny_options
+
+
+def direct_distances(rows, references):
+    """The formula as written: the full (N, R, D) difference tensor."""
+    return np.mean((rows[:, None, :] - references[None, :, :]) ** 2, axis=2)
+
+
+def random_rows(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float64)
+
+
+def test_expanded_distances_equal_the_direct_formula():
+    import tensorflow as tf
+
+    rows, references = random_rows((5, 30), 0), random_rows((40, 30), 1)
+    expanded = cnn_backwork.squared_distances(tf.constant(rows), tf.constant(references),
+                                              tf.constant((references ** 2).sum(axis=1)))
+    np.testing.assert_allclose(expanded.numpy(), direct_distances(rows, references), rtol=1e-10)
+
+
+def test_reference_distance_value_and_gradient_match_the_direct_formula():
+    import tensorflow as tf
+
+    rows, references = tf.constant(random_rows((4, 12), 2)), random_rows((25, 12), 3)
+    norms = tf.constant((references ** 2).sum(axis=1))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(rows)
+        ours = cnn_backwork.reference_distance(rows, tf.constant(references), norms)
+        direct = tf.reduce_mean(tf.reduce_min(
+            tf.reduce_mean(tf.square(rows[:, None, :] - references[None]), axis=2), axis=1))
+    np.testing.assert_allclose(ours.numpy(), direct.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(tape.gradient(ours, rows).numpy(), tape.gradient(direct, rows).numpy(), rtol=1e-10)
+
+
+def test_reference_distance_gradient_matches_finite_differences():
+    import tensorflow as tf
+
+    rows, references = random_rows((3, 6), 4), tf.constant(random_rows((10, 6), 5))
+    norms = tf.reduce_sum(tf.square(references), axis=1)
+
+    def value(x):
+        return float(cnn_backwork.reference_distance(tf.constant(x), references, norms))
+
+    with tf.GradientTape() as tape:
+        variable = tf.constant(rows)
+        tape.watch(variable)
+        distance = cnn_backwork.reference_distance(variable, references, norms)
+    gradient = tape.gradient(distance, variable).numpy()
+    step = 1e-6
+    for index in [(0, 0), (1, 3), (2, 5)]:
+        shifted_up, shifted_down = rows.copy(), rows.copy()
+        shifted_up[index] += step
+        shifted_down[index] -= step
+        numeric = (value(shifted_up) - value(shifted_down)) / (2 * step)
+        assert gradient[index] == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_batch_distance_leaves_out_each_image_itself():
+    import tensorflow as tf
+
+    rows = random_rows((4, 7), 6)
+    pairs = direct_distances(rows, rows)
+    expected = pairs[~np.eye(4, dtype=bool)].mean()
+    assert float(cnn_backwork.batch_distance(tf.constant(rows))) == pytest.approx(expected, rel=1e-10)
+
+
+def test_cost_stays_finite_when_distances_vanish(trained_tiny, tiny_data):
+    import tensorflow as tf
+
+    model = common.load_trained_model(trained_tiny[0])
+    features = cnn_backwork.feature_model(model)
+    label_images = tiny_data["x_train"][tiny_data["y_train"] == 3][:20]
+    references = cnn_backwork.reference_features(features, label_images, 0, 0)
+    options = common.default_config()["backwork"]
+    cost = cnn_backwork.make_cost_function(features, references, 3, cnn_backwork.default_layer_cost_coeffs(4),
+                                           options)
+    images = tf.constant(np.repeat(label_images[:1], 2, axis=0))  # On a training example, and equal.
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        value, probabilities = cost(images)
+    assert np.isfinite(value.numpy()) and np.all(np.isfinite(tape.gradient(value, images).numpy()))
+    assert probabilities.shape == (2,)
+
+
+def test_default_coefficients_follow_the_original():
+    np.testing.assert_allclose(cnn_backwork.default_layer_cost_coeffs(3), [1e-4, 1e-3, 1e-2, 10.0], rtol=1e-6)
+    with pytest.raises(UserError, match="give 5 values"):
+        cnn_backwork.layer_coefficients({"layer_cost_coeffs": [1.0, 2.0]}, 4)
+
+
+def test_count_falls_resets_when_the_probability_rises():
+    falls = np.zeros(3, int)
+    for previous, current in [([-np.inf] * 3, [0.5, 0.5, 0.5]), ([0.5, 0.5, 0.5], [0.4, 0.6, 0.4]),
+                              ([0.4, 0.6, 0.4], [0.3, 0.5, 0.45])]:
+        falls = cnn_backwork.count_falls(falls, np.array(previous), np.array(current))
+    np.testing.assert_array_equal(falls, [2, 1, 0])
+
+
+def test_pixel_adam_matches_keras_adam_and_resets_one_image():
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0.2, 0.8, (2, 3, 3, 1)).astype(np.float32)
+    gradients = [rng.normal(size=start.shape).astype(np.float32) * 0.01 for _ in range(3)]
+    ours = cnn_backwork.PixelAdam(start, learning_rate=0.01)
+    reference = tf.Variable(start)
+    keras_adam = keras.optimizers.Adam(0.01, epsilon=1e-7)
+    for gradient in gradients:
+        ours.apply(tf.constant(gradient))
+        keras_adam.apply_gradients([(tf.constant(gradient), reference)])
+    np.testing.assert_allclose(ours.images.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
+    ours.reset([1], np.full((1, 3, 3, 1), 0.5, np.float32))
+    assert np.all(ours.images.numpy()[1] == 0.5) and np.all(ours.first_moment.numpy()[1] == 0)
+    assert np.all(ours.steps.numpy()[0] == 3) and np.all(ours.steps.numpy()[1] == 0)
+    ours.apply(tf.constant(np.full(start.shape, -100.0, np.float32)))
+    assert ours.images.numpy().max() <= 1.0  # Pixels are clipped to [0, 1].
+
+
+def backwork_options(**changes):
+    options = {**common.default_config()["backwork"], "num_examples": 4, "max_num_steps": 150,
+               "min_num_steps": 25, "prob_cap_mean": 0.99, "prob_cap_min": 0.99, "learning_rate": 0.05}
+    options.update(changes)
+    return options
+
+
+def test_backwork_reaches_the_label_and_records_history(trained_tiny, tiny_data):
+    model = common.load_trained_model(trained_tiny[0])
+    label_images = tiny_data["x_train"][tiny_data["y_train"] == 7]
+    results = cnn_backwork.backwork_label(model, label_images, 7, backwork_options(), progress=lambda line: None)
+    assert results["images"].shape == (4, 12, 12) and results["images"].dtype == np.float32
+    assert 0.0 <= results["images"].min() and results["images"].max() <= 1.0
+    assert results["probs"].shape == (4, 10) and results["probs"][:, 7].min() >= 0.99
+    np.testing.assert_allclose(results["probs"], np.asarray(model(results["images"][..., None])), rtol=1e-5)
+    assert [record["step"] for record in results["history"]] == list(range(25, results["steps"] + 1, 25))
+    assert np.all((results["steps_to_reach"] > 0) & (results["steps_to_reach"] <= results["steps"]))
+    # The images stay away from the label's training examples (those sit at distance 0).
+    assert results["nearest_training_distance"].min() > 0.01
+
+
+def test_falling_images_are_reinitialised(trained_tiny, tiny_data):
+    model = common.load_trained_model(trained_tiny[0])
+    label_images = tiny_data["x_train"][tiny_data["y_train"] == 2]
+    # A negative probability weight drives every probability down, so each image keeps falling.
+    options = backwork_options(layer_cost_coeffs=[0.0, 0.0, 0.0, 0.0, -10.0], save_freq=5, min_num_steps=200,
+                               max_num_steps=40, num_mono_dec_saves=2, reinit_below=1.0)
+    results = cnn_backwork.backwork_label(model, label_images, 2, options, progress=lambda line: None)
+    assert results["reinitialised"] >= 4
+
+
+def test_same_seed_same_images(trained_tiny, tiny_data):
+    model = common.load_trained_model(trained_tiny[0])
+    label_images = tiny_data["x_train"][tiny_data["y_train"] == 1]
+    options = backwork_options(max_num_steps=25)
+    first = cnn_backwork.backwork_label(model, label_images, 1, options, progress=lambda line: None)
+    second = cnn_backwork.backwork_label(model, label_images, 1, options, progress=lambda line: None)
+    np.testing.assert_array_equal(first["images"], second["images"])
+
+
+@pytest.mark.parametrize("text,expected", [("3", [3]), ("0-3", [0, 1, 2, 3]), ("1,4,7", [1, 4, 7]),
+                                           ("8,0-1", [0, 1, 8])])
+def test_parse_labels(text, expected):
+    assert cnn_backwork.parse_labels(text, 10) == expected
+
+
+@pytest.mark.parametrize("text", ["12", "a", "3-", "-1"])
+def test_bad_labels_are_refused(text):
+    with pytest.raises(UserError, match="--labels"):
+        cnn_backwork.parse_labels(text, 10)
+
+
+def test_command_line_writes_results_and_figures(trained_tiny, tiny_npz, tmp_path, capsys):
+    config = tmp_path / "quick.toml"
+    config.write_text("[backwork]\nnum_examples = 3\nmax_num_steps = 50\nmin_num_steps = 25\n"
+                      "learning_rate = 0.05\nprob_cap_min = 0.99\nprob_cap_mean = 0.99\n")
+    out = tmp_path / "backwork"
+    arguments = [str(config), "--model", str(trained_tiny[0]), "--data", str(tiny_npz), "--labels", "4,5",
+                 "--out", str(out)]
+    assert cnn_backwork.main(arguments) == 0
+    results = common.load_results(out / "results_5.pkl")
+    assert results["label"] == 5 and results["images"].shape == (3, 12, 12)
+    assert results["options"]["max_num_steps"] == 50 and results["model"] == str(trained_tiny[0])
+    assert results["format_version"] == common.RESULTS_FORMAT_VERSION
+    for figure in ("backwork.png", "worst_training.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "label  min p" in table and "\n    5  " in table
+
+
+def test_model_that_does_not_fit_the_data_is_one_line(trained_tiny, tmp_path, capsys):
+    other = tmp_path / "other.npz"
+    images = np.zeros((20, 8, 8), np.uint8)
+    np.savez(other, x_train=images, y_train=np.arange(20) % 10, x_test=images, y_test=np.arange(20) % 10)
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: cnn_backwork.main(["--model", str(trained_tiny[0]), "--data", str(other),
+                                                  "--out", str(tmp_path / "out")]))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: model") and "takes images of shape (12, 12, 1)" in error
+    assert len(error.splitlines()) == 1
