@@ -137,10 +137,14 @@ def reference_features(features_model, images, max_examples, seed, batch_size=50
     return [(layer, tf.reduce_sum(tf.square(layer), axis=1)) for layer in layers]
 
 
-def make_cost_function(features_model, references, label, coefficients, options):
-    """cost(images) -> (cost, label probabilities), the formula in the module docstring."""
+def make_cost_function(features_model, references, label, coefficients, options, distance=None):
+    """cost(images) -> (cost, label probabilities), the formula in the module docstring.
+
+    distance replaces reference_distance (bench/bench_backwork.py passes the direct formula).
+    """
     import tensorflow as tf
 
+    distance = distance or reference_distance
     reference_weight = options["reference_cost_coeff"]
     batch_weight = options["batch_cost_coeff"]
 
@@ -149,7 +153,7 @@ def make_cost_function(features_model, references, label, coefficients, options)
         probabilities = tf.nn.softmax(logits)[:, label]  # (N,)
         total = coefficients[-1] * tf.reduce_mean(1.0 - probabilities)
         for weight, rows, (layer_references, norms) in zip(coefficients, flat, references):
-            layer_cost = reference_weight / (reference_distance(rows, layer_references, norms) + DISTANCE_EPSILON)
+            layer_cost = reference_weight / (distance(rows, layer_references, norms) + DISTANCE_EPSILON)
             if images.shape[0] > 1:  # One image has no batch to keep away from.
                 layer_cost += batch_weight / (batch_distance(rows) + DISTANCE_EPSILON)
             total += weight * layer_cost

@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+
+import cnn_backwork
+import common
+import preprocess_data
+from common import UserError
+
+
+def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    for label in labels:
+        probs = np.full((shape[0], num_classes), 0.0001, np.float32)
+        probs[:, label % num_classes] = 0.9991
+        common.save_results(folder / f"results_{label}.pkl", {
+            "label": label, "images": rng.uniform(0, 1, shape).astype(np.float32), "probs": probs,
+            "steps": 50, "seconds": 1.0, "steps_to_reach": np.array([25, 50, -1][:shape[0]])})
+    return folder
+
+
+def test_random_augmentation_adds_uniform_labels_and_shuffles(tiny_data):
+    augmented = preprocess_data.augment_random_data(tiny_data, num_blank=30, num_noise=20, seed=1)
+    targets = augmented["y_train"]
+    assert len(augmented["x_train"]) == len(tiny_data["x_train"]) + 50 and targets.shape == (450, 10)
+    uniform = np.all(np.isclose(targets, 0.1), axis=1)
+    assert uniform.sum() == 50 and not np.all(uniform[-50:])  # Shuffled in, not appended.
+    blank = np.all(augmented["x_train"] == 0, axis=(1, 2, 3))
+    assert blank.sum() == 30 and np.all(uniform[blank])
+    np.testing.assert_array_equal(augmented["x_test"], tiny_data["x_test"])
+    np.testing.assert_array_equal(augmented["y_val"], tiny_data["y_val"])
+    real = ~uniform
+    np.testing.assert_allclose(targets[real].sum(axis=1), 1.0)
+    assert sorted(targets[real].argmax(axis=1)) == sorted(tiny_data["y_train"])
+
+
+def test_augment_data_adds_every_label_s_final_images(tiny_data, tmp_path):
+    augmented = preprocess_data.augment_data(tiny_data, write_results(tmp_path), seed=0)
+    assert len(augmented["x_train"]) == len(tiny_data["x_train"]) + 30
+    assert np.all(np.isclose(augmented["y_train"], 0.1), axis=1).sum() == 30
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"labels": range(9)}, r"no results for labels \[9\].*--labels 9"),
+    ({"shape": (3, 8, 8)}, r"shape \(8, 8, 1\)"),
+    ({"num_classes": 11}, "has 11 classes, the model 10"),
+])
+def test_mismatched_results_are_refused(tiny_data, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        preprocess_data.augment_data(tiny_data, write_results(tmp_path, **kwargs))
+
+
+def test_fooling_difficulty_counts_what_reached_the_cap(tmp_path):
+    results = cnn_backwork.load_label_results(write_results(tmp_path, labels=[0, 1]))
+    difficulty = preprocess_data.fooling_difficulty(results, threshold=0.999)
+    assert difficulty["fooled_fraction"] == 1.0  # 0.9991 everywhere in these fakes.
+    assert difficulty["mean_steps_to_fool"] == pytest.approx(37.5)  # -1 never reached and is left out.
+    assert difficulty["backwork_steps"] == 100
+
+
+def test_missing_results_stop_before_any_training(trained_tiny, tiny_npz, tmp_path):
+    (tmp_path / "results").mkdir()
+    results = write_results(tmp_path / "results", labels=range(3))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"no results for labels \[3, 4, 5, 6, 7, 8, 9\]"):
+        preprocess_data.main(["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
+                              "--out", str(out), "--set", "data.validation_size=100"])
+    assert not (out / "model.keras").exists()
+
+
+def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(trained_tiny, tiny_npz, tmp_path, capsys):
+    config = tmp_path / "quick.toml"
+    config.write_text("[data]\nvalidation_size = 100\n"
+                      "[train]\nlearning_rate = 0.01\nbatch_size = 20\nlog_every = 50\n"
+                      "[backwork]\nnum_examples = 2\nmax_num_steps = 50\nmin_num_steps = 25\nlearning_rate = 0.05\n"
+                      "[augment]\nnum_blank = 20\nnum_noise = 20\nnum_eval_noise = 50\n")
+    model_path = str(trained_tiny[0])
+    backwork_dir = tmp_path / "backwork"
+    assert cnn_backwork.main([str(config), "--model", model_path, "--data", str(tiny_npz),
+                              "--out", str(backwork_dir)]) == 0
+    out = tmp_path / "aug"
+    assert preprocess_data.main([str(config), "--results", str(backwork_dir), "--model", model_path,
+                                 "--data", str(tiny_npz), "--out", str(out), "--steps", "100"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    original, retrained = report["rounds"]
+    assert retrained["train_steps"] == 100 and retrained["num_fooling_images_trained"] == 20
+    assert retrained["fooling_top_prob"] < original["fooling_top_prob"]
+    assert retrained["noise_top_prob"] < 0.5
+    assert 0 <= retrained["fooled_fraction"] <= 1
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "round1" / "backwork").glob("results_*.pkl"))) == 10
+    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+    assert "round  test acc" in capsys.readouterr().out
