@@ -1,0 +1,115 @@
+"""Training speed: our training loop against keras.Model.fit, and against a NumPy matmul.
+
+    python bench/bench_train.py [--steps 300] [--config configs/default.toml] [--data PATH]
+
+Both train the same topology (the config's) with the same batch size and Adam for the
+same number of steps, in this one process. The FLOP rate counts the multiply-adds of the
+convolutions and dense layers (forward, plus the two backward products, less the input
+gradient of the first layer, which nobody needs) and is compared with a float32 NumPy
+matrix multiply timed in the same run: the best rate this machine's BLAS reaches.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+import proc_mnist  # noqa: E402
+
+
+def forward_flops_per_example(model):
+    """Floating-point operations of each Conv2D and Dense layer for one example: {name: flops}."""
+    flops = {}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            kernel_height, kernel_width, channels_in, channels_out = layer.kernel.shape
+            _, height, width, _ = layer.output.shape
+            flops[layer.name] = 2 * height * width * kernel_height * kernel_width * channels_in * channels_out
+        elif kind == "Dense":
+            flops[layer.name] = 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return flops
+
+
+def training_flops_per_example(model):
+    forward = forward_flops_per_example(model)
+    first = next(iter(forward))
+    return 3 * sum(forward.values()) - forward[first]
+
+
+def numpy_matmul_rate(size=1024, repeats=10):
+    rng = np.random.default_rng(0)
+    left, right = (rng.random((size, size), dtype=np.float32) for _ in range(2))
+    left @ right
+    start = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def time_ours(config, images, targets, steps, block):
+    model = proc_mnist.compile_for_training(proc_mnist.build_model(config["model"]), config["train"]["learning_rate"])
+    run_steps = proc_mnist.make_train_function(model, images, targets)
+    batch_size = config["train"]["batch_size"]
+    run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, 0, block))  # Traces once.
+    start = time.perf_counter()
+    for first in range(block, block + steps, block):
+        float(run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, first, block)))
+    return steps * batch_size / (time.perf_counter() - start), model
+
+
+def time_fit(config, images, targets, steps):
+    import keras
+
+    batch_size = config["train"]["batch_size"]
+    model = proc_mnist.build_model(config["model"])
+    model.compile(optimizer=keras.optimizers.Adam(config["train"]["learning_rate"]),
+                  loss="categorical_crossentropy", jit_compile=False)
+    model.fit(images[:batch_size * 10], targets[:batch_size * 10], batch_size=batch_size, epochs=1, verbose=0)
+    count = steps * batch_size
+    start = time.perf_counter()
+    model.fit(images[:count], targets[:count], batch_size=batch_size, epochs=1, verbose=0, shuffle=True)
+    return count / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="config whose [model] and [train] to use (default: the defaults)")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps of each")
+    parser.add_argument("--block", type=int, default=100, help="steps per call of our compiled loop")
+    parser.add_argument("--data", help="MNIST .npz; default: random images (speed does not depend on them)")
+    arguments = parser.parse_args()
+    config = common.load_config(arguments.config)
+    batch_size, count = config["train"]["batch_size"], (arguments.steps + arguments.block) * config["train"]["batch_size"]
+    if arguments.data:
+        data = common.load_mnist(arguments.data)
+        images, labels = data["x_train"][:count], data["y_train"][:count]
+    else:
+        rng = np.random.default_rng(0)
+        shape = proc_mnist._image_shape(config["model"]["image_dim_size"])
+        images = rng.random((count, *shape), dtype=np.float32)
+        labels = rng.integers(0, config["model"]["num_classes"], count)
+    targets = proc_mnist.to_targets(labels, config["model"]["num_classes"])
+
+    matmul_rate = numpy_matmul_rate()
+    ours, model = time_ours(config, images, targets, arguments.steps, arguments.block)
+    reference = time_fit(config, images, targets, arguments.steps)
+    matmul_rate = max(matmul_rate, numpy_matmul_rate())  # Before and after: the better of the two.
+    flops = training_flops_per_example(model)
+    print(f"topology: {arguments.config or 'configs/default.toml'}, batch {batch_size}, {arguments.steps} steps each, "
+          f"{flops / 1e6:.1f} MFLOP per training example")
+    print(f"ours (compiled multi-step loop): {ours:8.0f} examples/s  {ours * flops / 1e9:6.1f} GFLOP/s")
+    print(f"keras fit (jit_compile=False):   {reference:8.0f} examples/s  {reference * flops / 1e9:6.1f} GFLOP/s")
+    print(f"numpy float32 matmul:            {matmul_rate / 1e9:23.1f} GFLOP/s")
+    print(f"ratio ours / fit: {ours / reference:.2f} (goal >= 1.0)")
+    print(f"ratio ours FLOP rate / numpy matmul: {ours * flops / matmul_rate:.2f} (goal >= 0.6)")
+
+
+if __name__ == "__main__":
+    main()
