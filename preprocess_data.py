@@ -116,7 +116,11 @@ def retrain(model, data, config, round_index, progress=print):
     augment = config["augment"]
     train_options = {**config["train"], "seed": augment["seed"] + round_index}
     if augment["from_scratch"]:
-        model = None
+        import keras
+
+        # The same architecture as the given model, freshly initialised, whatever the config says.
+        keras.utils.set_random_seed(train_options["seed"])
+        model = keras.models.clone_model(model)
     else:
         # A fresh optimizer, as the original reloaded only the parameters; it also restarts the step count.
         model = proc_mnist.compile_for_training(model, train_options["learning_rate"])

@@ -92,3 +92,17 @@ def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(traine
     assert len(list((out / "round1" / "backwork").glob("results_*.pkl"))) == 10
     assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
     assert "round  test acc" in capsys.readouterr().out
+
+
+def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_data):
+    original = common.load_trained_model(trained_tiny[0])
+    config = common.default_config()
+    config["train"].update(num_steps=20, log_every=10, batch_size=20, learning_rate=0.01)
+    config["augment"].update(from_scratch=True, retrain_steps=999)
+    model, metrics = preprocess_data.retrain(original, tiny_data, config, 1, progress=lambda line: None)
+    assert metrics["steps"] == 20  # train.num_steps, not retrain_steps.
+    assert [layer.name for layer in model.layers] == [layer.name for layer in original.layers]
+    assert not np.allclose(model.get_layer("fc1").get_weights()[0], original.get_layer("fc1").get_weights()[0])
+    config["augment"].update(from_scratch=False, retrain_steps=15)
+    continued, metrics = preprocess_data.retrain(original, tiny_data, config, 1, progress=lambda line: None)
+    assert metrics["steps"] == 15 and continued is original
