@@ -126,15 +126,27 @@ def batch_distance(rows):
 
 
 def reference_features(features_model, images, max_examples, seed, batch_size=500):
-    """Each cost layer's flattened activations of the label's training images, with squared norms."""
+    """The label's training images at every cost layer: [(activations (R, D), squared norms (R,))].
+
+    Also returns their logits (R, classes), from which the worst-classified are picked.
+    """
     import tensorflow as tf
 
     if max_examples and len(images) > max_examples:
         images = images[np.random.default_rng(seed).choice(len(images), max_examples, replace=False)]
-    chunks = [flat_features(features_model, images[start:start + batch_size])[0]
+    chunks = [flat_features(features_model, images[start:start + batch_size])
               for start in range(0, len(images), batch_size)]
-    layers = [tf.concat([chunk[index] for chunk in chunks], axis=0) for index in range(len(chunks[0]))]
-    return [(layer, tf.reduce_sum(tf.square(layer), axis=1)) for layer in layers]
+    layers = [tf.concat([flat[index] for flat, _ in chunks], axis=0) for index in range(len(chunks[0][0]))]
+    logits = tf.concat([chunk_logits for _, chunk_logits in chunks], axis=0)
+    return [(layer, tf.reduce_sum(tf.square(layer), axis=1)) for layer in layers], images, logits.numpy()
+
+
+def worst_classified(images, logits, label, count=8):
+    """The count training images given the lowest probability of their label, and their probabilities."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+    order = np.argsort(probabilities[:, label])[:count]
+    return images[order], probabilities[order]
 
 
 def make_cost_function(features_model, references, label, coefficients, options, distance=None):
@@ -242,7 +254,9 @@ def backwork_label(model, label_images, label, options, progress=print):
     coefficients = layer_coefficients(options, len(names))
     seed = [options["seed"], label]  # Independent of which other labels a process runs.
     rng = np.random.default_rng(seed)
-    references = reference_features(features_model, label_images, options["max_reference_examples"], seed)
+    references, reference_images, training_logits = reference_features(
+        features_model, label_images, options["max_reference_examples"], seed)
+    worst_images, worst_probabilities = worst_classified(reference_images, training_logits, label)
     cost = make_cost_function(features_model, references, label, coefficients, options)
     count = options["num_examples"]
     optimizer = PixelAdam(initial_images(label_images, count, rng, options["init_w_train_vals"]),
@@ -275,7 +289,7 @@ def backwork_label(model, label_images, label, options, progress=print):
     return {
         "format_version": common.RESULTS_FORMAT_VERSION,
         "label": int(label),
-        "images": images[..., 0] if images.shape[-1] == 1 else images,
+        "images": _drop_single_channel(images),
         "probs": np.asarray(model(images, training=False), np.float32),
         "history": [{"step": record["step"], "images": record["images"],
                      "probs": record["label_probs"], "cost": record["cost"]} for record in history],
@@ -284,10 +298,17 @@ def backwork_label(model, label_images, label, options, progress=print):
         "seconds": time.perf_counter() - start,
         "reinitialised": int(reinitialised),
         "nearest_training_distance": nearest_distances(images, label_images),
+        "worst_training_images": _drop_single_channel(worst_images),
+        "worst_training_probs": worst_probabilities,
         "layer_cost_coeffs": coefficients,
         "cost_layers": names,
         "options": dict(options),
     }
+
+
+def _drop_single_channel(images):
+    """Grey images are saved as (N, H, W), as the original results were."""
+    return images[..., 0] if images.shape[-1] == 1 else images
 
 
 def _should_stop(costs, probabilities, options):
@@ -332,49 +353,34 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
 # ---------------------------------------------------------------------------- figures
 
 
-def plot_results(results, path):
-    """Every label's images in one grid, titled with their label probability (view_results)."""
+def plot_image_grid(rows, title, path):
+    """One row per entry of rows, a list of (images, titles); grey or colour images in [0, 1]."""
     pyplot = common.pyplot()
-    labels = sorted(results)
-    columns = max(len(results[label]["images"]) for label in labels)
-    figure, axes = pyplot.subplots(len(labels), columns, figsize=(1.4 * columns, 1.55 * len(labels)),
-                                   squeeze=False)
-    for row, label in enumerate(labels):
-        result = results[label]
-        for column, axis in enumerate(axes[row]):
-            axis.axis("off")
-            if column < len(result["images"]):
-                axis.imshow(result["images"][column], cmap="gray", vmin=0, vmax=1)
-                axis.set_title(f"{label}: {result['probs'][column, label]:.4f}", fontsize=8)
-    figure.suptitle("backworked images (label: probability)")
-    common.save_figure(figure, path)
-
-
-def worst_training_examples(model, images, labels, count):
-    """For each label, the training examples of that label the model gives the lowest probability."""
-    probabilities = common.predict_in_batches(lambda batch: model(batch, training=False), images)
-    worst = {}
-    for label in range(probabilities.shape[1]):
-        indices = np.flatnonzero(labels == label)
-        order = indices[np.argsort(probabilities[indices, label])[:count]]
-        worst[label] = (images[order], probabilities[order])
-    return worst
-
-
-def plot_worst_training(worst, path):
-    """The training examples classified worst for each label (the original's graph_training_set)."""
-    pyplot = common.pyplot()
-    columns = max(len(images) for images, _ in worst.values())
-    figure, axes = pyplot.subplots(len(worst), columns, figsize=(1.4 * columns, 1.55 * len(worst)), squeeze=False)
-    for row, (label, (images, probabilities)) in enumerate(sorted(worst.items())):
-        for column, axis in enumerate(axes[row]):
+    columns = max(len(images) for images, _ in rows)
+    figure, axes = pyplot.subplots(len(rows), columns, figsize=(1.4 * columns, 1.55 * len(rows)), squeeze=False)
+    for (images, titles), row_axes in zip(rows, axes):
+        for column, axis in enumerate(row_axes):
             axis.axis("off")
             if column < len(images):
-                axis.imshow(images[column][..., 0], cmap="gray", vmin=0, vmax=1)
-                predicted = int(probabilities[column].argmax())
-                axis.set_title(f"{label}: {probabilities[column, label]:.2f} ({predicted})", fontsize=8)
-    figure.suptitle("training examples classified worst (label: probability (predicted))")
+                axis.imshow(images[column], cmap="gray", vmin=0, vmax=1)
+                axis.set_title(titles[column], fontsize=8)
+    figure.suptitle(title)
     common.save_figure(figure, path)
+
+
+def plot_results(results, path):
+    """Every label's images, titled with their label probability (the original's view_results)."""
+    rows = [(result["images"], [f"{label}: {probs[label]:.4f}" for probs in result["probs"]])
+            for label, result in sorted(results.items())]
+    plot_image_grid(rows, "backworked images (label: probability)", path)
+
+
+def plot_worst_training(results, path):
+    """The training examples classified worst for each label (the original's graph_training_set)."""
+    rows = [(result["worst_training_images"],
+             [f"{label}: {probs[label]:.2f} ({probs.argmax()})" for probs in result["worst_training_probs"]])
+            for label, result in sorted(results.items())]
+    plot_image_grid(rows, "training examples classified worst (label: probability (predicted))", path)
 
 
 # ------------------------------------------------------------------------------- main
@@ -443,9 +449,9 @@ def main(argv=None):
         results[label]["model"] = str(args.model)
         common.save_results(out_dir / f"results_{label}.pkl", results[label])
     print(summary_table(results))
-    plot_results(load_label_results(out_dir), out_dir / "backwork.png")
-    plot_worst_training(worst_training_examples(model, data["x_train"], data["y_train"], 8),
-                        out_dir / "worst_training.png")
+    every_label = load_label_results(out_dir)  # Labels that other processes wrote too.
+    plot_results(every_label, out_dir / "backwork.png")
+    plot_worst_training(every_label, out_dir / "worst_training.png")
     print(f"results and figures in {out_dir}")
     return 0
 

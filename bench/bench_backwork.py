@@ -50,7 +50,7 @@ def measure(variant, num_references, model_path, num_examples, repeats):
     features = cnn_backwork.feature_model(model)
     rng = np.random.default_rng(0)
     shape = (num_references,) + tuple(model.input_shape[1:])
-    references = cnn_backwork.reference_features(features, rng.uniform(0, 1, shape).astype(np.float32), 0, 0)
+    references, _, _ = cnn_backwork.reference_features(features, rng.uniform(0, 1, shape).astype(np.float32), 0, 0)
     options = common.default_config()["backwork"]
     coefficients = cnn_backwork.default_layer_cost_coeffs(len(references))
     distance = direct_reference_distance if variant == "direct" else None

@@ -77,7 +77,7 @@ def test_cost_stays_finite_when_distances_vanish(trained_tiny, tiny_data):
     model = common.load_trained_model(trained_tiny[0])
     features = cnn_backwork.feature_model(model)
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 3][:20]
-    references = cnn_backwork.reference_features(features, label_images, 0, 0)
+    references, _, _ = cnn_backwork.reference_features(features, label_images, 0, 0)
     options = common.default_config()["backwork"]
     cost = cnn_backwork.make_cost_function(features, references, 3, cnn_backwork.default_layer_cost_coeffs(4),
                                            options)
@@ -143,6 +143,11 @@ def test_backwork_reaches_the_label_and_records_history(trained_tiny, tiny_data)
     assert np.all((results["steps_to_reach"] > 0) & (results["steps_to_reach"] <= results["steps"]))
     # The images stay away from the label's training examples (those sit at distance 0).
     assert results["nearest_training_distance"].min() > 0.01
+    # The worst-classified training examples come with the lowest label probabilities, in order.
+    worst = results["worst_training_probs"][:, 7]
+    all_probabilities = np.asarray(model(label_images))[:, 7]
+    np.testing.assert_allclose(worst, np.sort(all_probabilities)[:8], rtol=1e-4, atol=1e-6)
+    assert results["worst_training_images"].shape == (8, 12, 12)
 
 
 def test_falling_images_are_reinitialised(trained_tiny, tiny_data):
