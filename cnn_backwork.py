@@ -215,25 +215,6 @@ class PixelAdam:
             variable.scatter_nd_update(indices, tf.broadcast_to(tf.cast(values, tf.float32), shape))
 
 
-def make_step_function(cost, optimizer):
-    """A compiled function running a block of optimisation steps; returns the costs and probabilities."""
-    import tensorflow as tf
-
-    @tf.function
-    def run_steps(num_steps):
-        costs = tf.TensorArray(tf.float32, size=num_steps)
-        for step in tf.range(num_steps):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(optimizer.images)
-                value, _ = cost(optimizer.images)
-            optimizer.apply(tape.gradient(value, optimizer.images))
-            costs = costs.write(step, value)
-        _, probabilities = cost(optimizer.images)
-        return costs.stack(), probabilities
-
-    return run_steps
-
-
 def initial_images(label_images, count, rng, from_training):
     """Uniform noise, or (init_w_train_vals) averages of random groups of the label's images."""
     if not from_training:
@@ -247,63 +228,99 @@ def count_falls(falls, previous, current):
     return np.where(current < previous, falls + 1, 0)
 
 
+class Backworker:
+    """Backworks the labels of one model; its compiled steps are traced once for all labels."""
+
+    def __init__(self, model, options, distance=None):
+        import tensorflow as tf
+
+        self.model, self.options = model, options
+        self.features_model = feature_model(model)
+        self.cost_layers = cost_layer_names(model)
+        self.coefficients = layer_coefficients(options, len(self.cost_layers))
+        count, image_shape = options["num_examples"], tuple(model.input_shape[1:])
+        self.optimizer = PixelAdam(np.zeros((count, *image_shape), np.float32), options["learning_rate"])
+        sizes = [int(np.prod(image_shape))] + [int(np.prod(self.model.get_layer(name).output.shape[1:]))
+                                               for name in self.cost_layers[1:]]
+        # References of any count (R) per label: one trace serves every label.
+        reference_spec = [(tf.TensorSpec([None, size], tf.float32), tf.TensorSpec([None], tf.float32))
+                          for size in sizes]
+        signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), reference_spec]
+        self.run_steps = tf.function(self._run_steps, input_signature=signature)
+        self.distance = distance
+
+    def _run_steps(self, num_steps, label, references):
+        """num_steps optimisation steps; returns each step's cost and the final label probabilities."""
+        import tensorflow as tf
+
+        cost = make_cost_function(self.features_model, references, label, self.coefficients, self.options,
+                                  self.distance)
+        images = self.optimizer.images
+        costs = tf.TensorArray(tf.float32, size=num_steps)
+        for step in tf.range(num_steps):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(images)
+                value, _ = cost(images)
+            self.optimizer.apply(tape.gradient(value, images))
+            costs = costs.write(step, value)
+        _, probabilities = cost(images)
+        return costs.stack(), probabilities
+
+    def run(self, label_images, label, progress=print):
+        """Optimise the batch towards label; return the results dict (see the README)."""
+        options, count, start = self.options, self.options["num_examples"], time.perf_counter()
+        seed = [options["seed"], label]  # Independent of which other labels a process runs.
+        rng = np.random.default_rng(seed)
+        references, reference_images, training_logits = reference_features(
+            self.features_model, label_images, options["max_reference_examples"], seed)
+        self.optimizer.reset(np.arange(count), initial_images(label_images, count, rng, options["init_w_train_vals"]))
+        step, reinitialised, history = 0, 0, []
+        first_reached = np.full(count, -1)
+        falls, previous = np.zeros(count, int), np.full(count, -np.inf)
+        while step < options["max_num_steps"]:
+            block = min(options["save_freq"], options["max_num_steps"] - step)
+            costs, probabilities = (value.numpy() for value in self.run_steps(block, label, references))
+            step += block
+            first_reached[(first_reached < 0) & (probabilities >= options["prob_cap_min"])] = step
+            history.append({"step": step, "images": _drop_single_channel(self.optimizer.images.numpy()),
+                            "probs": probabilities, "cost": float(costs[-1])})
+            falls, previous = count_falls(falls, previous, probabilities), probabilities
+            progress(f"label {label}  step {step}  cost {costs[-1]:.4g}  p min {probabilities.min():.4f}  "
+                     f"mean {probabilities.mean():.4f}  reinitialised {reinitialised}")
+            if step >= options["min_num_steps"] and _should_stop(costs, probabilities, options):
+                break
+            # The original's escape from local minima: restart images that keep losing the label.
+            stuck = np.flatnonzero((falls >= options["num_mono_dec_saves"])
+                                   & (probabilities < options["reinit_below"]))
+            if len(stuck):
+                self.optimizer.reset(stuck, initial_images(label_images, len(stuck), rng,
+                                                           options["init_w_train_vals"]))
+                first_reached[stuck], falls[stuck], previous[stuck] = -1, 0, -np.inf
+                reinitialised += len(stuck)
+        worst_images, worst_probabilities = worst_classified(reference_images, training_logits, label)
+        images = self.optimizer.images.numpy()
+        return {
+            "format_version": common.RESULTS_FORMAT_VERSION,
+            "label": int(label),
+            "images": _drop_single_channel(images),
+            "probs": np.asarray(self.model(images, training=False), np.float32),
+            "history": history,
+            "steps": int(step),
+            "steps_to_reach": first_reached,
+            "seconds": time.perf_counter() - start,
+            "reinitialised": int(reinitialised),
+            "nearest_training_distance": nearest_distances(images, label_images),
+            "worst_training_images": _drop_single_channel(worst_images),
+            "worst_training_probs": worst_probabilities,
+            "layer_cost_coeffs": self.coefficients,
+            "cost_layers": self.cost_layers,
+            "options": dict(options),
+        }
+
+
 def backwork_label(model, label_images, label, options, progress=print):
     """Optimise options['num_examples'] images towards label; return the results dict."""
-    features_model = feature_model(model)
-    names = cost_layer_names(model)
-    coefficients = layer_coefficients(options, len(names))
-    seed = [options["seed"], label]  # Independent of which other labels a process runs.
-    rng = np.random.default_rng(seed)
-    references, reference_images, training_logits = reference_features(
-        features_model, label_images, options["max_reference_examples"], seed)
-    worst_images, worst_probabilities = worst_classified(reference_images, training_logits, label)
-    cost = make_cost_function(features_model, references, label, coefficients, options)
-    count = options["num_examples"]
-    optimizer = PixelAdam(initial_images(label_images, count, rng, options["init_w_train_vals"]),
-                          options["learning_rate"])
-    run_steps = make_step_function(cost, optimizer)
-
-    start, step, reinitialised = time.perf_counter(), 0, 0
-    history = []
-    first_reached = np.full(count, -1)
-    falls, previous = np.zeros(count, int), np.full(count, -np.inf)
-    while step < options["max_num_steps"]:
-        block = min(options["save_freq"], options["max_num_steps"] - step)
-        costs, probabilities = run_steps(block)
-        costs, probabilities, step = costs.numpy(), probabilities.numpy(), step + block
-        first_reached[(first_reached < 0) & (probabilities >= options["prob_cap_min"])] = step
-        history.append({"step": step, "cost": float(costs[-1]), "images": optimizer.images.numpy(),
-                        "label_probs": probabilities})
-        falls, previous = count_falls(falls, previous, probabilities), probabilities
-        progress(f"label {label}  step {step}  cost {costs[-1]:.4g}  p min {probabilities.min():.4f}  "
-                 f"mean {probabilities.mean():.4f}  reinitialised {reinitialised}")
-        if step >= options["min_num_steps"] and _should_stop(costs, probabilities, options):
-            break
-        # The original's escape from local minima: restart images that keep losing the label.
-        stuck = np.flatnonzero((falls >= options["num_mono_dec_saves"]) & (probabilities < options["reinit_below"]))
-        if len(stuck):
-            optimizer.reset(stuck, initial_images(label_images, len(stuck), rng, options["init_w_train_vals"]))
-            first_reached[stuck], falls[stuck], previous[stuck] = -1, 0, -np.inf
-            reinitialised += len(stuck)
-    images = optimizer.images.numpy()
-    return {
-        "format_version": common.RESULTS_FORMAT_VERSION,
-        "label": int(label),
-        "images": _drop_single_channel(images),
-        "probs": np.asarray(model(images, training=False), np.float32),
-        "history": [{"step": record["step"], "images": record["images"],
-                     "probs": record["label_probs"], "cost": record["cost"]} for record in history],
-        "steps": int(step),
-        "steps_to_reach": first_reached,
-        "seconds": time.perf_counter() - start,
-        "reinitialised": int(reinitialised),
-        "nearest_training_distance": nearest_distances(images, label_images),
-        "worst_training_images": _drop_single_channel(worst_images),
-        "worst_training_probs": worst_probabilities,
-        "layer_cost_coeffs": coefficients,
-        "cost_layers": names,
-        "options": dict(options),
-    }
+    return Backworker(model, options).run(label_images, label, progress)
 
 
 def _drop_single_channel(images):
@@ -328,25 +345,29 @@ def nearest_distances(images, label_images):
 
 
 def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
-                           progress=print):
+                           progress=print, on_label=None):
     """Backwork every label in labels (default: all) and return {label: results}.
 
     data is a dict as from common.load_mnist; model_options a config dict whose
     'backwork' section overrides the defaults; model a Keras model or the path of one.
+    on_label(label, results) is called as each label finishes (the script saves there).
     """
     options = common.merge_config(common.default_config(), model_options or {}, "model_options")["backwork"]
-    if not isinstance(model, (str, Path)):
-        model_path = getattr(model, "name", "model")
-    else:
-        model_path, model = str(model), common.load_trained_model(model, data["x_train"])
-    num_classes = model.output_shape[-1]
-    labels = list(range(num_classes)) if labels is None else labels
-    results = {}
+    if options["num_examples"] < 1:
+        raise UserError("backwork.num_examples must be at least 1")
+    model_path = str(model) if isinstance(model, (str, Path)) else model.name
+    if isinstance(model, (str, Path)):
+        model = common.load_trained_model(model, data["x_train"])
+    labels = list(range(model.output_shape[-1])) if labels is None else labels
+    missing = [label for label in labels if not np.any(data["y_train"] == label)]
+    if missing:
+        raise UserError(f"the training data has no examples of labels {missing}; choose others with --labels")
+    backworker, results = Backworker(model, options), {}
     for label in labels:
         label_images = data["x_train"][data["y_train"] == label]
-        if len(label_images) == 0:
-            raise UserError(f"the training data has no examples of label {label}")
-        results[label] = {**backwork_label(model, label_images, label, options, progress), "model": model_path}
+        results[label] = {**backworker.run(label_images, label, progress), "model": model_path}
+        if on_label is not None:
+            on_label(label, results[label])
     return results
 
 
@@ -436,18 +457,15 @@ def main(argv=None):
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
     config = proc_mnist.resolve_cli_config(args, "backwork")
-    options = config["backwork"]
-    if options["num_examples"] < 1:
-        raise UserError("backwork.num_examples must be at least 1")
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     data = common.load_mnist(args.data)
     model = common.load_trained_model(args.model, data["x_train"])
     labels = parse_labels(args.labels or f"0-{model.output_shape[-1] - 1}", model.output_shape[-1])
-    results = {}
-    for label in labels:
-        results.update(get_faulty_input_layer(data, config, model, [label]))
-        results[label]["model"] = str(args.model)
-        common.save_results(out_dir / f"results_{label}.pkl", results[label])
+
+    def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
+        common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(args.model)})
+
+    results = get_faulty_input_layer(data, config, model, labels, on_label=save)
     print(summary_table(results))
     every_label = load_label_results(out_dir)  # Labels that other processes wrote too.
     plot_results(every_label, out_dir / "backwork.png")
