@@ -246,13 +246,14 @@ def resolve_options(options):
     return common.merge_config(common.default_config(), options or {}, source="options")
 
 
-def train(data, model_options=None, model=None, progress=print, on_checkpoint=None):
+def train(data, model_options=None, model=None, progress=print):
     """Train on data (as from load_mnist / split_validation) and return (model, metrics).
 
     model_options is a config dict ({'model': {...}, 'train': {...}}, missing keys take
     their defaults). Training labels may be ints or probability rows. A given model
     continues from its optimizer's step count. Ctrl-C stops at the end of the current
-    block of steps and returns what was reached, with metrics['interrupted'] set.
+    block of log_every steps (TensorFlow finishes it) and returns what was reached, with
+    metrics['interrupted'] set.
     """
     import keras
 
@@ -289,10 +290,9 @@ def train(data, model_options=None, model=None, progress=print, on_checkpoint=No
             eta = (total_steps - step) * batch_size / examples_per_second
             progress(f"step {step}/{total_steps}  loss {loss:.4f}  val acc {record['val_accuracy']:.2%}  "
                      f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
-            if on_checkpoint is not None:
-                on_checkpoint(model, history)
     except KeyboardInterrupt:
         interrupted = True
+        step = int(model.optimizer.iterations.numpy())  # The block under way ran to its end.
         progress(f"interrupted at step {step}")
     seconds = time.perf_counter() - start
     metrics = {"steps": step, "seconds": seconds, "interrupted": interrupted,

@@ -84,21 +84,26 @@ def test_command_line_run_writes_every_output(tiny_npz, tmp_path, capsys):
 
 def test_interrupt_saves_and_resume_finishes(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_train = proc_mnist.train
+    real_make_train_function = proc_mnist.make_train_function
 
-    def interrupted_train(*args, **kwargs):
-        def stop(model, history):
+    def interrupted_during_first_block(*args):
+        run_steps = real_make_train_function(*args)
+
+        def run_then_interrupt(indices):
+            run_steps(indices)  # Like Ctrl-C during the call: TensorFlow finishes the block first.
             raise KeyboardInterrupt
-        return real_train(*args, on_checkpoint=stop, **kwargs)
 
-    monkeypatch.setattr(proc_mnist, "train", interrupted_train)
+        return run_then_interrupt
+
+    monkeypatch.setattr(proc_mnist, "make_train_function", interrupted_during_first_block)
     config = str(write_config(tmp_path))
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
-    assert json.loads((out / "metrics.json").read_text())["interrupted"] is True
-    monkeypatch.setattr(proc_mnist, "train", real_train)
+    interrupted = json.loads((out / "metrics.json").read_text())
+    assert interrupted["interrupted"] is True and interrupted["steps"] == 20
+    monkeypatch.setattr(proc_mnist, "make_train_function", real_make_train_function)
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and [record["step"] for record in metrics["history"]] == [20, 40]
+    assert metrics["steps"] == 40 and [record["step"] for record in metrics["history"]] == [40]
 
 
 @pytest.mark.parametrize("arguments,message", [
