@@ -143,10 +143,11 @@ def run_round(round_index, model, data, fooling_images, config, out_dir, eval_no
     proc_mnist.save_model(model, round_dir / "model.keras")
     metrics = measure_model(model, data, fooling_images, eval_noise)
     progress(f"round {round_index}: backworking the retrained model with the same budget")
-    results = cnn_backwork.get_faulty_input_layer(data, config, model, progress=progress)
-    for label, result in results.items():
+    def save(label, result):
         common.save_results(round_dir / "backwork" / f"results_{label}.pkl",
                             {**result, "model": str(round_dir / "model.keras")})
+
+    results = cnn_backwork.get_faulty_input_layer(data, config, model, progress=progress, on_label=save)
     metrics.update(fooling_difficulty(results, config["backwork"]["prob_cap_min"]))
     metrics.update(round=round_index, train_steps=train_metrics["steps"], train_seconds=train_metrics["seconds"],
                    num_fooling_images_trained=len(fooling_images))
