@@ -283,7 +283,7 @@ def _validate_split(arrays, split, source):
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
         raise UserError(f"{source}: y_{split} holds labels outside 0-9")
     images = images.astype(np.float32) / 255.0
-    return (images[..., None] if images.ndim == 3 else images), labels.astype(np.int64)
+    return with_channel(images), labels.astype(np.int64)
 
 
 def load_mnist(path=None):
@@ -350,11 +350,16 @@ def load_trained_model(path, images=None, num_classes=None, compile=False):
     return model
 
 
-def predict_in_batches(function, images, batch_size=1000):
-    """Apply function to images a batch at a time and concatenate the NumPy results."""
-    outputs = [np.asarray(function(images[start:start + batch_size]))
+def predict(model, images, batch_size=1000):
+    """The model's outputs (class probabilities) in inference mode, a batch at a time, as NumPy."""
+    outputs = [np.asarray(model(images[start:start + batch_size], training=False))
                for start in range(0, len(images), batch_size)]
     return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def with_channel(images):
+    """Grey images (N, H, W), as results files hold them, as (N, H, W, 1) for a model."""
+    return images[..., None] if images.ndim == 3 else images
 
 
 def format_seconds(seconds):

@@ -180,7 +180,7 @@ METHODS = {"vanilla": vanilla_gradient, "guided": guided_backprop}
 
 def class_probabilities(model, images):
     """The model's class probabilities (N, classes), in inference mode."""
-    return common.predict_in_batches(lambda batch: model(batch, training=False), images)
+    return common.predict(model, images)
 
 
 def smooth_grad(method, model, images, labels=None, num_samples=25, noise_level=0.15, seed=0):
@@ -346,7 +346,7 @@ def load_backwork_images(path, num):
         raise UserError(f"{path} holds no 'images' and 'label'; give a results_<label>.pkl "
                         "written by cnn_backwork.py")
     images = np.asarray(results["images"], dtype=np.float32)
-    images = images[..., None] if images.ndim == 3 else images  # (N, H, W) -> (N, H, W, 1)
+    images = common.with_channel(images)  # (N, H, W) -> (N, H, W, 1)
     if images.ndim != 4 or len(images) == 0 or not np.isfinite(images).all():
         raise UserError(f"{path}: images of shape {images.shape} are not a stack of finite "
                         "(H, W[, C]) images; re-create the file with cnn_backwork.py")

@@ -52,7 +52,7 @@ def read_fooling_images(results_dir, image_shape, num_classes):
     images = []
     for label, result in sorted(results.items()):
         label_images = np.asarray(result["images"], np.float32)
-        label_images = label_images[..., None] if label_images.ndim == 3 else label_images
+        label_images = common.with_channel(label_images)
         if label_images.shape[1:] != tuple(image_shape):
             raise UserError(f"results_{label}.pkl holds images of shape {label_images.shape[1:]}, the data "
                             f"{tuple(image_shape)}; backwork a model trained on this data")
@@ -86,7 +86,7 @@ def augment_random_data(data, num_blank=800, num_noise=800, num_classes=10, seed
 def mean_top_probability(model, images):
     if len(images) == 0:
         return float("nan")
-    probabilities = common.predict_in_batches(lambda batch: model(batch, training=False), images)
+    probabilities = common.predict(model, images)
     return float(probabilities.max(axis=1).mean())
 
 
@@ -151,12 +151,8 @@ def run_round(round_index, model, data, fooling_images, config, out_dir, eval_no
     metrics.update(fooling_difficulty(results, config["backwork"]["prob_cap_min"]))
     metrics.update(round=round_index, train_steps=train_metrics["steps"], train_seconds=train_metrics["seconds"],
                    num_fooling_images_trained=len(fooling_images))
-    new_images = np.concatenate([_with_channel(result["images"]) for _, result in sorted(results.items())])
+    new_images = np.concatenate([common.with_channel(result["images"]) for _, result in sorted(results.items())])
     return model, metrics, new_images
-
-
-def _with_channel(images):
-    return images[..., None] if images.ndim == 3 else images
 
 
 # ------------------------------------------------------------------------------ report

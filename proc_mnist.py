@@ -223,7 +223,7 @@ def accuracy(model, images, labels, batch_size=1000):
         return float("nan")
     labels = np.asarray(labels)
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-    probabilities = common.predict_in_batches(lambda batch: model(batch, training=False), images, batch_size)
+    probabilities = common.predict(model, images, batch_size)
     return float(np.mean(probabilities.argmax(axis=1) == labels))
 
 
