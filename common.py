@@ -3,21 +3,25 @@
 Each script keeps its own method; this module only holds what would otherwise be
 copied between them, so that there is one place to read for each of these.
 """
+import importlib.abc
+import importlib.util
 import io
 import json
 import math
 import os
 import pickle
+import pickletools
+import signal
 import sys
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
-RESULTS_FORMAT_VERSION = 1
 
 # Keys whose value may be one number or a list of them (build_model normalises them).
 SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
@@ -27,16 +31,89 @@ class UserError(ValueError):
     """A mistake the user can fix; scripts print it as one line and exit non-zero."""
 
 
+# Folders that ensure_writable_dir created in this run: a run that fails removes the
+# ones it left empty, so a mistake leaves nothing behind.
+_CREATED_DIRS = []
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(main):
-    """Run a script's main(), turning user mistakes into one line and an exit code."""
+    """Run a script's main(), turning user mistakes into one line and an exit code.
+
+    SIGTERM (a scheduler's kill) is handled like Ctrl-C: whatever main saves on an
+    interrupt is saved, temporary files are removed, and the exit code is 130.
+    """
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    code = 1
     try:
-        sys.exit(main())
+        code = main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    finally:
+        if code:
+            _remove_empty_created_dirs()
+    sys.exit(code)
+
+
+def _remove_empty_created_dirs():
+    for path in reversed(_CREATED_DIRS):
+        try:
+            path.rmdir()  # Only an empty folder goes; anything written stays.
+        except OSError:
+            pass
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Silence the C++ start-up lines TensorFlow writes to stderr while it is imported.
+
+    TensorFlow 2.21 prints them through absl before TF_CPP_MIN_LOG_LEVEL is read, so the
+    only way to keep a one-line error one line is to point file descriptor 2 elsewhere
+    for the import itself. Python errors raised by the import still reach stderr.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # Only the first import; find the real spec below.
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilencedLoader(spec.loader)
+        return spec
+
+
+class _SilencedLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = self.loader
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # No real stderr (an embedding host): import as is.
+            return self.loader.exec_module(module)
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                self.loader.exec_module(module)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Later C++ info lines, for versions that read it.
+if "tensorflow" not in sys.modules:
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 # ----------------------------------------------------------------------------- configs
@@ -73,8 +150,93 @@ def _checked_value(name, default, value):
         f"not {value!r}; fix it in the config or the --set override")
 
 
+def _rule(test, description):
+    return test, description
+
+
+def _between(low, high):
+    return _rule(lambda value: low <= value <= high, f"between {low} and {high}")
+
+
+_POSITIVE = _rule(lambda value: value > 0, "greater than 0")
+_AT_LEAST_ZERO = _rule(lambda value: value >= 0, "0 or more")
+_PROBABILITY = _rule(lambda value: 0 < value <= 1, "in (0, 1]")
+_SEED = _between(0, 2**31 - 1)
+_COUNT = _between(1, 10**9)
+
+
+def _tables(maximum_count, none_means="not allowed"):
+    def test(items):
+        allowed = (dict,) if none_means == "not allowed" else (dict, type(None))
+        return len(items) <= maximum_count and all(isinstance(item, allowed) for item in items)
+
+    return _rule(test, f"a list of at most {maximum_count} tables like {{filter = [...], strides = [...], "
+                       f"padding = ...}} ({{}} or None: {none_means})")
+
+
+def _sizes(maximum):
+    def test(value):
+        values = value if isinstance(value, list) else [value]
+        return all(isinstance(item, int) and 1 <= item <= maximum for item in values)
+
+    return _rule(test, f"one or more sizes between 1 and {maximum}")
+
+
+# What each numeric or structured config value may be; checked wherever a config is merged,
+# so that a zero batch size or a negative count is one clear line at load time, not a
+# ZeroDivisionError (or a 5 GB allocation) later. Every float must also be finite.
+VALUE_RULES = {
+    "data.validation_size": _AT_LEAST_ZERO,
+    "model.image_dim_size": _sizes(4096),
+    "model.num_classes": _between(2, 100_000),
+    "model.conv_layers": _tables(64),
+    "model.pool_layers": _tables(64, none_means="no pooling"),
+    "model.num_fc_units": _sizes(65_536),
+    "model.dropout": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
+    "train.learning_rate": _POSITIVE,
+    "train.batch_size": _between(1, 100_000),
+    "train.num_steps": _COUNT,
+    "train.log_every": _COUNT,
+    "train.seed": _SEED,
+    "backwork.num_examples": _between(1, 100_000),
+    "backwork.learning_rate": _POSITIVE,
+    "backwork.max_num_steps": _COUNT,
+    "backwork.min_num_steps": _between(0, 10**9),
+    "backwork.tolerance": _AT_LEAST_ZERO,
+    "backwork.prob_cap_mean": _PROBABILITY,
+    "backwork.prob_cap_min": _PROBABILITY,
+    "backwork.save_freq": _COUNT,
+    "backwork.num_mono_dec_saves": _COUNT,
+    "backwork.reinit_below": _between(0, 1),
+    "backwork.reference_cost_coeff": _AT_LEAST_ZERO,
+    "backwork.batch_cost_coeff": _AT_LEAST_ZERO,
+    "backwork.max_reference_examples": _between(0, 10**9),
+    "backwork.seed": _SEED,
+    "augment.num_blank": _between(0, 1_000_000),
+    "augment.num_noise": _between(0, 1_000_000),
+    "augment.retrain_steps": _COUNT,
+    "augment.rounds": _between(1, 1000),
+    "augment.num_eval_noise": _between(1, 1_000_000),
+    "augment.seed": _SEED,
+    "saliency.num": _between(1, 100_000),
+    "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),
+    "saliency.smooth_samples": _between(0, 100_000),
+    "saliency.smooth_noise": _AT_LEAST_ZERO,
+    "saliency.seed": _SEED,
+    "saliency.top_k": _AT_LEAST_ZERO,
+}
+
+
+def _check_rule(name, value, source):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {name} = {value!r} must be a finite number; fix it in the config or --set")
+    test, description = VALUE_RULES.get(name, (None, None))
+    if test is not None and not test(value):
+        raise UserError(f"{source}: {name} = {value!r} must be {description}; fix it in the config or --set")
+
+
 def merge_config(config, updates, source):
-    """Overlay updates onto config in place; unknown sections or keys are errors."""
+    """Overlay updates onto config in place; unknown keys, wrong types and values out of range are errors."""
     for section, values in updates.items():
         if section not in config or not isinstance(values, dict):
             known = ", ".join(f"[{name}]" for name in config)
@@ -83,7 +245,9 @@ def merge_config(config, updates, source):
             if key not in config[section]:
                 known = ", ".join(sorted(config[section]))
                 raise UserError(f"{source}: unknown key {section}.{key}; keys of [{section}] are {known}")
-            config[section][key] = _checked_value(f"{section}.{key}", config[section][key], value)
+            value = _checked_value(f"{section}.{key}", config[section][key], value)
+            _check_rule(f"{section}.{key}", value, source)
+            config[section][key] = value
     return config
 
 
@@ -139,8 +303,18 @@ def dump_toml(config):
 # ------------------------------------------------------------------------------ files
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
-    """Call write(temporary_path), then rename it over path, so readers never see half a file."""
+    """Call write(temporary_path), then rename it over path, so readers never see half a file.
+
+    The file gets the permissions the user's umask gives a new file (mkstemp's 0600 would
+    hide results from the user's group), and an interrupted write leaves no temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the suffix: Keras and matplotlib pick the format from it.
@@ -148,6 +322,7 @@ def atomic_write(path, write):
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -164,14 +339,33 @@ def atomic_write_bytes(path, data):
     atomic_write(path, write)
 
 
+def _json_safe(value):
+    """NaN and infinity become None: strict JSON readers refuse a bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def write_json(path, value):
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n").encode())
 
 
 def ensure_writable_dir(path):
+    """Create the output folder if needed and check that a file can be written there.
+
+    A folder created here is removed again if the command then fails and leaves it empty.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file; choose another with --out")
+    missing = [folder for folder in [path, *path.parents] if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _CREATED_DIRS.extend(reversed(missing))
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
@@ -197,60 +391,260 @@ def save_figure(figure, path):
         pyplot().close(figure)
 
 
-# Everything a results pickle may construct: NumPy arrays, their dtypes and scalars.
-# NumPy 2 moved these from numpy.core to numpy._core; files from either version load.
-_SAFE_GLOBALS = {
-    (module, name)
-    for prefix in ("numpy.core", "numpy._core")
-    for module, name in [
-        (f"{prefix}.multiarray", "_reconstruct"),
-        (f"{prefix}.multiarray", "scalar"),
-        (f"{prefix}.numeric", "_frombuffer"),
-    ]
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+# ---------------------------------------------------------------------- results files
+#
+# A results file is a pickle that holds nothing but dicts, lists, tuples, str, int, float,
+# bool, None and bytes. Each NumPy array is stored as a small record
+#     {"__ndarray__": dtype name, "shape": [...], "data": raw little-endian bytes}
+# and rebuilt with np.frombuffer after its byte count has been checked against its shape.
+# So reading one constructs no class at all: the opcodes are checked before anything is
+# built, and the unpickler's find_class refuses every name. A file can then neither run
+# code nor make the reader build an array over memory that is not its own, and every
+# allocation is bounded by the file's size.
+
+RESULTS_FORMAT_VERSION = 2
+MAX_RESULTS_BYTES = 1 << 30  # 1 GiB: far above any backwork or saliency file.
+MAX_RESULTS_VALUES = 5_000_000  # containers and values in one file
+MAX_RESULTS_DEPTH = 16
+MAX_ARRAY_DIMENSIONS = 8
+ARRAY_MARKER = "__ndarray__"
+ARRAY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
+    "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+    "float16", "float32", "float64")}
+
+# The pickle opcodes of plain values (protocol 2 to 5); anything else is refused unread.
+_PLAIN_OPCODES = {
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+    "FLOAT", "BINFLOAT", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+    "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "SHORT_BINSTRING", "BINSTRING", "STRING",
+    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_LIST", "LIST", "APPEND", "APPENDS",
+    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET",
+}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it asks to construct {module}.{name}, which a results file never holds")
+class ResultsFormatError(ValueError):
+    """A results file (or a value to be saved) that does not follow the format above."""
 
 
-def _check_plain(value, where="results"):
-    """Refuse anything the restricted loader could not read back."""
+def _encode(value, where):
+    """value with every NumPy array or scalar replaced by its record; other types refused."""
     if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"{where}: key {key!r} is not a string or int")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-    elif isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise TypeError(f"{where}: object arrays cannot be saved safely")
-    elif not isinstance(value, (str, bytes, int, float, bool, type(None), np.generic)):
-        raise TypeError(f"{where}: {type(value).__name__} cannot be saved in a results file")
+        for key in value:
+            if not isinstance(key, (str, int)) or key == ARRAY_MARKER:
+                raise ResultsFormatError(f"{where}: key {key!r} cannot be saved (str or int keys only)")
+        return {key: _encode(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.asarray(value)
+        if array.dtype.name not in ARRAY_DTYPES:
+            raise ResultsFormatError(f"{where}: arrays of dtype {array.dtype} cannot be saved; "
+                                     f"use one of {', '.join(ARRAY_DTYPES)}")
+        data = np.ascontiguousarray(array, dtype=ARRAY_DTYPES[array.dtype.name]).tobytes()
+        return {ARRAY_MARKER: array.dtype.name, "shape": list(array.shape), "data": data}
+    if isinstance(value, (str, bytes, bool, int, float, type(None))):
+        return value
+    raise ResultsFormatError(f"{where}: {type(value).__name__} cannot be saved in a results file")
 
 
-def save_results(path, results):
-    """Pickle a dict of plain values and NumPy arrays atomically."""
-    _check_plain(results)
-    atomic_write_bytes(path, pickle.dumps(results, protocol=4))
+def _array_from_record(record, where):
+    dtype_name, shape, data = record.get(ARRAY_MARKER), record.get("shape"), record.get("data")
+    if set(record) != {ARRAY_MARKER, "shape", "data"} or dtype_name not in ARRAY_DTYPES:
+        raise ResultsFormatError(f"{where} is an array record with dtype {dtype_name!r} or keys "
+                                 f"{sorted(map(str, record))} that this format does not have")
+    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMENSIONS
+            or not all(type(size) is int and size >= 0 for size in shape) or not isinstance(data, bytes)):
+        raise ResultsFormatError(f"{where} has a malformed shape or data")
+    dtype = ARRAY_DTYPES[dtype_name]
+    if math.prod(shape) * dtype.itemsize != len(data):
+        raise ResultsFormatError(f"{where} claims shape {tuple(shape)} of {dtype_name} "
+                                 f"({math.prod(shape) * dtype.itemsize} bytes) but holds {len(data)} bytes")
+    return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def _decode(value, where, budget, seen, depth=0):
+    """The loaded plain value with array records rebuilt; shared or cyclic containers refused."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_RESULTS_DEPTH:
+        raise ResultsFormatError(f"{where} nests deeper or holds more values than any results file")
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in seen:  # Our writer never shares a container; a crafted file could, 10^9 times.
+            raise ResultsFormatError(f"{where} refers back to a container seen before")
+        seen.add(id(value))
+    if isinstance(value, dict):
+        if ARRAY_MARKER in value:
+            return _array_from_record(value, where)
+        return {key: _decode(item, f"{where}[{key!r}]", budget, seen, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_decode(item, f"{where}[{index}]", budget, seen, depth + 1) for index, item in enumerate(value)]
+    return value
+
+
+def _check_opcodes(data):
+    """Walk the pickle's opcodes without building anything; refuse any but plain values'."""
+    count = 0
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            count += 1
+            if count > 2 * MAX_RESULTS_VALUES:
+                raise ResultsFormatError("it holds more values than any results file")
+            if opcode.name in ("GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ"):
+                raise ResultsFormatError(
+                    "it asks to construct objects (opcode " + opcode.name + "), which a results file never "
+                    f"holds; if it was written by an older version of these scripts (format 1), "
+                    "run cnn_backwork.py again")
+            if opcode.name not in _PLAIN_OPCODES:
+                raise ResultsFormatError(f"it holds pickle opcode {opcode.name}, which a results file never holds")
+    except ValueError as error:  # pickletools' word for truncated or malformed data
+        if isinstance(error, ResultsFormatError):
+            raise
+        raise ResultsFormatError(f"it is truncated or not a pickle ({error})") from None
+
+
+class _NoClassUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it asks to construct {module}.{name}")
+
+    def persistent_load(self, persistent_id):
+        raise pickle.UnpicklingError("it refers to a persistent object")
+
+
+def save_results(path, results, kind="backwork"):
+    """Write a results dict (plain values and NumPy arrays) atomically, in the format above.
+
+    The dict is checked as load_results will check it, so a NaN image or a malformed
+    field is an error here rather than a file that cannot be read back.
+    """
+    results = {**results, "format_version": RESULTS_FORMAT_VERSION, "kind": kind}
+    try:
+        check_results(_decode(_encode(results, "results"), "results", [MAX_RESULTS_VALUES], set()))
+    except ResultsFormatError as error:
+        raise ValueError(f"refusing to save {path}: {error}") from None
+    atomic_write_bytes(path, pickle.dumps(_encode(results, "results"), protocol=4))
 
 
 def load_results(path):
-    """Unpickle a results file, constructing nothing but NumPy arrays and plain values."""
+    """Read and check a results file; returns the dict with its arrays rebuilt.
+
+    Guarantees: nothing but plain values and arrays of allowed numeric dtypes is built,
+    every array owns memory of exactly its shape, and the fields the scripts read are
+    present, of the right type and shape, and finite (see check_results).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"results file {path} does not exist; run cnn_backwork.py first or fix the path")
+    if not path.is_file():
+        raise UserError(f"results file {path} is not a file; give the path of a results_<label>.pkl")
+    size = path.stat().st_size
+    if size > MAX_RESULTS_BYTES:
+        raise UserError(f"refusing to load {path}: {size} bytes is more than a results file holds "
+                        f"({MAX_RESULTS_BYTES}); use a file written by these scripts")
     try:
-        return _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
-        raise UserError(
-            f"refusing to load {path}: {error or 'the file is truncated or not a pickle'}; "
-            "use a file written by these scripts, or re-create it") from None
+        data = path.read_bytes()
+        _check_opcodes(data)
+        loaded = _NoClassUnpickler(io.BytesIO(data)).load()
+        results = _decode(loaded, "results", [MAX_RESULTS_VALUES], set())
+        return check_results(results)
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check the file and its permissions") from None
+    except (pickle.UnpicklingError, ResultsFormatError, EOFError, MemoryError, RecursionError) as error:
+        message = str(error).splitlines()[0] if str(error) else "the file is truncated or not a pickle"
+        raise UserError(f"refusing to load {path}: {message}; use a file written by these scripts, "
+                        "or re-create it") from None
+
+
+def _field_error(field, problem):
+    return ResultsFormatError(f"field {field!r} {problem}")
+
+
+def _checked_array(results, field, dtype_kind, ndim=None, rows=None, finite=False, unit_range=False):
+    """results[field] as an array of the given kind ('f' float, 'i' int), shape and range."""
+    array = results.get(field)
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in dtype_kind:
+        expected = {"f": "a float array", "i": "an int array", "fi": "a number array"}[dtype_kind]
+        raise _field_error(field, f"is not {expected}")
+    if ndim is not None and array.ndim not in ndim:
+        raise _field_error(field, f"has shape {array.shape}, not {' or '.join(f'{n}-d' for n in ndim)}")
+    if rows is not None and len(array) != rows:
+        raise _field_error(field, f"has {len(array)} rows but images has {rows}")
+    if finite and not np.isfinite(array).all():
+        raise _field_error(field, "holds NaN or infinite values")
+    if unit_range and array.size and (array.min() < 0 or array.max() > 1):
+        raise _field_error(field, "holds values outside [0, 1]")
+    return array
+
+
+def _checked_scalar(results, field, types, minimum=None):
+    value = results.get(field)
+    if type(value) not in types or (minimum is not None and not value >= minimum) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        names = " or ".join(kind.__name__ for kind in types)
+        raise _field_error(field, f"must be a finite {names}{f' >= {minimum}' if minimum is not None else ''}, "
+                                  f"not {value!r}")
+    return value
+
+
+def _check_backwork_results(results):
+    label = _checked_scalar(results, "label", (int,), minimum=0)
+    images = _checked_array(results, "images", "f", ndim=(3, 4), finite=True, unit_range=True)
+    count = len(images)
+    if count == 0:
+        raise _field_error("images", "is empty")
+    probs = _checked_array(results, "probs", "f", ndim=(2,), rows=count, finite=True)
+    if not label < probs.shape[1]:
+        raise _field_error("label", f"{label} is not one of the {probs.shape[1]} classes of 'probs'")
+    _checked_array(results, "steps_to_reach", "i", ndim=(1,), rows=count)
+    _checked_scalar(results, "steps", (int,), minimum=0)
+    _checked_scalar(results, "seconds", (int, float), minimum=0)
+    for record_index, record in enumerate(results.get("history", [])):
+        where = f"history[{record_index}]"
+        if not isinstance(record, dict):
+            raise _field_error(where, "is not a dict")
+        _checked_scalar(record, "step", (int,), minimum=0)
+        _checked_array(record, "images", "f", ndim=(images.ndim,), finite=True, unit_range=True)
+        _checked_array(record, "probs", "f", ndim=(1, 2), finite=True)
+        _checked_scalar(record, "cost", (int, float))
+    for field, rows in [("nearest_training_distance", count), ("worst_training_images", None),
+                        ("worst_training_probs", None), ("layer_cost_coeffs", None)]:
+        if field in results:
+            _checked_array(results, field, "f", rows=rows, finite=True)
+    if not isinstance(results.get("options", {}), dict) or not isinstance(results.get("history", []), list):
+        raise _field_error("options' or 'history", "has the wrong type")
+
+
+def _check_saliency_results(results):
+    images = _checked_array(results, "images", "f", ndim=(4,), finite=True)
+    for field in ("labels", "image_labels"):
+        _checked_array(results, field, "i", ndim=(1,), rows=len(images))
+    _checked_array(results, "probs", "f", ndim=(2,), rows=len(images), finite=True)
+    for method in ("vanilla", "guided", "vanilla_smooth", "guided_smooth"):
+        if method in results:
+            _checked_array(results, method, "f", ndim=(4,), rows=len(images), finite=True)
+
+
+_RESULTS_CHECKS = {"backwork": _check_backwork_results, "saliency": _check_saliency_results}
+
+
+def check_results(results):
+    """Check the fields the scripts read, for the file's kind; return results unchanged.
+
+    The one place where a results file's contents are validated: every reader gets either
+    a complete, finite dict or a ResultsFormatError naming the field.
+    """
+    if not isinstance(results, dict):
+        raise ResultsFormatError("it does not hold a dict")
+    version = results.get("format_version")
+    if version != RESULTS_FORMAT_VERSION:
+        raise ResultsFormatError(f"it has format_version {version!r}, not {RESULTS_FORMAT_VERSION}: written by "
+                                 "another version of these scripts; run cnn_backwork.py again")
+    kind = results.get("kind")
+    if kind not in _RESULTS_CHECKS:
+        raise ResultsFormatError(f"its kind {kind!r} is not one of {', '.join(_RESULTS_CHECKS)}")
+    _RESULTS_CHECKS[kind](results)
+    return results
 
 
 # ------------------------------------------------------------------------------- data
@@ -259,15 +653,36 @@ MNIST_HINT = ("give a local copy in the Keras layout with --data PATH or MNIST_P
               "(on this project's machines: ../shared/data/mnist.npz; never commit it)")
 
 
+def _check_npz_members(archive, path):
+    """Refuse an archive member whose header claims more data than it holds (read lazily)."""
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+            raise UserError(f"{path}: {info.filename} claims shape {shape} of {dtype}, more than the "
+                            f"{info.file_size} bytes it holds; the file is damaged. {MNIST_HINT}")
+
+
 def _read_npz(path):
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"MNIST file {path} does not exist; {MNIST_HINT}")
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"MNIST file {path} {problem}; {MNIST_HINT}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {MNIST_HINT}")
     try:
+        with zipfile.ZipFile(path) as archive:
+            _check_npz_members(archive, path)
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable .npz file ({error}); {MNIST_HINT}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a readable .npz file ({message}); {MNIST_HINT}") from None
 
 
 def _validate_split(arrays, split, source):
@@ -325,6 +740,19 @@ def split_validation(data, validation_size):
 # ----------------------------------------------------------------------------- models
 
 
+def check_model_file(path):
+    """path, if it can be a model saved by proc_mnist.py; otherwise one line saying why not."""
+    path = Path(path)
+    fix = "train one with proc_mnist.py or fix --model"
+    if not path.exists():
+        raise UserError(f"model {path} does not exist; {fix}")
+    if path.is_dir():
+        raise UserError(f"model {path} is a folder, not a .keras file; {fix}")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise UserError(f"model {path} is not a Keras model archive (.keras, saved by proc_mnist.py); {fix}")
+    return path
+
+
 def load_trained_model(path, images=None, num_classes=None, compile=False):
     """Load a model saved by proc_mnist.py and check that it fits the data it will see.
 
@@ -332,13 +760,12 @@ def load_trained_model(path, images=None, num_classes=None, compile=False):
     """
     import keras
 
-    path = Path(path)
-    if not path.is_file() or path.suffix != ".keras":
-        raise UserError(f"model {path} does not exist; train one with proc_mnist.py or fix --model")
+    path = check_model_file(path)
     try:
         model = keras.models.load_model(path, compile=compile)
-    except Exception as error:  # Keras raises many types for a damaged archive.
-        raise UserError(f"cannot load model {path} ({type(error).__name__}: {error}); "
+    except Exception as error:  # Keras raises many types, with long messages, for a damaged archive.
+        first_line = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
+        raise UserError(f"cannot load model {path} ({type(error).__name__}: {first_line}); "
                         "retrain it with proc_mnist.py") from None
     input_shape = tuple(model.input_shape[1:])
     if images is not None and tuple(images.shape[1:]) != input_shape:

@@ -9,8 +9,10 @@ vanilla_gradient is the gradient of one class score (the logits layer, before so
 respect to the input; guided_backprop is the same gradient with the rule of Springenberg et
 al. (2014) at every ReLU; smooth_grad averages either over noisy copies of the images
 (Smilkov et al. 2017); salient_features turns a map into what the figure shows.
-The script writes saliency.pkl (images, labels, probs and one array of maps per method) and
-saliency.png, in saliency/ next to the model unless --out says otherwise. Defaults live in
+The script writes saliency_<images>.pkl (images, labels, probs and one array of maps per
+method; read it with common.load_results) and saliency_<images>.png, named after what was
+explained (saliency_test, saliency_results_3, ...), in saliency/ next to the model unless
+--out says otherwise. Defaults live in
 the [saliency] section of configs/default.toml.
 """
 import argparse
@@ -311,14 +313,10 @@ def resolve_options(args):
     common.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},
                         source="command line")
     options = config["saliency"]
+    # Numbers are range-checked with every config (common.VALUE_RULES); names are checked here.
     checks = [
-        (options["num"] >= 1, "num must be at least 1"),
-        (options["label"] >= -1, "label must be a class (0 or more), or -1 for the predicted class"),
         (options["method"] in METHOD_CHOICES, f"method must be one of {', '.join(METHOD_CHOICES)}"),
-        (options["smooth_samples"] >= 0, "smooth_samples must be 0 (off) or more"),
-        (options["smooth_noise"] >= 0, "smooth_noise must be 0 or more"),
         (options["sign"] in SIGNS, f"sign must be one of {', '.join(SIGNS)}"),
-        (options["top_k"] >= 0, "top_k must be 0 (keep all) or more"),
         (options["scale"] in SCALES, f"scale must be one of {', '.join(SCALES)}"),
     ]
     for passed, message in checks:
@@ -341,16 +339,19 @@ def load_test_images(data_path, label, num):
 
 def load_backwork_images(path, num):
     """The first num images of a cnn_backwork.py results file, and the label they were made for."""
-    results = common.load_results(path)
-    if not isinstance(results, dict) or "images" not in results or "label" not in results:
-        raise UserError(f"{path} holds no 'images' and 'label'; give a results_<label>.pkl "
-                        "written by cnn_backwork.py")
-    images = np.asarray(results["images"], dtype=np.float32)
-    images = common.with_channel(images)  # (N, H, W) -> (N, H, W, 1)
-    if images.ndim != 4 or len(images) == 0 or not np.isfinite(images).all():
-        raise UserError(f"{path}: images of shape {images.shape} are not a stack of finite "
-                        "(H, W[, C]) images; re-create the file with cnn_backwork.py")
-    return images[:num], np.full(len(images[:num]), int(results["label"]))
+    results = common.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
+    if results["kind"] != "backwork":
+        raise UserError(f"{path} holds {results['kind']} results, not backworked images; give a "
+                        "results_<label>.pkl written by cnn_backwork.py")
+    images = common.with_channel(results["images"])  # (N, H, W) -> (N, H, W, 1)
+    return images[:num], np.full(len(images[:num]), results["label"])
+
+
+def output_name(source, label):
+    """saliency_<what was explained>, so that explaining other images never replaces a figure."""
+    if source == "test":
+        return "saliency_test" if label < 0 else f"saliency_test_digit{label}"
+    return f"saliency_{Path(source).stem}" + ("" if label < 0 else f"_class{label}")
 
 
 def _timed(name, num_images, function, *arguments, note=""):
@@ -378,6 +379,7 @@ def compute_maps(model, images, labels, options):
 def main(argv=None):
     args = parse_arguments(argv)
     options = resolve_options(args)
+    common.check_model_file(args.model)
     from_test_set = options["images"] == "test"
     if from_test_set:
         images, image_labels = load_test_images(args.data, options["label"], options["num"])
@@ -392,22 +394,25 @@ def main(argv=None):
         raise UserError(f"--label {options['label']} is not a class of model {args.model}, whose "
                         f"classes are 0-{num_classes - 1}")
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "saliency")
+    name = output_name(options["images"], options["label"])
     probabilities = class_probabilities(model, images)  # (N, classes)
     labels = (np.full(len(images), options["label"]) if options["label"] >= 0
               else probabilities.argmax(axis=1))
     print(f"explaining {len(images)} images from {options['images']} with {options['method']} "
-          f"(SmoothGrad: {options['smooth_samples'] or 'off'}); output in {out_dir}")
+          f"(SmoothGrad: {options['smooth_samples'] or 'off'}); output in {out_dir / name}.pkl and .png")
+    if (out_dir / f"{name}.pkl").exists():
+        print(f"replacing the earlier {out_dir / name}.pkl and .png")
     maps = compute_maps(model, images, labels, options)
     results = {"images": images, "labels": labels.astype(np.int64), "probs": probabilities.astype(np.float32),
                "image_labels": image_labels.astype(np.int64), "model": str(args.model),
                "source": options["images"], "options": dict(options), **maps}
-    common.save_results(out_dir / "saliency.pkl", results)
+    common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
     tag = "digit" if from_test_set else "made for"
     titles = [f"{tag} {image_label}: class {label}\np={probabilities[row, label]:.3f}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]
     feature_options = {key: options[key] for key in ("sign", "top_k", "scale", "multiply_by_input")}
-    plot_saliency(out_dir / "saliency.png", images, maps, titles, feature_options)
-    print(f"saved {out_dir / 'saliency.pkl'} and {out_dir / 'saliency.png'}")
+    plot_saliency(out_dir / f"{name}.png", images, maps, titles, feature_options)
+    print(f"saved {out_dir / name}.pkl and {out_dir / name}.png")
     return 0
 
 

@@ -72,3 +72,15 @@ def trained_tiny(tiny_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
     proc_mnist.save_model(model, path)
     return path, metrics
+
+
+def fake_backwork_results(label, shape=(3, IMAGE_SIZE, IMAGE_SIZE), num_classes=10, seed=0):
+    """A complete results dict as cnn_backwork.py writes it, with made-up numbers."""
+    rng = np.random.default_rng([seed, label])
+    probs = np.full((shape[0], num_classes), 0.0001, np.float32)
+    probs[:, label % num_classes] = 0.9991
+    images = rng.uniform(0, 1, shape).astype(np.float32)
+    return {"label": label, "images": images, "probs": probs, "steps": 50, "seconds": 1.0,
+            "steps_to_reach": np.array([25, 50, -1] * shape[0])[:shape[0]],
+            "history": [{"step": 25, "images": images, "probs": probs[:, label % num_classes], "cost": 1.5}],
+            "options": {"prob_cap_min": 0.999}, "model": "model.keras"}

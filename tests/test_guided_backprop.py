@@ -8,7 +8,7 @@ import pytest
 import common
 import guided_backprop
 import proc_mnist
-from conftest import IMAGE_SIZE, tiny_topology
+from conftest import IMAGE_SIZE, fake_backwork_results, tiny_topology
 
 
 def random_images(num_images, seed=0, size=IMAGE_SIZE):
@@ -268,7 +268,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     out = tmp_path / "saliency"
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--num", "3", "--smooth", "2", "--out", str(out)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(out / "saliency.pkl")
+    results = common.load_results(out / "saliency_test.pkl")
     assert {"images", "labels", "probs", "vanilla", "guided", "vanilla_smooth", "guided_smooth"} <= set(results)
     test_images = common.load_mnist(tiny_npz)["x_test"][:3]
     np.testing.assert_array_equal(results["images"], test_images)
@@ -278,7 +278,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
         assert results[name].shape == test_images.shape and np.isfinite(results[name]).all()
     model = common.load_trained_model(path)
     np.testing.assert_allclose(results["guided"], guided_backprop.guided_backprop(model, test_images), rtol=1e-5)
-    assert (out / "saliency.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "saliency_test.png").read_bytes()[:4] == b"\x89PNG"
     assert "guided_smooth: 3 images" in capsys.readouterr().out
 
 
@@ -287,7 +287,7 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--label", "4", "--num", "2",
                  "--method", "guided", "--out", str(tmp_path)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(tmp_path / "saliency.pkl")
+    results = common.load_results(tmp_path / "saliency_test_digit4.pkl")
     assert results["image_labels"].tolist() == [4, 4] and results["labels"].tolist() == [4, 4]
     assert "vanilla" not in results and results["guided"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
 
@@ -295,10 +295,9 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
 def test_command_line_explains_backworked_images(trained_tiny, tmp_path):
     path, _ = trained_tiny
     backwork = tmp_path / "results_3.pkl"
-    common.save_results(backwork, {"label": 3, "images": random_images(4)[..., 0],
-                                   "probs": np.full((4, 10), 0.1, np.float32)})
+    common.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
     assert guided_backprop.main(["--model", str(path), "--images", str(backwork), "--method", "vanilla"]) == 0
-    results = common.load_results(path.parent / "saliency" / "saliency.pkl")  # Next to the model.
+    results = common.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
     assert results["vanilla"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 1)
     assert results["image_labels"].tolist() == [3] * 4
     with pytest.raises(common.UserError, match="--label 10 is not a class of model"):
@@ -309,7 +308,8 @@ def test_command_line_explains_backworked_images(trained_tiny, tmp_path):
     (["--label", "12"], "no test image has label 12"),
     (["--images", "missing.pkl"], "results file missing.pkl does not exist"),
     (["--set", "saliency.sign=up"], "saliency.sign must be one of"),
-    (["--num", "0"], "saliency.num must be at least 1"),
+    (["--num", "0"], "saliency.num = 0 must be between 1 and 100000"),
+    (["--model", str(Path(common.__file__).parent / "README.md")], "is not a Keras model archive"),
 ])
 def test_user_mistakes_end_in_one_line(arguments, message, trained_tiny, tiny_npz, tmp_path):
     path, _ = trained_tiny

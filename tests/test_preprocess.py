@@ -7,16 +7,13 @@ import cnn_backwork
 import common
 import preprocess_data
 from common import UserError
+from conftest import fake_backwork_results
 
 
 def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, seed=0):
-    rng = np.random.default_rng(seed)
     for label in labels:
-        probs = np.full((shape[0], num_classes), 0.0001, np.float32)
-        probs[:, label % num_classes] = 0.9991
-        common.save_results(folder / f"results_{label}.pkl", {
-            "label": label, "images": rng.uniform(0, 1, shape).astype(np.float32), "probs": probs,
-            "steps": 50, "seconds": 1.0, "steps_to_reach": np.array([25, 50, -1][:shape[0]])})
+        common.save_results(folder / f"results_{label}.pkl",
+                            fake_backwork_results(label, shape, num_classes, seed))
     return folder
 
 

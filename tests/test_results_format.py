@@ -1,0 +1,189 @@
+"""The results format: plain values and array records only, checked field by field.
+
+Every hostile file is built here, in the test; nothing hostile is committed.
+"""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import common
+from common import UserError
+from conftest import fake_backwork_results
+
+PROJECT = Path(common.__file__).resolve().parent
+
+
+def test_round_trip_keeps_arrays_and_plain_values(tmp_path):
+    results = fake_backwork_results(3)
+    results["options"] = {"a": [1, 2.5, "x", None, True], "b": b"raw"}
+    common.save_results(tmp_path / "results_3.pkl", results)
+    loaded = common.load_results(tmp_path / "results_3.pkl")
+    for key in ("images", "probs", "steps_to_reach"):
+        np.testing.assert_array_equal(loaded[key], results[key])
+        assert loaded[key].dtype == results[key].dtype and loaded[key].flags.writeable
+    assert loaded["options"] == results["options"] and loaded["format_version"] == 2
+    assert loaded["kind"] == "backwork" and loaded["history"][0]["step"] == 25
+
+
+def test_the_pickle_names_no_class_at_all(tmp_path):
+    common.save_results(tmp_path / "results_3.pkl", fake_backwork_results(3))
+    data = (tmp_path / "results_3.pkl").read_bytes()
+    raw = pickle.loads(data)  # Plain pickle: would build any class the file named.
+    assert raw["images"]["__ndarray__"] == "float32" and isinstance(raw["images"]["data"], bytes)
+    assert b"numpy" not in data
+
+
+def test_unsafe_values_are_not_written(tmp_path):
+    with pytest.raises(ValueError, match="cannot be saved"):
+        common.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "model": object()})
+    with pytest.raises(ValueError, match="dtype object"):
+        common.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "x": np.array([None])})
+    nan_images = fake_backwork_results(1)
+    nan_images["images"][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="'images' holds NaN"):
+        common.save_results(tmp_path / "bad.pkl", nan_images)
+    assert list(tmp_path.iterdir()) == []
+
+
+def array_record(dtype, shape, data):
+    return {"__ndarray__": dtype, "shape": shape, "data": data}
+
+
+def valid_plain():
+    """A format-2 results dict as it sits in the pickle (arrays as records)."""
+    return pickle.loads(pickle.dumps(common._encode({**fake_backwork_results(2), "format_version": 2,
+                                                     "kind": "backwork"}, "results")))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def nested_references(depth):
+    shared = []
+    for _ in range(depth):
+        shared = [shared, shared]  # 2**depth leaves through memo references, a few bytes each.
+    return shared
+
+
+def deep_nesting(depth):
+    return b"\x80\x04" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
+def hostile_files():
+    """name -> (bytes, a phrase the refusal must contain)."""
+    plain = valid_plain()
+    object_array = np.frombuffer(b"\x41" * 64, dtype=np.uint8)
+    cases = {
+        "code": (pickle.dumps({"images": Exploit()}), "construct objects"),
+        "format1_numpy": (pickle.dumps({**fake_backwork_results(1), "format_version": 1}, protocol=4),
+                          "older version"),
+        "object_dtype_from_bytes": (pickle.dumps(object_array.view(np.dtype([("a", "u1", 8)]))), "construct"),
+        "huge_shape": (pickle.dumps({**plain, "images": array_record("float32", [10**8, 28, 28], b"\0" * 129)}),
+                       "claims shape (100000000, 28, 28)"),
+        "object_record": (pickle.dumps({**plain, "images": array_record("object", [2], b"\0" * 16)}),
+                          "dtype 'object'"),
+        "big_endian_record": (pickle.dumps({**plain, "images": array_record(">f4", [1], b"\0" * 4)}), "dtype '>f4'"),
+        "negative_shape": (pickle.dumps({**plain, "images": array_record("float32", [-1, 4], b"")}),
+                           "malformed shape"),
+        "billion_references": (pickle.dumps({**plain, "history": nested_references(30)}), "nests deeper"),
+        "shared_references": (pickle.dumps({**plain, "history": nested_references(5)}), "refers back"),
+        "cycle": (None, "refers back"),
+        "deep": (deep_nesting(100_000), "nests deeper"),
+        "terabyte_bytes": (b"\x80\x04\x8e" + (10**12).to_bytes(8, "little") + b"abc.", "truncated"),
+        "persistent_id": (b"\x80\x04\x95\x0c\x00\x00\x00\x00\x00\x00\x00\x8c\x03abc\x94Q.", "BINPERSID"),
+        "truncated": (pickle.dumps(plain)[:-40], "truncated"),
+        "empty": (b"", "truncated"),
+        "not_a_dict": (pickle.dumps([1, 2]), "does not hold a dict"),
+    }
+    cycle = {**plain, "history": []}
+    cycle["history"].append(cycle["history"])
+    cases["cycle"] = (pickle.dumps(cycle), "refers back")
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(hostile_files()))
+def test_hostile_files_are_refused_in_one_line(tmp_path, name, capsys):
+    data, phrase = hostile_files()[name]
+    path = tmp_path / "results_2.pkl"
+    path.write_bytes(data)
+    with pytest.raises(UserError) as refusal:
+        common.load_results(path)
+    message = str(refusal.value)
+    assert phrase in message and str(path) in message and "\n" not in message
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_hostile_files_cannot_crash_a_reader_process(tmp_path):
+    """In a process of its own, where a segmentation fault or a MemoryError would show."""
+    for name, (data, _) in hostile_files().items():
+        (tmp_path / f"{name}.pkl").write_bytes(data)
+    script = ("import sys, common\n"
+              "for path in sys.argv[1:]:\n"
+              "    try:\n"
+              "        common.load_results(path)\n"
+              "        print('LOADED', path)\n"
+              "    except common.UserError:\n"
+              "        print('refused')\n")
+    paths = sorted(str(path) for path in tmp_path.iterdir())
+    result = subprocess.run([sys.executable, "-c", script, *paths], cwd=PROJECT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["refused"] * len(paths)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "results_1.pkl"
+    with open(path, "wb") as file:
+        file.truncate(common.MAX_RESULTS_BYTES + 1)  # Sparse: no disk used.
+    with pytest.raises(UserError, match="more than a results file holds"):
+        common.load_results(path)
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda r: r["images"].__setitem__((0, 0, 0), np.nan), "'images' holds NaN"),
+    (lambda r: r["images"].__setitem__((0, 0, 0), 1.5), "'images' holds values outside [0, 1]"),
+    (lambda r: r.__setitem__("images", r["images"].astype(np.float64).reshape(3, -1)), "'images' has shape"),
+    (lambda r: r.__setitem__("label", 10), "'label' 10 is not one of the 10 classes"),
+    (lambda r: r.__setitem__("label", "3"), "'label' must be a finite int"),
+    (lambda r: r.__setitem__("probs", r["probs"][:2]), "'probs' has 2 rows but images has 3"),
+    (lambda r: r["probs"].__setitem__((0, 0), np.inf), "'probs' holds NaN or infinite"),
+    (lambda r: r.__setitem__("steps_to_reach", np.zeros(3)), "'steps_to_reach' is not an int array"),
+    (lambda r: r.pop("steps"), "'steps' must be a finite int"),
+    (lambda r: r["history"][0].pop("cost"), "'cost' must be a finite"),
+    (lambda r: r.__setitem__("history", [3]), "'history[0]' is not a dict"),
+])
+def test_every_field_the_readers_use_is_checked(tmp_path, change, field):
+    import pickle as plain_pickle
+
+    results = {**fake_backwork_results(2), "format_version": 2, "kind": "backwork"}
+    change(results)
+    path = tmp_path / "results_2.pkl"
+    path.write_bytes(plain_pickle.dumps(common._encode(results, "results")))
+    with pytest.raises(UserError, match=f"refusing to load {path}: field " + field.replace("[", r"\[")
+                                        .replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        common.load_results(path)
+
+
+def test_metrics_json_never_holds_a_bare_nan(tmp_path):
+    common.write_json(tmp_path / "metrics.json", {"accuracy": float("nan"), "history": [{"loss": float("inf")}]})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": None, "history": [{"loss": None}]}
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
+        common.write_json(tmp_path / "metrics.json", {})
+    finally:
+        os.umask(previous)
+    for name in ("results_1.pkl", "metrics.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
