@@ -316,17 +316,28 @@ def atomic_write(path, write):
     hide results from the user's group), and an interrupted write leaves no temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix: Keras and matplotlib pick the format from it.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the suffix: Keras and matplotlib pick the format from it.
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+        os.close(handle)
+    except OSError as error:
+        raise _write_error(path, error) from None
     try:
         write(temporary)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # A full disk or a folder made read-only: the old file is intact.
+            raise _write_error(path, error) from None
         raise
+
+
+def _write_error(path, error):
+    reason = error.strerror or str(error).splitlines()[0]
+    return UserError(f"cannot write {path} ({reason}); free some space or fix the folder's permissions "
+                     "and run again (any earlier version of the file is unchanged)")
 
 
 def atomic_write_bytes(path, data):

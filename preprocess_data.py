@@ -14,6 +14,7 @@ Writes, in --out: model.keras (the last round's), round{r}/model.keras and
 round{r}/backwork/results_{label}.pkl for each round, report.json and report.png.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ def add_uniform_examples(data, images, num_classes, seed):
 def read_fooling_images(results_dir, image_shape, num_classes):
     """The final images of every results_{label}.pkl, checked against the data and model."""
     results_dir = Path(results_dir)
+    if results_dir.is_file():
+        raise UserError(f"--results wants the folder holding results_<label>.pkl, not the file {results_dir}; "
+                        f"use --results {results_dir.parent}")
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; run cnn_backwork.py first or fix --results")
     results = cnn_backwork.load_label_results(results_dir)
@@ -129,6 +133,15 @@ def retrain(model, data, config, round_index, progress=print):
     return model, metrics
 
 
+def _check_training_finished(metrics, round_index):
+    """Stop the study on an interrupted or diverged retraining: its model is no round's result."""
+    if metrics.get("diverged"):
+        raise UserError(f"retraining in round {round_index} diverged at step {metrics['steps']}; "
+                        "lower train.learning_rate (--set train.learning_rate=...) and run again")
+    if metrics.get("interrupted"):
+        raise KeyboardInterrupt
+
+
 def run_round(round_index, model, data, fooling_images, config, out_dir, eval_noise, progress=print):
     """Augment with every fooling image found so far, retrain, measure, backwork afresh."""
     augment = config["augment"]
@@ -139,10 +152,12 @@ def run_round(round_index, model, data, fooling_images, config, out_dir, eval_no
     progress(f"round {round_index}: training on {len(augmented['x_train'])} examples "
              f"({len(fooling_images)} backworked, {len(extra)} blank and noise)")
     model, train_metrics = retrain(model, augmented, config, round_index, progress)
+    _check_training_finished(train_metrics, round_index)
     round_dir = Path(out_dir) / f"round{round_index}"
     proc_mnist.save_model(model, round_dir / "model.keras")
     metrics = measure_model(model, data, fooling_images, eval_noise)
     progress(f"round {round_index}: backworking the retrained model with the same budget")
+
     def save(label, result):
         common.save_results(round_dir / "backwork" / f"results_{label}.pkl",
                             {**result, "model": str(round_dir / "model.keras")})
@@ -204,23 +219,36 @@ def parse_arguments(argv):
 
 
 def resolve_config(args):
+    """Defaults, then the config the model was trained with (beside it) unless CONFIG is given,
+    then the flags; so retraining uses the model's own learning rate and batch size."""
+    base, trained_with = None, Path(args.model).parent / "config.toml"
+    if args.config is None and trained_with.is_file():
+        base = common.load_config(trained_with)
+        print(f"starting from {trained_with}, the config the model was trained with")
     if args.from_scratch:
         args.set.append("augment.from_scratch=true")
     if args.rounds is not None:
         args.set.append(f"augment.rounds={args.rounds}")
-    config = proc_mnist.resolve_cli_config(args, "augment")
+    config = proc_mnist.resolve_cli_config(args, "augment", base=base)
     if args.steps is not None:
         key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
         config = common.merge_config(config, common.parse_override(f"{key}={args.steps}"), "--steps")
-    if config["augment"]["rounds"] < 1:
-        raise UserError("augment.rounds must be at least 1")
     return config
+
+
+def write_report(out_dir, model, config, report):
+    """Everything the study leaves behind; called also when it stops early (report['complete'])."""
+    if model is not None:
+        proc_mnist.save_model(model, out_dir / "model.keras")
+    common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
+    common.write_json(out_dir / "report.json", report)
+    plot_report(report["rounds"], out_dir / "report.png")
 
 
 def main(argv=None):
     args = parse_arguments(argv)
+    model_path = common.check_model_file(args.model)
     config = resolve_config(args)
-    model_path = Path(args.model)
     out_dir = common.ensure_writable_dir(args.out or model_path.parent.with_name(model_path.parent.name + "-aug"))
     data = common.split_validation(common.load_mnist(args.data), config["data"]["validation_size"])
     model = common.load_trained_model(model_path, data["x_train"])
@@ -230,18 +258,24 @@ def main(argv=None):
         0, 1, (config["augment"]["num_eval_noise"],) + data["x_train"].shape[1:]).astype(np.float32)
     rounds = [{"round": 0, **measure_model(model, data, fooling_images, eval_noise),
                **fooling_difficulty(original_results, config["backwork"]["prob_cap_min"])}]
+    report = {"model": str(model_path), "results": str(args.results), "complete": False, "rounds": rounds}
     print(report_table(rounds))
-    all_fooling = fooling_images
-    for round_index in range(1, config["augment"]["rounds"] + 1):
-        model, metrics, new_images = run_round(round_index, model, data, all_fooling, config, out_dir, eval_noise)
-        rounds.append(metrics)
-        all_fooling = np.concatenate([all_fooling, new_images])
-        print(report_table(rounds))
-    proc_mnist.save_model(model, out_dir / "model.keras")
-    common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
-    common.write_json(out_dir / "report.json", {"model": str(model_path), "results": str(args.results),
-                                                "rounds": rounds})
-    plot_report(rounds, out_dir / "report.png")
+    all_fooling, last_model = fooling_images, None
+    try:
+        for round_index in range(1, config["augment"]["rounds"] + 1):
+            model, metrics, new_images = run_round(round_index, model, data, all_fooling, config, out_dir,
+                                                   eval_noise)
+            rounds.append(metrics)
+            last_model, all_fooling = model, np.concatenate([all_fooling, new_images])
+            print(report_table(rounds))
+        report["complete"] = True
+    finally:
+        # Whatever stopped the study (Ctrl-C, SIGTERM, a diverged retraining), the rounds that
+        # finished are reported, marked incomplete, with the last finished round's model.
+        write_report(out_dir, last_model, config, report)
+        if not report["complete"]:
+            print(f"stopped after {len(rounds) - 1} of {config['augment']['rounds']} rounds; "
+                  f"the report in {out_dir} covers those and says complete: false", file=sys.stderr)
     print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
     return 0
 

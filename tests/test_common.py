@@ -98,3 +98,56 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         common.atomic_write(path, broken)
     assert path.read_text().strip().startswith("{") and '"old": 1' in path.read_text()
     assert [entry.name for entry in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"old": 1})
+
+    def full(temporary):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="cannot write .*metrics.json \\(No space left on device\\); free some"):
+        common.atomic_write(path, full)
+    assert '"old": 1' in path.read_text() and [entry.name for entry in tmp_path.iterdir()] == ["metrics.json"]
+
+
+SIGTERM_DURING_WRITE = """
+import os, signal, sys
+from pathlib import Path
+import common
+
+def main():
+    out = common.ensure_writable_dir(Path(sys.argv[1]) / "made" / "here")
+    common.write_json(out.parent.parent / "kept.json", {"kept": 1})
+
+    def killed_while_writing(temporary):
+        Path(temporary).write_text("half a figure")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    common.atomic_write(out.parent.parent / "figure.png", killed_while_writing)
+
+common.run_cli(main)
+"""
+
+
+def test_sigterm_while_writing_exits_130_and_leaves_no_temporary_file(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", SIGTERM_DURING_WRITE, str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, cwd=common.PROJECT_DIR)
+    assert result.returncode == 130 and result.stderr.strip() == "interrupted"
+    # The finished file stays; the half-written one and the folders left empty are gone.
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["kept.json"]
+
+
+def test_values_out_of_range_are_one_line_at_load_time():
+    for override, message in [("train.batch_size=0", "train.batch_size = 0 must be between 1"),
+                              ("backwork.save_freq=-3", "backwork.save_freq = -3 must be between 1"),
+                              ("train.learning_rate=nan", "must be a finite number"),
+                              ("augment.num_blank=-1", "augment.num_blank = -1 must be between 0"),
+                              ("model.conv_layers=[3]", "model.conv_layers = [3] must be a list of at most"),
+                              ("model.num_fc_units=[10000000]", "must be one or more sizes between 1 and 65536")]:
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            common.load_config(None, [override])

@@ -6,6 +6,7 @@ import pytest
 import cnn_backwork
 import common
 import preprocess_data
+import proc_mnist
 from common import UserError
 from conftest import fake_backwork_results
 
@@ -103,3 +104,55 @@ def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_d
     config["augment"].update(from_scratch=False, retrain_steps=15)
     continued, metrics = preprocess_data.retrain(original, tiny_data, config, 1, progress=lambda line: None)
     assert metrics["steps"] == 15 and continued is original
+
+
+def quick_study_arguments(trained_tiny, tiny_npz, tmp_path):
+    results = write_results(tmp_path / "results")
+    return ["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
+            "--out", str(tmp_path / "aug"), "--set", "data.validation_size=100", "--set", "augment.num_blank=5",
+            "--set", "augment.num_noise=5", "--set", "augment.num_eval_noise=5", "--steps", "5"]
+
+
+@pytest.mark.parametrize("stop,expected", [("interrupted", KeyboardInterrupt), ("diverged", UserError)])
+def test_a_stopped_retraining_ends_the_study_with_an_incomplete_report(trained_tiny, tiny_npz, tmp_path,
+                                                                       monkeypatch, stop, expected):
+    def stopped_training(data, config, model, progress):
+        return model, {"steps": 3, "seconds": 0.1, "interrupted": stop == "interrupted",
+                       "diverged": stop == "diverged"}
+
+    monkeypatch.setattr(proc_mnist, "train", stopped_training)
+    with pytest.raises(expected):
+        preprocess_data.main(quick_study_arguments(trained_tiny, tiny_npz, tmp_path))
+    report = json.loads((tmp_path / "aug" / "report.json").read_text())
+    assert report["complete"] is False and [metrics["round"] for metrics in report["rounds"]] == [0]
+    assert not (tmp_path / "aug" / "round1").exists() and not (tmp_path / "aug" / "model.keras").exists()
+
+
+def test_retraining_starts_from_the_config_the_model_was_trained_with(trained_tiny, tmp_path):
+    import shutil
+
+    (tmp_path / "run").mkdir()
+    shutil.copy(trained_tiny[0], tmp_path / "run" / "model.keras")
+    trained_with = common.load_config(None, ["train.learning_rate=0.0123", "train.batch_size=7"])
+    (tmp_path / "run" / "config.toml").write_text(common.dump_toml(trained_with))
+    args = preprocess_data.parse_arguments(["--results", "r", "--model", str(tmp_path / "run" / "model.keras")])
+    config = preprocess_data.resolve_config(args)
+    assert config["train"]["learning_rate"] == 0.0123 and config["train"]["batch_size"] == 7
+    given = tmp_path / "given.toml"
+    given.write_text("[train]\nbatch_size = 9\n")
+    args = preprocess_data.parse_arguments([str(given), "--results", "r", "--model",
+                                            str(tmp_path / "run" / "model.keras")])
+    assert preprocess_data.resolve_config(args)["train"]["batch_size"] == 9  # A given config wins.
+
+
+def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, tmp_path):
+    write_results(tmp_path)
+    with pytest.raises(UserError, match="not the file .*results_0.pkl; use --results"):
+        preprocess_data.augment_data(tiny_data, tmp_path / "results_0.pkl")
+    broken = {**fake_backwork_results(4), "format_version": 2, "kind": "backwork"}
+    broken["images"][0, 0, 0] = np.nan
+    import pickle
+
+    (tmp_path / "results_4.pkl").write_bytes(pickle.dumps(common._encode(broken, "results")))
+    with pytest.raises(UserError, match="results_4.pkl: field 'images' holds NaN"):
+        preprocess_data.augment_data(tiny_data, tmp_path)
