@@ -218,6 +218,10 @@ VALUE_RULES = {
     "augment.rounds": _between(1, 1000),
     "augment.num_eval_noise": _between(1, 1_000_000),
     "augment.seed": _SEED,
+    "augment.heldout_seed": _SEED,
+    "augment.difficulty_budgets": _rule(
+        lambda budgets: 0 < len(budgets) <= 20 and all(isinstance(b, int) and b >= 1 for b in budgets)
+        and budgets == sorted(set(budgets)), "an increasing list of 1 to 20 step counts, each at least 1"),
     "saliency.num": _between(1, 100_000),
     "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),
     "saliency.smooth_samples": _between(0, 100_000),

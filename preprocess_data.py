@@ -1,20 +1,33 @@
 """Augment the training set with backworked images and retrain: are the artifacts fixed?
 
     python preprocess_data.py --results runs/default/backwork --model runs/default/model.keras
-                              [CONFIG] [--data PATH] [--out runs/default-aug] [--steps N]
-                              [--from-scratch] [--rounds K] [--seed N]
+                              [CONFIG] [--data PATH] [--out DIR] [--steps N] [--from-scratch]
+                              [--rounds K] [--target uniform|extra_class] [--seed N]
 
 The backworked ("fooling") images, plus blank and uniform-noise images, join the training
-set with a uniform label (1/classes for every class: "none of the digits"), and the model
-is retrained on it. Each round then backworks the new model afresh with the same budget:
-the fraction of images that still reach the probability cap, and the steps they need,
-say how hard fooling has become. Those fresh images are what the next round adds.
+set as "none of the digits", and the model is retrained on it. Two defences share every
+line of the rounds code and differ only in what "none" means (augment.target):
 
-Writes, in --out: model.keras (the last round's), round{r}/model.keras and
-round{r}/backwork/results_{label}.pkl for each round, report.json and report.png.
+- uniform: the added images get the soft label 1/classes for every class;
+- extra_class: the network gets one more output, a "none of these" class (the same
+  topology with classes + 1 outputs, every other weight carried over), and the added
+  images are labelled with it. Backwork still targets the original classes.
+
+Before any retraining, a held-out set is backworked from the original model with another
+seed (augment.heldout_seed) and never trained on: how every round's model classifies it
+says whether the defence generalises, where the images it was trained on only say what it
+memorised. Each round then backworks the retrained model afresh with the same budget; the
+step at which each image first reaches the cap gives the fraction fooled within fixed
+budgets (augment.difficulty_budgets): if retraining helps, that curve moves right. Those
+fresh images are also what the next round adds.
+
+Writes, in --out: heldout/results_{label}.pkl, round{r}/model.keras,
+round{r}/backwork/results_{label}.pkl and backwork.png for each round, model.keras (the
+last round's), config.toml, report.json and report.png.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +37,26 @@ import common
 import proc_mnist
 from common import UserError
 
+TARGETS = ("uniform", "extra_class")
+
 # ----------------------------------------------------------------------- augmentation
 
 
-def uniform_targets(count, num_classes):
-    return np.full((count, num_classes), 1.0 / num_classes, np.float32)
+def none_targets(count, num_classes, target):
+    """Training targets meaning "none of the digits": uniform over the classes, or the extra class."""
+    if target == "uniform":
+        return np.full((count, num_classes), 1.0 / num_classes, np.float32)
+    targets = np.zeros((count, num_classes + 1), np.float32)
+    targets[:, num_classes] = 1.0
+    return targets
 
 
-def add_uniform_examples(data, images, num_classes, seed):
-    """Training set plus images with uniform soft labels, shuffled; other splits untouched."""
-    targets = proc_mnist.to_targets(data["y_train"], num_classes)
+def add_none_examples(data, images, num_classes, seed, target="uniform"):
+    """Training set plus images labelled "none" (see none_targets), shuffled; other splits untouched."""
+    outputs = num_classes + (target == "extra_class")
+    targets = proc_mnist.to_targets(data["y_train"], outputs)
     all_images = np.concatenate([data["x_train"], images.astype(np.float32)])
-    all_targets = np.concatenate([targets, uniform_targets(len(images), num_classes)])
+    all_targets = np.concatenate([targets, none_targets(len(images), num_classes, target)])
     order = np.random.default_rng(seed).permutation(len(all_images))
     return {**data, "x_train": all_images[order], "y_train": all_targets[order]}
 
@@ -53,24 +74,26 @@ def read_fooling_images(results_dir, image_shape, num_classes):
     if missing:
         raise UserError(f"{results_dir} has no results for labels {missing}; run "
                         f"cnn_backwork.py --labels {','.join(map(str, missing))} first")
-    images = []
     for label, result in sorted(results.items()):
-        label_images = np.asarray(result["images"], np.float32)
-        label_images = common.with_channel(label_images)
+        label_images = common.with_channel(result["images"])
         if label_images.shape[1:] != tuple(image_shape):
             raise UserError(f"results_{label}.pkl holds images of shape {label_images.shape[1:]}, the data "
                             f"{tuple(image_shape)}; backwork a model trained on this data")
-        if np.asarray(result["probs"]).shape[-1] != num_classes:
-            raise UserError(f"results_{label}.pkl has {np.asarray(result['probs']).shape[-1]} classes, the "
+        if result["probs"].shape[-1] != num_classes:
+            raise UserError(f"results_{label}.pkl has {result['probs'].shape[-1]} classes, the "
                             f"model {num_classes}; use results of a model with the same classes")
-        images.append(label_images)
-    return np.concatenate(images), results
+    return final_images(results), results
+
+
+def final_images(results):
+    """Every label's final backworked images, (N, H, W, C), in label order."""
+    return np.concatenate([common.with_channel(result["images"]) for _, result in sorted(results.items())])
 
 
 def augment_data(data, results_dir, num_classes=10, seed=0):
     """Add the final backworked images of results_dir with a uniform label (the original's name)."""
     images, _ = read_fooling_images(results_dir, data["x_train"].shape[1:], num_classes)
-    return add_uniform_examples(data, images, num_classes, seed)
+    return add_none_examples(data, images, num_classes, seed)
 
 
 def blank_and_noise_images(shape, num_blank, num_noise, seed):
@@ -81,35 +104,88 @@ def blank_and_noise_images(shape, num_blank, num_noise, seed):
 def augment_random_data(data, num_blank=800, num_noise=800, num_classes=10, seed=0):
     """Add blank and uniform-noise images with a uniform label (the original's name)."""
     images = blank_and_noise_images(data["x_train"].shape[1:], num_blank, num_noise, seed)
-    return add_uniform_examples(data, images, num_classes, seed)
+    return add_none_examples(data, images, num_classes, seed)
+
+
+def with_extra_class(model):
+    """The same network with one more output ("none of these"); every other weight carried over.
+
+    The new class's row of the logits layer starts from Keras' own initialisation (small
+    random weights, zero bias), so the old classes' scores are unchanged at the start.
+    """
+    import keras
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["name"] == "logits":
+            layer["config"]["units"] += 1
+    wider = keras.Model.from_config(config)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if layer.name == "logits":
+            kernel, bias = wider.get_layer("logits").get_weights()  # (units, classes + 1), (classes + 1,)
+            kernel[:, :-1], bias[:-1] = weights
+            weights = [kernel, bias]
+        wider.get_layer(layer.name).set_weights(weights)
+    return wider
 
 
 # ------------------------------------------------------------------------ measurement
 
 
-def mean_top_probability(model, images):
-    if len(images) == 0:
-        return float("nan")
-    probabilities = common.predict(model, images)
-    return float(probabilities.max(axis=1).mean())
+def target_probabilities(model, results):
+    """Each backworked image's probability, under model, of the label it was made for."""
+    return np.concatenate([common.predict(model, common.with_channel(result["images"]))[:, label]
+                           for label, result in sorted(results.items())])
 
 
-def fooling_difficulty(results, threshold):
-    """Fraction of backworked images reaching threshold, and the mean steps those needed."""
-    probabilities = np.concatenate([result["probs"][:, label] for label, result in results.items()])
-    steps = np.concatenate([result["steps_to_reach"] for result in results.values()])
-    reached = steps[steps > 0]
-    return {"fooled_fraction": float(np.mean(probabilities >= threshold)),
-            "mean_steps_to_fool": float(reached.mean()) if len(reached) else float("nan"),
-            "backwork_steps": int(sum(result["steps"] for result in results.values())),
-            "backwork_seconds": float(sum(result["seconds"] for result in results.values()))}
+def fooling_numbers(model, results, cap, prefix):
+    """How model classifies a set of fooling images: mean target probability and fractions above levels."""
+    probabilities = target_probabilities(model, results)
+    return {f"{prefix}_mean_p": float(probabilities.mean()),
+            f"{prefix}_above_0.5": float(np.mean(probabilities > 0.5)),
+            f"{prefix}_above_0.99": float(np.mean(probabilities > 0.99)),
+            f"{prefix}_at_cap": float(np.mean(probabilities >= cap))}
 
 
-def measure_model(model, data, fooling_images, eval_noise):
-    return {"test_accuracy": proc_mnist.accuracy(model, data["x_test"], data["y_test"]),
-            "fooling_top_prob": mean_top_probability(model, fooling_images),
-            "blank_top_prob": mean_top_probability(model, np.zeros_like(eval_noise[:1])),
-            "noise_top_prob": mean_top_probability(model, eval_noise)}
+def difficulty(results, budgets):
+    """From step-exact steps_to_reach: the fraction fooled within each budget and the median steps.
+
+    An image that never reached the cap counts as needing more than any budget; the median
+    is None when fewer than half of the images were fooled at all.
+    """
+    steps = np.concatenate([result["steps_to_reach"] for result in results.values()]).astype(float)
+    steps[steps < 0] = np.inf
+    median = float(np.median(steps))
+    return {"fooled_fraction": float(np.mean(np.isfinite(steps))),
+            "fooled_within": {str(budget): float(np.mean(steps <= budget)) for budget in budgets},
+            "median_steps_to_fool": median if np.isfinite(median) else None,
+            "backwork_steps": int(max(result["steps"] for result in results.values()))}
+
+
+def _top_digit_probability(model, images, num_classes):
+    return float(common.predict(model, images)[:, :num_classes].max(axis=1).mean())
+
+
+def measure_model(model, data, sets, num_classes, cap):
+    """Test accuracy over the original classes, blank/noise confidence, and each fooling set's numbers.
+
+    sets maps a name to backwork results ({label: results}); blank and noise images come in
+    data['blank'] and data['noise']. With an extra class, its probability is reported too.
+    """
+    probabilities = common.predict(model, data["x_test"])
+    metrics = {"test_accuracy": float(np.mean(probabilities[:, :num_classes].argmax(axis=1) == data["y_test"])),
+               "blank_top_prob": _top_digit_probability(model, data["blank"], num_classes),
+               "noise_top_prob": _top_digit_probability(model, data["noise"], num_classes)}
+    for name, results in sets.items():
+        metrics.update(fooling_numbers(model, results, cap, name))
+    if model.output_shape[-1] > num_classes:
+        none_probability = {"test": probabilities, "blank": common.predict(model, data["blank"]),
+                            "noise": common.predict(model, data["noise"]),
+                            "heldout": common.predict(model, final_images(sets["heldout"]))}
+        metrics.update({f"{name}_none_prob": float(values[:, num_classes].mean())
+                        for name, values in none_probability.items()})
+    return metrics
 
 
 # --------------------------------------------------------------------------- retraining
@@ -142,64 +218,114 @@ def _check_training_finished(metrics, round_index):
         raise KeyboardInterrupt
 
 
-def run_round(round_index, model, data, fooling_images, config, out_dir, eval_noise, progress=print):
-    """Augment with every fooling image found so far, retrain, measure, backwork afresh."""
-    augment = config["augment"]
-    extra = blank_and_noise_images(data["x_train"].shape[1:], augment["num_blank"], augment["num_noise"],
-                                   augment["seed"] + round_index)
-    augmented = add_uniform_examples(data, np.concatenate([fooling_images, extra]), model.output_shape[-1],
-                                     augment["seed"] + round_index)
-    progress(f"round {round_index}: training on {len(augmented['x_train'])} examples "
-             f"({len(fooling_images)} backworked, {len(extra)} blank and noise)")
-    model, train_metrics = retrain(model, augmented, config, round_index, progress)
-    _check_training_finished(train_metrics, round_index)
-    round_dir = Path(out_dir) / f"round{round_index}"
-    proc_mnist.save_model(model, round_dir / "model.keras")
-    metrics = measure_model(model, data, fooling_images, eval_noise)
-    progress(f"round {round_index}: backworking the retrained model with the same budget")
+def backwork(model, data, config, labels, out_dir, progress=print):
+    """Backwork labels of model into out_dir (results and backwork.png); returns results and seconds."""
+    start = time.perf_counter()
 
     def save(label, result):
-        common.save_results(round_dir / "backwork" / f"results_{label}.pkl",
-                            {**result, "model": str(round_dir / "model.keras")})
+        common.save_results(out_dir / f"results_{label}.pkl", result)
 
-    results = cnn_backwork.get_faulty_input_layer(data, config, model, progress=progress, on_label=save)
-    metrics.update(fooling_difficulty(results, config["backwork"]["prob_cap_min"]))
-    metrics.update(round=round_index, train_steps=train_metrics["steps"], train_seconds=train_metrics["seconds"],
-                   num_fooling_images_trained=len(fooling_images))
-    new_images = np.concatenate([common.with_channel(result["images"]) for _, result in sorted(results.items())])
-    return model, metrics, new_images
+    results = cnn_backwork.get_faulty_input_layer(data, config, model, labels, progress=progress, on_label=save)
+    cnn_backwork.plot_results(results, out_dir / "backwork.png")
+    return results, time.perf_counter() - start
+
+
+class Study:
+    """The rounds of one defence: what stays fixed across rounds, and what each round adds."""
+
+    def __init__(self, original, data, config, trained_results, heldout_results, out_dir, progress=print):
+        self.original, self.data, self.config, self.out_dir = original, data, config, Path(out_dir)
+        self.num_classes = original.output_shape[-1]
+        self.cap = config["backwork"]["prob_cap_min"]
+        self.sets = {"original_fooling": trained_results, "heldout": heldout_results}
+        self.trained_images = final_images(trained_results)
+        self.progress = progress
+
+    def measure(self, model, fresh_results=None):
+        metrics = measure_model(model, self.data, self.sets, self.num_classes, self.cap)
+        trained = common.predict(model, self.trained_images)[:, :self.num_classes].max(axis=1)
+        metrics["trained_fooling_top_prob"] = float(trained.mean())
+        if fresh_results is not None:  # Do a round's fresh fooling images fool the original model too?
+            metrics.update(fooling_numbers(self.original, fresh_results, self.cap, "fresh_on_original"))
+        return metrics
+
+    def run_round(self, round_index, model):
+        """Augment with every fooling image so far, retrain, measure, backwork afresh; returns (model, metrics)."""
+        augment, seed = self.config["augment"], self.config["augment"]["seed"] + round_index
+        extra = blank_and_noise_images(self.data["x_train"].shape[1:], augment["num_blank"], augment["num_noise"],
+                                       seed)
+        augmented = add_none_examples(self.data, np.concatenate([self.trained_images, extra]), self.num_classes,
+                                      seed, augment["target"])
+        self.progress(f"round {round_index}: training on {len(augmented['x_train'])} examples "
+                      f"({len(self.trained_images)} backworked, {len(extra)} blank and noise)")
+        if augment["target"] == "extra_class" and model.output_shape[-1] == self.num_classes:
+            model = with_extra_class(model)
+        model, train_metrics = retrain(model, augmented, self.config, round_index, self.progress)
+        _check_training_finished(train_metrics, round_index)
+        round_dir = self.out_dir / f"round{round_index}"
+        proc_mnist.save_model(model, round_dir / "model.keras")
+        self.progress(f"round {round_index}: backworking the retrained model with the same budget")
+        fresh, backwork_seconds = backwork(model, self.data, self.config, range(self.num_classes),
+                                           round_dir / "backwork", self.progress)
+        start = time.perf_counter()
+        metrics = {"round": round_index, **self.measure(model, fresh),
+                   **difficulty(fresh, augment["difficulty_budgets"]),
+                   "num_fooling_images_trained": len(self.trained_images), "train_steps": train_metrics["steps"],
+                   "train_seconds": train_metrics["seconds"], "backwork_seconds": backwork_seconds}
+        metrics["measure_seconds"] = time.perf_counter() - start
+        self.trained_images = np.concatenate([self.trained_images, final_images(fresh)])
+        return model, metrics
 
 
 # ------------------------------------------------------------------------------ report
 
 
 def report_table(rounds):
-    lines = ["round  test acc  fooling p  blank p  noise p  fooled    steps to fool  backwork s"]
+    budgets = list(rounds[0]["fooled_within"])
+    lines = ["round  test acc  held-out p  at cap  trained p  blank p  noise p  fooled <= "
+             + "/".join(budgets) + " steps  median  seconds (train/backwork)"]
     for metrics in rounds:
-        lines.append(f"{metrics['round']:>5}  {metrics['test_accuracy']:>7.2%}  {metrics['fooling_top_prob']:>9.3f}  "
-                     f"{metrics['blank_top_prob']:>7.3f}  {metrics['noise_top_prob']:>7.3f}  "
-                     f"{metrics['fooled_fraction']:>6.1%}  {metrics['mean_steps_to_fool']:>13.0f}  "
-                     f"{metrics['backwork_seconds']:>10.0f}")
+        within = " ".join(f"{metrics['fooled_within'][budget]:.2f}" for budget in budgets)
+        median = metrics["median_steps_to_fool"]
+        lines.append(f"{metrics['round']:>5}  {metrics['test_accuracy']:>7.2%}  {metrics['heldout_mean_p']:>10.3f}  "
+                     f"{metrics['heldout_at_cap']:>6.2f}  {metrics['trained_fooling_top_prob']:>9.3f}  "
+                     f"{metrics['blank_top_prob']:>7.3f}  {metrics['noise_top_prob']:>7.3f}  {within:>22}  "
+                     f"{median if median is not None else 'never':>6}  "
+                     f"{metrics.get('train_seconds', 0):.0f}/{metrics['backwork_seconds']:.0f}")
     return "\n".join(lines)
 
 
-def plot_report(rounds, path):
+def plot_report(rounds, target, path):
+    """Per round: test accuracy, fooling confidence (held-out and trained-on), and difficulty curves."""
     pyplot = common.pyplot()
     indices = [metrics["round"] for metrics in rounds]
-    figure, (confidence_axis, fooling_axis) = pyplot.subplots(1, 2, figsize=(10, 3.6))
-    for key, name in [("fooling_top_prob", "trained-on fooling images"), ("blank_top_prob", "blank image"),
-                      ("noise_top_prob", "fresh noise"), ("test_accuracy", "test accuracy")]:
-        confidence_axis.plot(indices, [metrics[key] for metrics in rounds], marker="o", label=name)
-    confidence_axis.axhline(0.1, color="gray", linestyle=":", label="uniform (0.1)")
-    confidence_axis.set(xlabel="round (0: original model)", ylabel="mean top probability / accuracy",
-                        ylim=(0, 1.05), xticks=indices)
+    figure, (accuracy_axis, confidence_axis, difficulty_axis) = pyplot.subplots(1, 3, figsize=(15, 4.2))
+    accuracy_axis.plot(indices, [100 * metrics["test_accuracy"] for metrics in rounds], marker="o")
+    accuracy_axis.set(xlabel="round (0: original model)", ylabel="test accuracy (%)", xticks=indices,
+                      title="test accuracy (original classes)")
+    lines = [("heldout_mean_p", "held-out fooling images: p(target)", "-"),
+             ("trained_fooling_top_prob", "trained-on fooling images: top p", "-"),
+             ("blank_top_prob", "blank image: top p", ":"), ("noise_top_prob", "fresh noise: top p", ":")]
+    if "heldout_none_prob" in rounds[-1]:
+        lines.append(("heldout_none_prob", "held-out fooling images: p(none class)", "--"))
+    for key, name, style in lines:
+        confidence_axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
+    confidence_axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
+                        title="how sure the model is of images that are no digit")
     confidence_axis.legend(fontsize=7)
-    fooling_axis.bar(indices, [metrics["fooled_fraction"] for metrics in rounds])
-    fooling_axis.set(xlabel="round", ylabel="fraction of fresh backwork fooled", ylim=(0, 1.05), xticks=indices)
-    for index, metrics in zip(indices, rounds):
-        fooling_axis.annotate(f"{metrics['mean_steps_to_fool']:.0f} steps", (index, metrics["fooled_fraction"]),
-                              ha="center", va="bottom", fontsize=8)
-    figure.suptitle("does retraining with backworked images remove the artifacts?")
+    colours = pyplot.cm.viridis(np.linspace(0, 0.9, len(rounds)))
+    for metrics, colour in zip(rounds, colours):
+        budgets = [int(budget) for budget in metrics["fooled_within"]]
+        difficulty_axis.plot(budgets, list(metrics["fooled_within"].values()), marker="o", color=colour,
+                             label=f"round {metrics['round']}")
+    difficulty_axis.set(xscale="log", xlabel="backwork steps allowed", ylim=(0, 1.05),
+                        ylabel="fraction of fresh images fooled", title="fresh backwork: fooled within a budget")
+    difficulty_axis.legend(fontsize=7)
+    for axis in (accuracy_axis, confidence_axis, difficulty_axis):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"defence '{target}': does retraining on backworked images remove the artifacts? "
+                    "(round 0 is the original model; a curve moving right means fooling got harder)", fontsize=10)
+    figure.tight_layout()
     common.save_figure(figure, path)
 
 
@@ -207,14 +333,15 @@ def plot_report(rounds, path):
 
 
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(description="Augment with backworked images and retrain.")
+    parser = argparse.ArgumentParser(description="Augment with backworked images and retrain, in rounds.")
     proc_mnist.add_common_arguments(parser, "augment")
     parser.add_argument("--results", required=True, help="folder of results_{label}.pkl from cnn_backwork.py")
     parser.add_argument("--model", required=True, help="the model those results were backworked from")
-    parser.add_argument("--out", help="output folder (default: <model folder>-aug)")
+    parser.add_argument("--out", help="output folder (default: <model folder>-aug-<target>)")
     parser.add_argument("--steps", type=int, help="retraining steps per round")
     parser.add_argument("--from-scratch", action="store_true", help="train a fresh model on the augmented set")
     parser.add_argument("--rounds", type=int, help="backwork -> augment -> retrain rounds (augment.rounds)")
+    parser.add_argument("--target", choices=TARGETS, help="the defence: uniform soft label or an extra class")
     return parser.parse_args(argv)
 
 
@@ -225,14 +352,14 @@ def resolve_config(args):
     if args.config is None and trained_with.is_file():
         base = common.load_config(trained_with)
         print(f"starting from {trained_with}, the config the model was trained with")
-    if args.from_scratch:
-        args.set.append("augment.from_scratch=true")
-    if args.rounds is not None:
-        args.set.append(f"augment.rounds={args.rounds}")
+    flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target}
+    args.set.extend(f"augment.{key}={value}" for key, value in flags.items() if value is not None)
     config = proc_mnist.resolve_cli_config(args, "augment", base=base)
     if args.steps is not None:
         key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
         config = common.merge_config(config, common.parse_override(f"{key}={args.steps}"), "--steps")
+    if config["augment"]["target"] not in TARGETS:
+        raise UserError(f"augment.target {config['augment']['target']!r} is unknown; use one of {', '.join(TARGETS)}")
     return config
 
 
@@ -242,40 +369,57 @@ def write_report(out_dir, model, config, report):
         proc_mnist.save_model(model, out_dir / "model.keras")
     common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
     common.write_json(out_dir / "report.json", report)
-    plot_report(report["rounds"], out_dir / "report.png")
+    if report["rounds"]:
+        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png")
+
+
+def heldout_backwork(model, data, config, out_dir):
+    """A second fooling set from the original model, with another seed, that no round trains on."""
+    heldout_config = {**config, "backwork": {**config["backwork"], "seed": config["augment"]["heldout_seed"]}}
+    print(f"backworking a held-out set from the original model (seed {config['augment']['heldout_seed']})")
+    return backwork(model, data, heldout_config, range(model.output_shape[-1]), out_dir / "heldout")
 
 
 def main(argv=None):
     args = parse_arguments(argv)
     model_path = common.check_model_file(args.model)
     config = resolve_config(args)
-    out_dir = common.ensure_writable_dir(args.out or model_path.parent.with_name(model_path.parent.name + "-aug"))
+    augment = config["augment"]
+    default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
+    out_dir = common.ensure_writable_dir(args.out or default_out)
     data = common.split_validation(common.load_mnist(args.data), config["data"]["validation_size"])
-    model = common.load_trained_model(model_path, data["x_train"])
-    fooling_images, original_results = read_fooling_images(args.results, data["x_train"].shape[1:],
-                                                           model.output_shape[-1])
-    eval_noise = np.random.default_rng(10_000 + config["augment"]["seed"]).uniform(
-        0, 1, (config["augment"]["num_eval_noise"],) + data["x_train"].shape[1:]).astype(np.float32)
-    rounds = [{"round": 0, **measure_model(model, data, fooling_images, eval_noise),
-               **fooling_difficulty(original_results, config["backwork"]["prob_cap_min"])}]
-    report = {"model": str(model_path), "results": str(args.results), "complete": False, "rounds": rounds}
-    print(report_table(rounds))
-    all_fooling, last_model = fooling_images, None
+    original = common.load_trained_model(model_path, data["x_train"])
+    _, trained_results = read_fooling_images(args.results, data["x_train"].shape[1:], original.output_shape[-1])
+    if augment["heldout_seed"] == config["backwork"]["seed"]:
+        raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
+                        "the trained-on one; change either")
+    shape = data["x_train"].shape[1:]
+    data["blank"] = np.zeros((1,) + shape, np.float32)
+    data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(
+        0, 1, (augment["num_eval_noise"],) + shape).astype(np.float32)
+    report = {"model": str(model_path), "results": str(args.results), "target": augment["target"],
+              "complete": False, "rounds": []}
+    model, last_model = original, None
     try:
-        for round_index in range(1, config["augment"]["rounds"] + 1):
-            model, metrics, new_images = run_round(round_index, model, data, all_fooling, config, out_dir,
-                                                   eval_noise)
-            rounds.append(metrics)
-            last_model, all_fooling = model, np.concatenate([all_fooling, new_images])
-            print(report_table(rounds))
+        heldout, heldout_seconds = heldout_backwork(original, data, config, out_dir)
+        study = Study(original, data, config, trained_results, heldout, out_dir)
+        budgets = augment["difficulty_budgets"]
+        report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, budgets),
+                                 "backwork_seconds": heldout_seconds})
+        print(report_table(report["rounds"]))
+        for round_index in range(1, augment["rounds"] + 1):
+            model, metrics = study.run_round(round_index, model)
+            report["rounds"].append(metrics)
+            last_model = model
+            print(report_table(report["rounds"]))
         report["complete"] = True
     finally:
         # Whatever stopped the study (Ctrl-C, SIGTERM, a diverged retraining), the rounds that
         # finished are reported, marked incomplete, with the last finished round's model.
         write_report(out_dir, last_model, config, report)
         if not report["complete"]:
-            print(f"stopped after {len(rounds) - 1} of {config['augment']['rounds']} rounds; "
-                  f"the report in {out_dir} covers those and says complete: false", file=sys.stderr)
+            print(f"stopped after {max(len(report['rounds']) - 1, 0)} of {augment['rounds']} rounds; the report "
+                  f"in {out_dir} covers those and says complete: false", file=sys.stderr)
     print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
     return 0
 

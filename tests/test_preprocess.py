@@ -49,22 +49,44 @@ def test_mismatched_results_are_refused(tiny_data, tmp_path, kwargs, message):
         preprocess_data.augment_data(tiny_data, write_results(tmp_path, **kwargs))
 
 
-def test_fooling_difficulty_counts_what_reached_the_cap(tmp_path):
-    results = cnn_backwork.load_label_results(write_results(tmp_path, labels=[0, 1]))
-    difficulty = preprocess_data.fooling_difficulty(results, threshold=0.999)
-    assert difficulty["fooled_fraction"] == 1.0  # 0.9991 everywhere in these fakes.
-    assert difficulty["mean_steps_to_fool"] == pytest.approx(37.5)  # -1 never reached and is left out.
-    assert difficulty["backwork_steps"] == 100
+def test_difficulty_fractions_from_a_synthetic_steps_array():
+    results = {0: {"steps_to_reach": np.array([1, 25, 26, 100]), "steps": 400},
+               1: {"steps_to_reach": np.array([-1, 399, 50, 401]), "steps": 401}}
+    measured = preprocess_data.difficulty(results, budgets=[25, 50, 100, 400])
+    # Sorted: 1, 25, 26, 50, 100, 399, 401, never.
+    assert measured["fooled_within"] == {"25": 2 / 8, "50": 4 / 8, "100": 5 / 8, "400": 6 / 8}
+    assert measured["fooled_fraction"] == 7 / 8 and measured["median_steps_to_fool"] == 75.0
+    assert measured["backwork_steps"] == 401
+    never = preprocess_data.difficulty({0: {"steps_to_reach": np.array([-1, -1, 5]), "steps": 9}}, [10])
+    assert never["median_steps_to_fool"] is None and never["fooled_within"] == {"10": 1 / 3}
 
 
-def test_missing_results_stop_before_any_training(trained_tiny, tiny_npz, tmp_path):
-    (tmp_path / "results").mkdir()
-    results = write_results(tmp_path / "results", labels=range(3))
-    out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"no results for labels \[3, 4, 5, 6, 7, 8, 9\]"):
-        preprocess_data.main(["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
-                              "--out", str(out), "--set", "data.validation_size=100"])
-    assert not (out / "model.keras").exists()
+def test_transfer_numbers_equal_a_direct_predict(trained_tiny, tmp_path):
+    model = common.load_trained_model(trained_tiny[0])
+    results = cnn_backwork.load_label_results(write_results(tmp_path, labels=[2, 7]))
+    numbers = preprocess_data.fooling_numbers(model, results, cap=0.999, prefix="transfer")
+    direct = np.concatenate([np.asarray(model(results[label]["images"][..., None]))[:, label] for label in (2, 7)])
+    assert numbers["transfer_mean_p"] == pytest.approx(direct.mean(), rel=1e-5)
+    assert numbers["transfer_above_0.5"] == np.mean(direct > 0.5)
+    assert numbers["transfer_at_cap"] == np.mean(direct >= 0.999)
+
+
+def test_extra_class_model_keeps_the_old_weights_and_has_one_more_output(trained_tiny, tiny_data):
+    original = common.load_trained_model(trained_tiny[0])
+    wider = preprocess_data.with_extra_class(original)
+    assert wider.output_shape == (None, 11) and [layer.name for layer in wider.layers] == \
+        [layer.name for layer in original.layers]
+    for layer in original.layers:
+        for old, new in zip(layer.get_weights(), wider.get_layer(layer.name).get_weights()):
+            if layer.name == "logits":
+                new = new[..., :-1]
+            np.testing.assert_array_equal(old, new)
+    logits = proc_mnist.logits_model
+    images = tiny_data["x_test"][:5]
+    np.testing.assert_allclose(np.asarray(logits(wider)(images))[:, :10], np.asarray(logits(original)(images)),
+                               rtol=1e-5, atol=1e-6)
+    targets = preprocess_data.none_targets(3, 10, "extra_class")
+    assert targets.shape == (3, 11) and (targets.argmax(axis=1) == 10).all()
 
 
 def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(trained_tiny, tiny_npz, tmp_path, capsys):
@@ -83,11 +105,15 @@ def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(traine
     report = json.loads((out / "report.json").read_text())
     original, retrained = report["rounds"]
     assert retrained["train_steps"] == 100 and retrained["num_fooling_images_trained"] == 20
-    assert retrained["fooling_top_prob"] < original["fooling_top_prob"]
+    assert retrained["trained_fooling_top_prob"] < original["trained_fooling_top_prob"]
     assert retrained["noise_top_prob"] < 0.5
-    assert 0 <= retrained["fooled_fraction"] <= 1
+    assert 0 <= retrained["fooled_fraction"] <= 1 and set(retrained["fooled_within"]) == {"25", "50", "100", "200", "400"}
+    assert 0 <= retrained["heldout_mean_p"] <= 1 and 0 <= retrained["fresh_on_original_mean_p"] <= 1
+    assert report["complete"] is True and report["target"] == "uniform"
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list((out / "round1" / "backwork").glob("results_*.pkl"))) == 10
+    for folder in ("round1/backwork", "heldout"):
+        assert len(list((out / folder).glob("results_*.pkl"))) == 10
+        assert (out / folder / "backwork.png").read_bytes()[:4] == b"\x89PNG"
     assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
     assert "round  test acc" in capsys.readouterr().out
 
@@ -110,7 +136,9 @@ def quick_study_arguments(trained_tiny, tiny_npz, tmp_path):
     results = write_results(tmp_path / "results")
     return ["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
             "--out", str(tmp_path / "aug"), "--set", "data.validation_size=100", "--set", "augment.num_blank=5",
-            "--set", "augment.num_noise=5", "--set", "augment.num_eval_noise=5", "--steps", "5"]
+            "--set", "augment.num_noise=5", "--set", "augment.num_eval_noise=5", "--steps", "5",
+            "--set", "backwork.max_num_steps=20", "--set", "backwork.min_num_steps=10",
+            "--set", "backwork.num_examples=2", "--set", "backwork.learning_rate=0.05"]
 
 
 @pytest.mark.parametrize("stop,expected", [("interrupted", KeyboardInterrupt), ("diverged", UserError)])
@@ -156,3 +184,30 @@ def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, t
     (tmp_path / "results_4.pkl").write_bytes(pickle.dumps(common._encode(broken, "results")))
     with pytest.raises(UserError, match="results_4.pkl: field 'images' holds NaN"):
         preprocess_data.augment_data(tiny_data, tmp_path)
+
+
+def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_npz, tmp_path, monkeypatch):
+    trained_on = []
+    real_retrain = preprocess_data.retrain
+
+    def recording_retrain(model, data, config, round_index, progress=print):
+        trained_on.append(data["x_train"])
+        return real_retrain(model, data, config, round_index, progress)
+
+    monkeypatch.setattr(preprocess_data, "retrain", recording_retrain)
+    arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path)
+    arguments += ["--target", "extra_class", "--rounds", "2"]
+    assert preprocess_data.main(arguments) == 0
+    report = json.loads((tmp_path / "aug" / "report.json").read_text())
+    assert report["target"] == "extra_class" and [m["round"] for m in report["rounds"]] == [0, 1, 2]
+    assert all(0 <= m["heldout_none_prob"] <= 1 for m in report["rounds"][1:])
+    assert common.load_trained_model(tmp_path / "aug" / "model.keras").output_shape == (None, 11)
+    heldout = preprocess_data.final_images(cnn_backwork.load_label_results(tmp_path / "aug" / "heldout"))
+    assert len(trained_on) == 2
+    for training_images in trained_on:
+        flat = training_images.reshape(len(training_images), -1)
+        for image in heldout.reshape(len(heldout), -1):
+            assert not np.any(np.all(flat == image, axis=1))
+    # The second round trained on the first round's fresh images: they must be in its set.
+    fresh = preprocess_data.final_images(cnn_backwork.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
+    assert np.any(np.all(trained_on[1].reshape(len(trained_on[1]), -1) == fresh[0].ravel(), axis=1))
