@@ -261,28 +261,49 @@ def _channels_to_display(array, is_map):
     return array.sum(axis=-1) if is_map or array.shape[-1] != 3 else array
 
 
-def plot_saliency(path, images, maps, row_titles, feature_options):
-    """One row per image: the input, then each method's map as salient_features shows it."""
-    columns = [("input", images)] + [
-        (name.replace("_smooth", "\nSmoothGrad"), salient_features(values, images, **feature_options))
-        for name, values in maps.items()]
+# What the colours of each method's maps mean, written under the figure.
+COLOUR_MEANING = {
+    "vanilla": "vanilla: red = making the pixel brighter raises the class score, blue = lowers it",
+    "guided": "guided: red = positive evidence passed back through active ReLUs "
+              "(blue only from the first convolution, which no ReLU precedes)",
+}
+
+
+def plot_saliency(path, images, maps, row_titles, feature_options, title):
+    """One row per image: the input, then each method's map as salient_features shows it.
+
+    Each map is scaled to its own largest value; a colour bar under each column says what
+    its colours mean, and the input column's label names the image and its class.
+    """
+    columns = [("input", images)] + [(name, salient_features(values, images, **feature_options))
+                                     for name, values in maps.items()]
     figure, axes = common.pyplot().subplots(len(images), len(columns), squeeze=False,
-                                            figsize=(1.9 * len(columns), 2.0 * len(images)))
-    for row in range(len(images)):
-        for column, (name, values) in enumerate(columns):
+                                            figsize=(2.3 * len(columns), 2.0 * len(images) + 1.2))
+    for column, (name, values) in enumerate(columns):
+        for row in range(len(images)):
             axis, shown = axes[row, column], _channels_to_display(values[row], is_map=column > 0)
             if column == 0:
-                axis.imshow(shown, cmap="gray", vmin=0, vmax=max(1.0, float(shown.max())))
-                axis.set_title(row_titles[row], fontsize=7)
+                picture = axis.imshow(shown, cmap="gray", vmin=0, vmax=max(1.0, float(shown.max())))
+                axis.set_ylabel(row_titles[row], fontsize=7, rotation=0, ha="right", va="center")
             else:
                 largest = float(np.abs(shown).max()) or 1.0
                 # Signed maps get a diverging map centred on zero, one-signed maps a ramp.
                 signed = bool((shown < 0).any()) or feature_options["sign"] == "both"
-                axis.imshow(shown, cmap="bwr" if signed else "inferno",
-                            vmin=-largest if signed else 0, vmax=largest)
-                if row == 0:
-                    axis.set_title(name, fontsize=8)
-            axis.set_axis_off()
+                picture = axis.imshow(shown, cmap="bwr" if signed else "inferno",
+                                      vmin=-largest if signed else 0, vmax=largest)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name.replace("_smooth", "\nSmoothGrad"), fontsize=9)
+        if column > 0:
+            bar = figure.colorbar(picture, ax=axes[:, column], orientation="horizontal", fraction=0.04, pad=0.02)
+            low, high = bar.mappable.get_clim()
+            bar.set_ticks([low, high], labels=["\u2212" if low < 0 else "0", "+"], fontsize=7)
+    legend = [COLOUR_MEANING[name] for name in ("vanilla", "guided") if name in maps]
+    legend.append("each map is scaled to its own largest value; SmoothGrad averages maps of noisy copies"
+                  + (f"; showing the {feature_options['sign']} part only" if feature_options["sign"] != "both" else ""))
+    figure.text(0.5, 0.005, "\n".join(legend), ha="center", va="bottom", fontsize=7)
+    figure.suptitle(title, fontsize=10)
     common.save_figure(figure, path)
 
 
@@ -408,10 +429,12 @@ def main(argv=None):
                "source": options["images"], "options": dict(options), **maps}
     common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
     tag = "digit" if from_test_set else "made for"
-    titles = [f"{tag} {image_label}: class {label}\np={probabilities[row, label]:.3f}"
+    titles = [f"{tag} {image_label}\nexplained: class {label}\np = {probabilities[row, label]:.4g}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]
     feature_options = {key: options[key] for key in ("sign", "top_k", "scale", "multiply_by_input")}
-    plot_saliency(out_dir / f"{name}.png", images, maps, titles, feature_options)
+    source = "test images" if from_test_set else f"backworked images of {options['images']}"
+    title = f"what model {args.model} looks at: input gradients of the class score, {source}"
+    plot_saliency(out_dir / f"{name}.png", images, maps, titles, feature_options, title)
     print(f"saved {out_dir / name}.pkl and {out_dir / name}.png")
     return 0
 
