@@ -174,6 +174,48 @@ def make_cost_function(features_model, references, label, coefficients, options,
     return cost
 
 
+def grouped_batch_distance(grouped):
+    """Per label, the mean distance between different images of that label: (L, n, D) -> (L,).
+
+    Images of different labels are never compared: each label's term is what a run of
+    that label alone computes (batch_distance).
+    """
+    import tensorflow as tf
+
+    count = tf.shape(grouped)[1]
+    norms = tf.reduce_sum(tf.square(grouped), axis=2)  # (L, n)
+    products = tf.matmul(grouped, grouped, transpose_b=True)  # (L, n, n)
+    distances = tf.maximum(norms[:, :, tf.newaxis] + norms[:, tf.newaxis, :] - 2.0 * products, 0.0)
+    distances /= tf.cast(tf.shape(grouped)[2], grouped.dtype)
+    off_diagonal = 1.0 - tf.eye(count, dtype=grouped.dtype)
+    pairs = tf.cast(count * (count - 1), grouped.dtype)
+    return tf.reduce_sum(distances * off_diagonal, axis=[1, 2]) / pairs
+
+
+def grouped_cost(flat, logits, nearest, image_labels, num_labels, coefficients, options):
+    """Each label's cost (L,) and each image's label probability (N,), for a batch of L labels.
+
+    The batch holds the labels one after another, n = N / L images each; nearest holds
+    each image's nearest reference at every cost layer (from Backworker._search). Label
+    g's cost is make_cost_function's cost of its n images alone, so the gradient of the
+    sum over labels with respect to one label's images is that label's own gradient.
+    """
+    import tensorflow as tf
+
+    count = logits.shape[0] // num_labels
+    probabilities = tf.gather(tf.nn.softmax(logits), image_labels, batch_dims=1)  # (N,)
+    total = coefficients[-1] * tf.reduce_mean(tf.reshape(1.0 - probabilities, (num_labels, count)), axis=1)
+    for weight, rows, nearest_rows in zip(coefficients, flat, nearest):
+        grouped = tf.reshape(rows, (num_labels, count, -1))  # (L, n, D)
+        reference = tf.reduce_mean(tf.square(grouped - tf.reshape(nearest_rows, (num_labels, count, -1))),
+                                   axis=[1, 2])  # (L,)
+        layer_cost = options["reference_cost_coeff"] / (reference + DISTANCE_EPSILON)
+        if count > 1:  # One image has no batch to keep away from.
+            layer_cost += options["batch_cost_coeff"] / (grouped_batch_distance(grouped) + DISTANCE_EPSILON)
+        total += weight * layer_cost
+    return total, probabilities
+
+
 # ----------------------------------------------------------------------- optimisation
 
 
@@ -181,7 +223,8 @@ class PixelAdam:
     """Adam on a batch of images, with per-image moments and step counts.
 
     Written out (rather than keras.optimizers.Adam) so that re-initialising one image
-    also restarts its moments and bias correction without touching the others.
+    also restarts its moments and bias correction without touching the others, and so
+    that the images of a label that has stopped can be frozen while the others move.
     """
 
     def __init__(self, images, learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
@@ -193,17 +236,23 @@ class PixelAdam:
         self.steps = tf.Variable(tf.zeros((len(images), 1, 1, 1)))
         self.learning_rate, self.beta_1, self.beta_2, self.epsilon = learning_rate, beta_1, beta_2, epsilon
 
-    def apply(self, gradient):
+    def apply(self, gradient, moving=None):
+        """One Adam step; moving (N,) bool, if given, leaves the other images and their state as they are."""
         import tensorflow as tf
 
-        self.steps.assign_add(tf.ones_like(self.steps))
-        self.first_moment.assign(self.beta_1 * self.first_moment + (1 - self.beta_1) * gradient)
-        self.second_moment.assign(self.beta_2 * self.second_moment + (1 - self.beta_2) * tf.square(gradient))
+        steps = self.steps + 1.0
+        first_moment = self.beta_1 * self.first_moment + (1 - self.beta_1) * gradient
+        second_moment = self.beta_2 * self.second_moment + (1 - self.beta_2) * tf.square(gradient)
         # Bias correction folded into the step size, as keras.optimizers.Adam does it.
-        step_size = self.learning_rate * tf.sqrt(1 - self.beta_2 ** self.steps) / (1 - self.beta_1 ** self.steps)
-        step = step_size * self.first_moment / (tf.sqrt(self.second_moment) + self.epsilon)
+        step_size = self.learning_rate * tf.sqrt(1 - self.beta_2 ** steps) / (1 - self.beta_1 ** steps)
+        step = step_size * first_moment / (tf.sqrt(second_moment) + self.epsilon)
         # Keep valid pixels: the network was only trained on [0, 1].
-        self.images.assign(tf.clip_by_value(self.images - step, 0.0, 1.0))
+        images = tf.clip_by_value(self.images - step, 0.0, 1.0)
+        for variable, value in [(self.steps, steps), (self.first_moment, first_moment),
+                                (self.second_moment, second_moment), (self.images, images)]:
+            if moving is not None:  # tf.where, not a product: a NaN of a frozen image must not spread.
+                value = tf.where(tf.reshape(moving, (-1, 1, 1, 1)), value, variable)
+            variable.assign(value)
 
     def reset(self, indices, new_images):
         import tensorflow as tf
@@ -229,98 +278,257 @@ def count_falls(falls, previous, current):
 
 
 class Backworker:
-    """Backworks the labels of one model; its compiled steps are traced once for all labels."""
+    """Backworks num_labels labels of one model together; its compiled steps are traced once.
 
-    def __init__(self, model, options, distance=None):
+    The batch holds num_examples images per label, label after label (group g is rows
+    g*n to (g+1)*n). Each label keeps its own references, nearest-reference search,
+    re-initialisations, step count and stopping; a label that has stopped is frozen.
+    """
+
+    def __init__(self, model, options, num_labels=1):
         import tensorflow as tf
 
-        self.model, self.options = model, options
+        self.model, self.options, self.num_labels = model, options, num_labels
         self.features_model = feature_model(model)
         self.cost_layers = cost_layer_names(model)
         self.coefficients = layer_coefficients(options, len(self.cost_layers))
-        count, image_shape = options["num_examples"], tuple(model.input_shape[1:])
-        self.optimizer = PixelAdam(np.zeros((count, *image_shape), np.float32), options["learning_rate"])
+        self.count, image_shape = options["num_examples"], tuple(model.input_shape[1:])
+        total = num_labels * self.count
+        self.optimizer = PixelAdam(np.zeros((total, *image_shape), np.float32), options["learning_rate"])
         sizes = [int(np.prod(image_shape))] + [int(np.prod(self.model.get_layer(name).output.shape[1:]))
                                                for name in self.cost_layers[1:]]
-        # References of any count (R) per label: one trace serves every label.
-        reference_spec = [(tf.TensorSpec([None, size], tf.float32), tf.TensorSpec([None], tf.float32))
-                          for size in sizes]
-        signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), reference_spec]
+        # Per image: its nearest reference at every cost layer, kept between searches.
+        self.nearest = [tf.Variable(tf.zeros((total, size))) for size in sizes]
+        self.active = tf.Variable(tf.zeros(num_labels, tf.bool))  # Per label: still optimising.
+        self.search_due = tf.Variable(tf.zeros(num_labels, tf.bool))  # Per label: search at the next step.
+        self.first_reached = tf.Variable(tf.fill([total], -1))  # Per image: steps_to_reach.
+        self.diverged_at = tf.Variable(tf.fill([num_labels], -1))  # Per label: first non-finite step.
+        # References of any count (R) per label: one trace serves every set of labels.
+        reference_spec = [[(tf.TensorSpec([None, size], tf.float32), tf.TensorSpec([None], tf.float32))
+                           for size in sizes] for _ in range(num_labels)]
+        signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([num_labels], tf.int32),
+                     reference_spec]
         self.run_steps = tf.function(self._run_steps, input_signature=signature)
-        self.distance = distance
 
-    def _run_steps(self, num_steps, label, references):
-        """num_steps optimisation steps; returns each step's cost and the final label probabilities."""
+    # -- inside the compiled loop
+
+    def _search(self, flat, references, due):
+        """Each image's nearest reference at every cost layer: [(N, D)]; labels not due keep theirs.
+
+        One label at a time (its images against its own references only), so no
+        (all images x all references) distance matrix is ever built.
+        """
         import tensorflow as tf
 
-        cost = make_cost_function(self.features_model, references, label, self.coefficients, self.options,
-                                  self.distance)
-        images = self.optimizer.images
+        per_label = []
+        for group, label_references in enumerate(references):
+            rows = slice(group * self.count, (group + 1) * self.count)
+            group_flat = [tf.stop_gradient(layer_rows[rows]) for layer_rows in flat]
+
+            def find(group_flat=group_flat, label_references=label_references):
+                found = []
+                for layer_rows, (layer_references, norms) in zip(group_flat, label_references):
+                    nearest = tf.argmin(squared_distances(layer_rows, layer_references, norms), axis=1)
+                    found.append(tf.gather(layer_references, nearest))
+                return found
+
+            def keep(rows=rows):
+                return [tf.identity(variable[rows]) for variable in self.nearest]
+
+            per_label.append(tf.cond(due[group], find, keep))
+        searched = [tf.concat(layers, axis=0) for layers in zip(*per_label)]
+        for variable, value in zip(self.nearest, searched):
+            variable.assign(value)
+        return searched
+
+    def _run_steps(self, num_steps, first_step, labels, references):
+        """num_steps steps of every active label from step first_step.
+
+        Returns each step's cost per label (num_steps, L) and the label probabilities (N,)
+        after the last step. Records steps_to_reach and divergence at every step.
+        """
+        import tensorflow as tf
+
+        count, every = self.count, self.options["nearest_every"]
+        images, cap = self.optimizer.images, self.options["prob_cap_min"]
+        image_labels = tf.repeat(labels, count)  # (N,)
         costs = tf.TensorArray(tf.float32, size=num_steps)
-        for step in tf.range(num_steps):
+        for index in tf.range(num_steps):
+            step = first_step + index  # Steps this label has made so far (each label starts at 0).
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(images)
-                value, _ = cost(images)
-            self.optimizer.apply(tape.gradient(value, images))
-            costs = costs.write(step, value)
-        _, probabilities = cost(images)
+                flat, logits = flat_features(self.features_model, images)
+                due = self.active & (self.search_due | tf.equal(step % every, 0))
+                nearest = self._search(flat, references, due)
+                self.search_due.assign(self.search_due & ~due)
+                label_costs, probabilities = grouped_cost(flat, logits, nearest, image_labels, self.num_labels,
+                                                          self.coefficients, self.options)
+                total = tf.reduce_sum(tf.where(self.active, label_costs, 0.0))
+            gradient = tape.gradient(total, images)
+            self._record(step, label_costs, images, probabilities, cap)
+            self.optimizer.apply(gradient, tf.repeat(self.active, count))
+            costs = costs.write(index, label_costs)
+        probabilities = tf.gather(tf.nn.softmax(flat_features(self.features_model, images)[1]),
+                                  image_labels, batch_dims=1)
+        self._record_reached(first_step + num_steps, probabilities, cap)
         return costs.stack(), probabilities
 
-    def run(self, label_images, label, progress=print):
-        """Optimise the batch towards label; return the results dict (see the README)."""
-        options, count, start = self.options, self.options["num_examples"], time.perf_counter()
-        seed = [options["seed"], label]  # Independent of which other labels a process runs.
-        rng = np.random.default_rng(seed)
-        references, reference_images, training_logits = reference_features(
-            self.features_model, label_images, options["max_reference_examples"], seed)
-        self.optimizer.reset(np.arange(count), initial_images(label_images, count, rng, options["init_w_train_vals"]))
-        step, reinitialised, history = 0, 0, []
-        first_reached = np.full(count, -1)
-        falls, previous = np.zeros(count, int), np.full(count, -np.inf)
-        while step < options["max_num_steps"]:
+    def _record(self, step, label_costs, images, probabilities, cap):
+        """Freeze a label whose cost or images stopped being finite; note who reached the cap."""
+        import tensorflow as tf
+
+        finite_images = tf.reduce_all(tf.math.is_finite(tf.reshape(images, (self.num_labels, -1))), axis=1)
+        finite = tf.math.is_finite(label_costs) & finite_images
+        diverged = self.active & ~finite
+        self.diverged_at.assign(tf.where(diverged, step, self.diverged_at))
+        self.active.assign(self.active & finite)
+        self._record_reached(step, probabilities, cap)
+
+    def _record_reached(self, step, probabilities, cap):
+        import tensorflow as tf
+
+        newly = (tf.repeat(self.active, self.count) & (probabilities >= cap) & (self.first_reached < 0))
+        self.first_reached.assign(tf.where(newly, step, self.first_reached))
+
+    # -- outside it, at every record
+
+    def run(self, images_by_label, progress=print, on_label=None):
+        """Optimise options['num_examples'] images towards each label; return {label: results}.
+
+        images_by_label maps each label to its training images (as many labels as num_labels).
+        on_label(label, results) is called as each label stops.
+        """
+        import tensorflow as tf
+
+        options, start = self.options, time.perf_counter()
+        if len(images_by_label) != self.num_labels:
+            raise ValueError(f"this Backworker runs {self.num_labels} labels at a time, not {len(images_by_label)}")
+        states = [LabelState(label, label_images, self, options) for label, label_images in images_by_label.items()]
+        progress(f"training activations of {len(states)} labels in {time.perf_counter() - start:.1f} s")
+        self.optimizer.reset(np.arange(self.num_labels * self.count),
+                             np.concatenate([state.next_images(self.count) for state in states]))
+        for variable, value in [(self.active, True), (self.search_due, True), (self.first_reached, -1),
+                                (self.diverged_at, -1)]:
+            variable.assign(tf.fill(variable.shape, value))
+        labels = tf.constant([state.label for state in states], tf.int32)
+        references = [state.references for state in states]
+        step, results, failures = 0, {}, []
+        while step < options["max_num_steps"] and np.any(self.active.numpy()):
             block = min(options["save_freq"], options["max_num_steps"] - step)
-            costs, probabilities = (value.numpy() for value in self.run_steps(block, label, references))
+            costs, probabilities = (value.numpy() for value in self.run_steps(block, step, labels, references))
             step += block
-            first_reached[(first_reached < 0) & (probabilities >= options["prob_cap_min"])] = step
-            history.append({"step": step, "images": _drop_single_channel(self.optimizer.images.numpy()),
-                            "probs": probabilities, "cost": float(costs[-1])})
-            falls, previous = count_falls(falls, previous, probabilities), probabilities
-            progress(f"label {label}  step {step}  cost {costs[-1]:.4g}  p min {probabilities.min():.4f}  "
-                     f"mean {probabilities.mean():.4f}  reinitialised {reinitialised}")
-            if step >= options["min_num_steps"] and _should_stop(costs, probabilities, options):
-                break
-            # The original's escape from local minima: restart images that keep losing the label.
-            stuck = np.flatnonzero((falls >= options["num_mono_dec_saves"])
-                                   & (probabilities < options["reinit_below"]))
-            if len(stuck):
-                self.optimizer.reset(stuck, initial_images(label_images, len(stuck), rng,
-                                                           options["init_w_train_vals"]))
-                first_reached[stuck], falls[stuck], previous[stuck] = -1, 0, -np.inf
-                reinitialised += len(stuck)
-        worst_images, worst_probabilities = worst_classified(reference_images, training_logits, label)
-        images = self.optimizer.images.numpy()
+            images, diverged_at = self.optimizer.images.numpy(), self.diverged_at.numpy()
+            for group, state in enumerate(states):
+                rows = slice(group * self.count, (group + 1) * self.count)
+                if state.done:
+                    continue
+                if diverged_at[group] >= 0:
+                    state.done = True
+                    failures.append(diverged_message(state.label, diverged_at[group], costs[:, group], options))
+                    progress(failures[-1])
+                    continue
+                state.record(step, costs[:, group], probabilities[rows], images[rows], progress)
+                if state.should_stop(step) or step >= options["max_num_steps"]:
+                    self._finish(group, state, step, start, results, on_label)
+                else:
+                    self._reinitialise_stuck(group, state)
+        for group, state in enumerate(states):  # Labels cut off by max_num_steps with others.
+            if not state.done:
+                self._finish(group, state, step, start, results, on_label)
+        if failures:
+            raise UserError("; ".join(failures))
+        return results
+
+    def _finish(self, group, state, step, start, results, on_label):
+        import tensorflow as tf
+
+        state.done = True
+        self.active.assign(tf.tensor_scatter_nd_update(self.active, [[group]], [False]))
+        rows = slice(group * self.count, (group + 1) * self.count)
+        results[state.label] = state.results(self.optimizer.images.numpy()[rows], self.first_reached.numpy()[rows],
+                                             step, time.perf_counter() - start, self)
+        if on_label is not None:
+            on_label(state.label, results[state.label])
+
+    def _reinitialise_stuck(self, group, state):
+        """The original's escape from local minima: restart images that keep losing the label."""
+        import tensorflow as tf
+
+        stuck = state.stuck()
+        if not len(stuck):
+            return
+        indices = group * self.count + stuck
+        self.optimizer.reset(indices, state.next_images(len(stuck)))
+        self.first_reached.scatter_nd_update(indices[:, None], tf.fill([len(stuck)], -1))
+        self.search_due.assign(tf.tensor_scatter_nd_update(self.search_due, [[group]], [True]))
+
+
+class LabelState:
+    """What one label keeps between records: its references, random draws, history and falls."""
+
+    def __init__(self, label, label_images, backworker, options):
+        self.label, self.label_images, self.options, self.done = int(label), label_images, options, False
+        seed = [options["seed"], self.label]  # Independent of which other labels a process runs.
+        self.rng = np.random.default_rng(seed)
+        self.references, self.reference_images, self.training_logits = reference_features(
+            backworker.features_model, label_images, options["max_reference_examples"], seed)
+        count = options["num_examples"]
+        self.history, self.reinitialised = [], 0
+        self.falls, self.previous, self.probabilities = np.zeros(count, int), np.full(count, -np.inf), None
+        self.costs = np.zeros(0)
+
+    def next_images(self, count):
+        return initial_images(self.label_images, count, self.rng, self.options["init_w_train_vals"])
+
+    def record(self, step, costs, probabilities, images, progress):
+        self.costs, self.probabilities = costs, probabilities
+        self.history.append({"step": step, "images": _drop_single_channel(images), "probs": probabilities,
+                             "cost": float(costs[-1])})
+        self.falls, self.previous = count_falls(self.falls, self.previous, probabilities), probabilities
+        progress(f"label {self.label}  step {step}  cost {costs[-1]:.4g}  p min {probabilities.min():.4f}  "
+                 f"mean {probabilities.mean():.4f}  reinitialised {self.reinitialised}")
+
+    def should_stop(self, step):
+        return step >= self.options["min_num_steps"] and _should_stop(self.costs, self.probabilities, self.options)
+
+    def stuck(self):
+        stuck = np.flatnonzero((self.falls >= self.options["num_mono_dec_saves"])
+                               & (self.probabilities < self.options["reinit_below"]))
+        self.falls[stuck], self.previous[stuck] = 0, -np.inf
+        self.reinitialised += len(stuck)
+        return stuck
+
+    def results(self, images, first_reached, step, seconds, backworker):
+        worst_images, worst_probabilities = worst_classified(self.reference_images, self.training_logits, self.label)
         return {
             "format_version": common.RESULTS_FORMAT_VERSION,
-            "label": int(label),
+            "label": self.label,
             "images": _drop_single_channel(images),
-            "probs": np.asarray(self.model(images, training=False), np.float32),
-            "history": history,
+            "probs": np.asarray(backworker.model(images, training=False), np.float32),
+            "history": self.history,
             "steps": int(step),
-            "steps_to_reach": first_reached,
-            "seconds": time.perf_counter() - start,
-            "reinitialised": int(reinitialised),
-            "nearest_training_distance": nearest_distances(images, label_images),
+            "steps_to_reach": first_reached.astype(np.int64),
+            "seconds": seconds,
+            "reinitialised": int(self.reinitialised),
+            "nearest_training_distance": nearest_distances(images, self.label_images),
             "worst_training_images": _drop_single_channel(worst_images),
             "worst_training_probs": worst_probabilities,
-            "layer_cost_coeffs": self.coefficients,
-            "cost_layers": self.cost_layers,
-            "options": dict(options),
+            "layer_cost_coeffs": backworker.coefficients,
+            "cost_layers": backworker.cost_layers,
+            "options": dict(self.options),
         }
+
+
+def diverged_message(label, step, costs, options):
+    bad = [cost for cost in costs if not np.isfinite(cost)]
+    value = f"cost {bad[0]}" if bad else "images not finite"
+    return (f"backwork of label {label} diverged at step {step} ({value}); lower backwork.learning_rate "
+            f"(now {options['learning_rate']}) or check that the model's weights are finite")
 
 
 def backwork_label(model, label_images, label, options, progress=print):
     """Optimise options['num_examples'] images towards label; return the results dict."""
-    return Backworker(model, options).run(label_images, label, progress)
+    return Backworker(model, options).run({label: label_images}, progress)[label]
 
 
 def _drop_single_channel(images):
@@ -346,29 +554,60 @@ def nearest_distances(images, label_images):
 
 def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
                            progress=print, on_label=None):
-    """Backwork every label in labels (default: all) and return {label: results}.
+    """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
 
     data is a dict as from common.load_mnist; model_options a config dict whose
     'backwork' section overrides the defaults; model a Keras model or the path of one.
-    on_label(label, results) is called as each label finishes (the script saves there).
+    on_label(label, results) is called as each label stops (the script saves there).
     """
     options = common.merge_config(common.default_config(), model_options or {}, "model_options")["backwork"]
-    if options["num_examples"] < 1:
-        raise UserError("backwork.num_examples must be at least 1")
+    check_options(options)
     model_path = str(model) if isinstance(model, (str, Path)) else model.name
     if isinstance(model, (str, Path)):
         model = common.load_trained_model(model, data["x_train"])
-    labels = list(range(model.output_shape[-1])) if labels is None else labels
+    labels = list(range(model.output_shape[-1])) if labels is None else list(labels)
     missing = [label for label in labels if not np.any(data["y_train"] == label)]
     if missing:
         raise UserError(f"the training data has no examples of labels {missing}; choose others with --labels")
-    backworker, results = Backworker(model, options), {}
-    for label in labels:
-        label_images = data["x_train"][data["y_train"] == label]
-        results[label] = {**backworker.run(label_images, label, progress), "model": model_path}
+    if len(set(labels)) != len(labels):
+        raise UserError(f"labels {labels} name a label twice; give each once")
+
+    def finished(label, result):
+        result["model"] = model_path
         if on_label is not None:
-            on_label(label, results[label])
-    return results
+            on_label(label, result)
+
+    images_by_label = {label: data["x_train"][data["y_train"] == label] for label in labels}
+    return Backworker(model, options, len(labels)).run(images_by_label, progress, finished)
+
+
+# Every [backwork] key that has a valid range: (test, the range in words).
+OPTION_RANGES = {
+    "num_examples": (lambda value: value >= 1, ">= 1"),
+    "learning_rate": (lambda value: value > 0 and np.isfinite(value), "> 0"),
+    "max_num_steps": (lambda value: value >= 1, ">= 1"),
+    "min_num_steps": (lambda value: value >= 0, ">= 0"),
+    "tolerance": (lambda value: value >= 0, ">= 0"),
+    "prob_cap_mean": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "prob_cap_min": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "save_freq": (lambda value: value >= 1, ">= 1"),
+    "num_mono_dec_saves": (lambda value: value >= 1, ">= 1"),
+    "reinit_below": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "reference_cost_coeff": (lambda value: value >= 0 and np.isfinite(value), ">= 0"),
+    "batch_cost_coeff": (lambda value: value >= 0 and np.isfinite(value), ">= 0"),
+    "layer_cost_coeffs": (lambda value: all(isinstance(item, (int, float)) and np.isfinite(item) for item in value),
+                          "a list of finite numbers"),
+    "max_reference_examples": (lambda value: value >= 0, ">= 0 (0: all)"),
+    "nearest_every": (lambda value: value >= 1, ">= 1"),
+    "seed": (lambda value: value >= 0, ">= 0"),
+}
+
+
+def check_options(options):
+    """Refuse a [backwork] value outside its range with one line naming the key and the range."""
+    for key, (valid, allowed) in OPTION_RANGES.items():
+        if key in options and not valid(options[key]):
+            raise UserError(f"backwork.{key} = {options[key]!r} must be {allowed}; fix it in the config or --set")
 
 
 # ---------------------------------------------------------------------------- figures
@@ -408,17 +647,20 @@ def plot_worst_training(results, path):
 
 
 def parse_labels(text, num_classes):
-    """'3', '0-9' or '1,4,7' -> sorted list of labels, each checked against num_classes."""
+    """'3', '0-9' or '1,4,7' -> sorted list of labels, each checked against num_classes.
+
+    Each part is range-checked before it is expanded, so '0-100000000' fails at once.
+    """
     labels = set()
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if match is None:
             raise UserError(f"--labels {text!r} must look like 3, 0-9 or 1,4,7")
         first, last = int(match[1]), int(match[2] or match[1])
+        if not 0 <= first <= last < num_classes:
+            raise UserError(f"--labels {text!r}: labels must be between 0 and {num_classes - 1}, "
+                            "each range low-high with low <= high")
         labels.update(range(first, last + 1))
-    out_of_range = sorted(label for label in labels if not 0 <= label < num_classes)
-    if out_of_range or not labels:
-        raise UserError(f"--labels {text!r}: labels must be between 0 and {num_classes - 1}")
     return sorted(labels)
 
 
@@ -433,12 +675,33 @@ def summary_table(results):
     return "\n".join(lines)
 
 
-def load_label_results(out_dir):
-    """Every results_{label}.pkl in a folder, so figures include labels run by other processes."""
+RESULTS_NAME = re.compile(r"results_(\d+)\.pkl")
+
+
+def load_label_results(out_dir, skip_unreadable=False, warn=print):
+    """Every results_{label}.pkl in a folder, so figures include labels run by other processes.
+
+    Only names of exactly that form count (results_1_old.pkl is ignored), and the label
+    inside each file must be the one in its name. An unreadable file is an error, or with
+    skip_unreadable a warning line (through warn) and the file is left out.
+    """
     results = {}
-    for path in sorted(Path(out_dir).glob("results_*.pkl")):
-        result = common.load_results(path)
-        results[int(result["label"])] = result
+    for path in sorted(Path(out_dir).iterdir()):
+        match = RESULTS_NAME.fullmatch(path.name)
+        if match is None or not path.is_file():
+            continue
+        try:
+            result = common.load_results(path)
+            if not isinstance(result, dict) or result.get("label") != int(match[1]):
+                found = result.get("label") if isinstance(result, dict) else None
+                raise UserError(f"{path} holds the results of label {found!r}, not {int(match[1])}; "
+                                "rename or re-create it")
+        except UserError as error:
+            if not skip_unreadable:
+                raise
+            warn(f"warning: skipping {path.name} ({error})")
+            continue
+        results[int(match[1])] = result
     return results
 
 
@@ -462,12 +725,17 @@ def main(argv=None):
     model = common.load_trained_model(args.model, data["x_train"])
     labels = parse_labels(args.labels or f"0-{model.output_shape[-1] - 1}", model.output_shape[-1])
 
+    for label in labels:
+        if (out_dir / f"results_{label}.pkl").exists():
+            print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
+
     def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
         common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(args.model)})
 
     results = get_faulty_input_layer(data, config, model, labels, on_label=save)
     print(summary_table(results))
-    every_label = load_label_results(out_dir)  # Labels that other processes wrote too.
+    # Labels that other processes wrote too; a damaged neighbour must not fail this run.
+    every_label = load_label_results(out_dir, skip_unreadable=True)
     plot_results(every_label, out_dir / "backwork.png")
     plot_worst_training(every_label, out_dir / "worst_training.png")
     print(f"results and figures in {out_dir}")
