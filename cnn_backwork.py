@@ -81,8 +81,8 @@ def flat_features(features_model, images):
     import tensorflow as tf
 
     outputs = features_model(images, training=False)
-    flat = [tf.reshape(images, (tf.shape(images)[0], -1))]
-    flat += [tf.reshape(output, (tf.shape(output)[0], -1)) for output in outputs[:-1]]
+    # The layer sizes are static, so every flat tensor keeps its (None, D) shape in a trace.
+    flat = [tf.reshape(tensor, (-1, int(np.prod(tensor.shape[1:])))) for tensor in [images, *outputs[:-1]]]
     return flat, outputs[-1]
 
 
@@ -192,22 +192,21 @@ def grouped_batch_distance(grouped):
     return tf.reduce_sum(distances * off_diagonal, axis=[1, 2]) / pairs
 
 
-def grouped_cost(flat, logits, nearest, image_labels, num_labels, coefficients, options):
+def grouped_cost(flat, logits, nearest, image_labels, count, coefficients, options):
     """Each label's cost (L,) and each image's label probability (N,), for a batch of L labels.
 
-    The batch holds the labels one after another, n = N / L images each; nearest holds
+    The batch holds the labels one after another, count (n) images each; nearest holds
     each image's nearest reference at every cost layer (from Backworker._search). Label
     g's cost is make_cost_function's cost of its n images alone, so the gradient of the
     sum over labels with respect to one label's images is that label's own gradient.
     """
     import tensorflow as tf
 
-    count = logits.shape[0] // num_labels
     probabilities = tf.gather(tf.nn.softmax(logits), image_labels, batch_dims=1)  # (N,)
-    total = coefficients[-1] * tf.reduce_mean(tf.reshape(1.0 - probabilities, (num_labels, count)), axis=1)
+    total = coefficients[-1] * tf.reduce_mean(tf.reshape(1.0 - probabilities, (-1, count)), axis=1)  # (L,)
     for weight, rows, nearest_rows in zip(coefficients, flat, nearest):
-        grouped = tf.reshape(rows, (num_labels, count, -1))  # (L, n, D)
-        reference = tf.reduce_mean(tf.square(grouped - tf.reshape(nearest_rows, (num_labels, count, -1))),
+        grouped = tf.reshape(rows, (-1, count, rows.shape[1]))  # (L, n, D)
+        reference = tf.reduce_mean(tf.square(grouped - tf.reshape(nearest_rows, (-1, count, rows.shape[1]))),
                                    axis=[1, 2])  # (L,)
         layer_cost = options["reference_cost_coeff"] / (reference + DISTANCE_EPSILON)
         if count > 1:  # One image has no batch to keep away from.
@@ -236,23 +235,26 @@ class PixelAdam:
         self.steps = tf.Variable(tf.zeros((len(images), 1, 1, 1)))
         self.learning_rate, self.beta_1, self.beta_2, self.epsilon = learning_rate, beta_1, beta_2, epsilon
 
-    def apply(self, gradient, moving=None):
-        """One Adam step; moving (N,) bool, if given, leaves the other images and their state as they are."""
+    def apply(self, gradient, indices=None):
+        """One Adam step; with indices (M,), gradient (M, H, W, C) moves only those images."""
         import tensorflow as tf
 
-        steps = self.steps + 1.0
-        first_moment = self.beta_1 * self.first_moment + (1 - self.beta_1) * gradient
-        second_moment = self.beta_2 * self.second_moment + (1 - self.beta_2) * tf.square(gradient)
+        variables = [self.steps, self.first_moment, self.second_moment, self.images]
+        steps, first_moment, second_moment, images = (
+            variables if indices is None else [tf.gather(variable, indices) for variable in variables])
+        steps = steps + 1.0
+        first_moment = self.beta_1 * first_moment + (1 - self.beta_1) * gradient
+        second_moment = self.beta_2 * second_moment + (1 - self.beta_2) * tf.square(gradient)
         # Bias correction folded into the step size, as keras.optimizers.Adam does it.
         step_size = self.learning_rate * tf.sqrt(1 - self.beta_2 ** steps) / (1 - self.beta_1 ** steps)
         step = step_size * first_moment / (tf.sqrt(second_moment) + self.epsilon)
         # Keep valid pixels: the network was only trained on [0, 1].
-        images = tf.clip_by_value(self.images - step, 0.0, 1.0)
-        for variable, value in [(self.steps, steps), (self.first_moment, first_moment),
-                                (self.second_moment, second_moment), (self.images, images)]:
-            if moving is not None:  # tf.where, not a product: a NaN of a frozen image must not spread.
-                value = tf.where(tf.reshape(moving, (-1, 1, 1, 1)), value, variable)
-            variable.assign(value)
+        images = tf.clip_by_value(images - step, 0.0, 1.0)
+        for variable, value in zip(variables, [steps, first_moment, second_moment, images]):
+            if indices is None:
+                variable.assign(value)
+            else:
+                variable.scatter_nd_update(indices[:, tf.newaxis], value)
 
     def reset(self, indices, new_images):
         import tensorflow as tf
@@ -312,28 +314,27 @@ class Backworker:
 
     # -- inside the compiled loop
 
-    def _search(self, flat, references, due):
+    def _search(self, flat, references, due, positions):
         """Each image's nearest reference at every cost layer: [(N, D)]; labels not due keep theirs.
 
-        One label at a time (its images against its own references only), so no
+        flat holds the active labels' images only; label g's are rows positions[g] * n
+        onwards. One label at a time (its images against its own references only), so no
         (all images x all references) distance matrix is ever built.
         """
         import tensorflow as tf
 
-        per_label = []
+        count, per_label = self.count, []
         for group, label_references in enumerate(references):
-            rows = slice(group * self.count, (group + 1) * self.count)
-            group_flat = [tf.stop_gradient(layer_rows[rows]) for layer_rows in flat]
-
-            def find(group_flat=group_flat, label_references=label_references):
+            def find(group=group, label_references=label_references):
                 found = []
-                for layer_rows, (layer_references, norms) in zip(group_flat, label_references):
-                    nearest = tf.argmin(squared_distances(layer_rows, layer_references, norms), axis=1)
+                for layer_rows, (layer_references, norms) in zip(flat, label_references):
+                    rows = tf.stop_gradient(layer_rows[positions[group] * count:(positions[group] + 1) * count])
+                    nearest = tf.argmin(squared_distances(rows, layer_references, norms), axis=1)
                     found.append(tf.gather(layer_references, nearest))
                 return found
 
-            def keep(rows=rows):
-                return [tf.identity(variable[rows]) for variable in self.nearest]
+            def keep(group=group):
+                return [tf.identity(variable[group * count:(group + 1) * count]) for variable in self.nearest]
 
             per_label.append(tf.cond(due[group], find, keep))
         searched = [tf.concat(layers, axis=0) for layers in zip(*per_label)]
@@ -345,50 +346,77 @@ class Backworker:
         """num_steps steps of every active label from step first_step.
 
         Returns each step's cost per label (num_steps, L) and the label probabilities (N,)
-        after the last step. Records steps_to_reach and divergence at every step.
+        after the last step. Records steps_to_reach and divergence at every step. Only
+        the active labels' images go through the network; the others are left as they are.
         """
         import tensorflow as tf
 
-        count, every = self.count, self.options["nearest_every"]
-        images, cap = self.optimizer.images, self.options["prob_cap_min"]
-        image_labels = tf.repeat(labels, count)  # (N,)
+        image_labels = tf.repeat(labels, self.count)  # (N,)
         costs = tf.TensorArray(tf.float32, size=num_steps)
         for index in tf.range(num_steps):
-            step = first_step + index  # Steps this label has made so far (each label starts at 0).
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(images)
-                flat, logits = flat_features(self.features_model, images)
-                due = self.active & (self.search_due | tf.equal(step % every, 0))
-                nearest = self._search(flat, references, due)
-                self.search_due.assign(self.search_due & ~due)
-                label_costs, probabilities = grouped_cost(flat, logits, nearest, image_labels, self.num_labels,
-                                                          self.coefficients, self.options)
-                total = tf.reduce_sum(tf.where(self.active, label_costs, 0.0))
-            gradient = tape.gradient(total, images)
-            self._record(step, label_costs, images, probabilities, cap)
-            self.optimizer.apply(gradient, tf.repeat(self.active, count))
+            # Steps each active label has made so far (every label starts at 0).
+            if tf.reduce_any(self.active):  # A batch of none would fail in the convolutions.
+                label_costs = self._step(first_step + index, image_labels, references)
+            else:
+                label_costs = tf.zeros([self.num_labels])
             costs = costs.write(index, label_costs)
-        probabilities = tf.gather(tf.nn.softmax(flat_features(self.features_model, images)[1]),
-                                  image_labels, batch_dims=1)
-        self._record_reached(first_step + num_steps, probabilities, cap)
+        probabilities = tf.zeros([self.num_labels * self.count])
+        if tf.reduce_any(self.active):
+            probabilities = self._final_probabilities(first_step + num_steps, image_labels)
         return costs.stack(), probabilities
 
-    def _record(self, step, label_costs, images, probabilities, cap):
+    def _step(self, step, image_labels, references):
+        """One optimisation step of the active labels' images; returns each label's cost (L,)."""
+        import tensorflow as tf
+
+        count, every = self.count, self.options["nearest_every"]
+        moving = tf.where(tf.repeat(self.active, count))[:, 0]  # (M,) the active labels' images
+        positions = tf.cumsum(tf.cast(self.active, tf.int32), exclusive=True)  # (L,) place among the active
+        images = tf.gather(self.optimizer.images, moving)  # (M, H, W, C)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(images)
+            flat, logits = flat_features(self.features_model, images)
+            due = self.active & (self.search_due | tf.equal(step % every, 0))
+            nearest = self._search(flat, references, due, positions)
+            self.search_due.assign(self.search_due & ~due)
+            active_costs, probabilities = grouped_cost(
+                flat, logits, [tf.gather(rows, moving) for rows in nearest], tf.gather(image_labels, moving),
+                count, self.coefficients, self.options)
+            total = tf.reduce_sum(active_costs)
+        gradient = tape.gradient(total, images)
+        label_costs = tf.scatter_nd(tf.where(self.active), active_costs, [self.num_labels])  # (L,)
+        self._record(step, label_costs, moving, probabilities)
+        self.optimizer.apply(gradient, moving)
+        return label_costs
+
+    def _final_probabilities(self, step, image_labels):
+        """The label probabilities (N,) after a block (0 for stopped labels), recorded for steps_to_reach."""
+        import tensorflow as tf
+
+        moving = tf.where(tf.repeat(self.active, self.count))[:, 0]
+        logits = flat_features(self.features_model, tf.gather(self.optimizer.images, moving))[1]
+        probabilities = tf.gather(tf.nn.softmax(logits), tf.gather(image_labels, moving), batch_dims=1)
+        self._record_reached(step, moving, probabilities)
+        return tf.scatter_nd(moving[:, tf.newaxis], probabilities, [self.num_labels * self.count])
+
+    def _record(self, step, label_costs, moving, probabilities):
         """Freeze a label whose cost or images stopped being finite; note who reached the cap."""
         import tensorflow as tf
 
-        finite_images = tf.reduce_all(tf.math.is_finite(tf.reshape(images, (self.num_labels, -1))), axis=1)
-        finite = tf.math.is_finite(label_costs) & finite_images
-        diverged = self.active & ~finite
-        self.diverged_at.assign(tf.where(diverged, step, self.diverged_at))
+        images = tf.reshape(self.optimizer.images, (self.num_labels, -1))
+        finite = tf.math.is_finite(label_costs) & tf.reduce_all(tf.math.is_finite(images), axis=1)
+        self.diverged_at.assign(tf.where(self.active & ~finite, step, self.diverged_at))
+        self._record_reached(step, moving, probabilities)
         self.active.assign(self.active & finite)
-        self._record_reached(step, probabilities, cap)
 
-    def _record_reached(self, step, probabilities, cap):
+    def _record_reached(self, step, moving, probabilities):
+        """steps_to_reach: the first step at which each moving image's probability reached cap."""
         import tensorflow as tf
 
-        newly = (tf.repeat(self.active, self.count) & (probabilities >= cap) & (self.first_reached < 0))
-        self.first_reached.assign(tf.where(newly, step, self.first_reached))
+        first = tf.gather(self.first_reached, moving)
+        self.first_reached.scatter_nd_update(moving[:, tf.newaxis],
+                                             tf.where((probabilities >= self.options["prob_cap_min"]) & (first < 0),
+                                                      step, first))
 
     # -- outside it, at every record
 
