@@ -233,7 +233,7 @@ def grouped_cost(flat, logits, nearest, image_labels, count, coefficients, optio
     """Each label's cost (L,) and each image's label probability (N,), for a batch of L labels.
 
     The batch holds the labels one after another, count (n) images each; nearest holds
-    each image's nearest reference at every cost layer (from Backworker._search). Label
+    each image's nearest reference at every cost layer (from Backworker.find_nearest). Label
     g's cost is make_cost_function's cost of its n images alone, so the gradient of the
     sum over labels with respect to one label's images is that label's own gradient.
     """
@@ -339,50 +339,30 @@ class Backworker:
         # Per image: its nearest reference at every cost layer, kept between searches.
         self.nearest = [tf.Variable(tf.zeros((total, size))) for size in sizes]
         self.active = tf.Variable(tf.zeros(num_labels, tf.bool))  # Per label: still optimising.
-        self.search_due = tf.Variable(tf.zeros(num_labels, tf.bool))  # Per label: search at the next step.
         self.first_reached = tf.Variable(tf.fill([total], -1))  # Per image: steps_to_reach.
         self.diverged_at = tf.Variable(tf.fill([num_labels], -1))  # Per label: first non-finite step.
-        # References of any count (R) per label: one trace serves every set of labels.
-        reference_spec = [[(tf.TensorSpec([None, size], tf.float32), tf.TensorSpec([None], tf.float32))
-                           for size in sizes] for _ in range(num_labels)]
-        signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([num_labels], tf.int32),
-                     reference_spec]
+        signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([num_labels], tf.int32)]
         self.run_steps = tf.function(self._run_steps, input_signature=signature)
+        image_spec = tf.TensorSpec([None, *image_shape], tf.float32)
         self.compiled_features = tf.function(lambda images: flat_features(self.features_model, images),
-                                             input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+                                             input_signature=[image_spec])
+        # References of any count (R): one trace serves every label.
+        reference_spec = [(tf.TensorSpec([None, size], tf.float32), tf.TensorSpec([None], tf.float32))
+                          for size in sizes]
+        self.find_nearest = tf.function(self._find_nearest, input_signature=[image_spec, reference_spec])
 
     # -- inside the compiled loop
 
-    def _search(self, flat, references, due, positions):
-        """Each image's nearest reference at every cost layer: [(N, D)]; labels not due keep theirs.
-
-        flat holds the active labels' images only; label g's are rows positions[g] * n
-        onwards. One label at a time (its images against its own references only), so no
-        (all images x all references) distance matrix is ever built.
-        """
+    def _find_nearest(self, images, references):
+        """The nearest of one label's references to each of its images, at every cost layer: [(n, D)]."""
         import tensorflow as tf
 
-        count, per_label = self.count, []
-        for group, label_references in enumerate(references):
-            def find(group=group, label_references=label_references):
-                found = []
-                for layer_rows, (layer_references, norms) in zip(flat, label_references):
-                    rows = tf.stop_gradient(layer_rows[positions[group] * count:(positions[group] + 1) * count])
-                    nearest = tf.argmin(squared_distances(rows, layer_references, norms), axis=1)
-                    found.append(tf.gather(layer_references, nearest))
-                return found
+        flat, _ = flat_features(self.features_model, images)
+        return [tf.gather(layer_references, tf.argmin(squared_distances(rows, layer_references, norms), axis=1))
+                for rows, (layer_references, norms) in zip(flat, references)]
 
-            def keep(group=group):
-                return [tf.identity(variable[group * count:(group + 1) * count]) for variable in self.nearest]
-
-            per_label.append(tf.cond(due[group], find, keep))
-        searched = [tf.concat(layers, axis=0) for layers in zip(*per_label)]
-        for variable, value in zip(self.nearest, searched):
-            variable.assign(value)
-        return searched
-
-    def _run_steps(self, num_steps, first_step, labels, references):
-        """num_steps steps of every active label from step first_step.
+    def _run_steps(self, num_steps, first_step, labels):
+        """num_steps steps of every active label from step first_step, with the nearest references kept.
 
         Returns each step's cost per label (num_steps, L) and the label probabilities (N,)
         after the last step. Records steps_to_reach and divergence at every step. Only
@@ -395,7 +375,7 @@ class Backworker:
         for index in tf.range(num_steps):
             # first_step + index: the steps each active label has made so far (all start at 0).
             if tf.reduce_any(self.active):  # A batch of none would fail in the convolutions.
-                label_costs = self._step(first_step + index, image_labels, references)
+                label_costs = self._step(first_step + index, image_labels)
             else:
                 label_costs = tf.zeros([self.num_labels])
             costs = costs.write(index, label_costs)
@@ -404,23 +384,18 @@ class Backworker:
             probabilities = self._final_probabilities(first_step + num_steps, image_labels)
         return costs.stack(), probabilities
 
-    def _step(self, step, image_labels, references):
+    def _step(self, step, image_labels):
         """One optimisation step of the active labels' images; returns each label's cost (L,)."""
         import tensorflow as tf
 
-        count, every = self.count, self.options["nearest_every"]
-        moving = tf.where(tf.repeat(self.active, count))[:, 0]  # (M,) the active labels' images
-        positions = tf.cumsum(tf.cast(self.active, tf.int32), exclusive=True)  # (L,) place among the active
+        moving = tf.where(tf.repeat(self.active, self.count))[:, 0]  # (M,) the active labels' images
         images = tf.gather(self.optimizer.images, moving)  # (M, H, W, C)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(images)
             flat, logits = flat_features(self.features_model, images)
-            due = self.active & (self.search_due | tf.equal(step % every, 0))
-            nearest = self._search(flat, references, due, positions)
-            self.search_due.assign(self.search_due & ~due)
             active_costs, probabilities = grouped_cost(
-                flat, logits, [tf.gather(rows, moving) for rows in nearest], tf.gather(image_labels, moving),
-                count, self.coefficients, self.options)
+                flat, logits, [tf.gather(rows, moving) for rows in self.nearest], tf.gather(image_labels, moving),
+                self.count, self.coefficients, self.options)
             total = tf.reduce_sum(active_costs)
         gradient = tape.gradient(total, images)
         label_costs = tf.scatter_nd(tf.where(self.active), active_costs, [self.num_labels])  # (L,)
@@ -474,16 +449,13 @@ class Backworker:
         progress(f"training activations of {len(states)} labels in {time.perf_counter() - start:.1f} s")
         self.optimizer.reset(np.arange(self.num_labels * self.count),
                              np.concatenate([state.next_images(self.count) for state in states]))
-        for variable, value in [(self.active, True), (self.search_due, True), (self.first_reached, -1),
-                                (self.diverged_at, -1)]:
+        for variable, value in [(self.active, True), (self.first_reached, -1), (self.diverged_at, -1)]:
             variable.assign(tf.fill(variable.shape, value))
         labels = tf.constant([state.label for state in states], tf.int32)
-        references = [state.references for state in states]
         step, results, failures = 0, {}, []
         while step < options["max_num_steps"] and np.any(self.active.numpy()):
-            block = min(options["save_freq"], options["max_num_steps"] - step)
-            costs, probabilities = (value.numpy() for value in self.run_steps(block, step, labels, references))
-            step += block
+            block_end = min(step + options["save_freq"], options["max_num_steps"])
+            costs, probabilities, step = self._run_block(step, block_end, labels, states)
             images, diverged_at = self.optimizer.images.numpy(), self.diverged_at.numpy()
             for group, state in enumerate(states):
                 rows = slice(group * self.count, (group + 1) * self.count)
@@ -506,6 +478,31 @@ class Backworker:
             raise UserError("; ".join(failures))
         return results
 
+    def _run_block(self, step, block_end, labels, states):
+        """Steps up to block_end, searching each label's nearest references when due.
+
+        A label's search is due every nearest_every steps and at once after its images
+        were re-initialised; between searches the compiled loop runs without stopping.
+        Returns the costs (steps, L), the probabilities after the block (N,) and block_end.
+        """
+        every, costs = self.options["nearest_every"], []
+        while step < block_end:
+            active = self.active.numpy()
+            for group, state in enumerate(states):
+                if active[group] and (state.search_due or step % every == 0):
+                    self._search(group, state)
+            chunk_end = min(block_end, (step // every + 1) * every)
+            chunk_costs, probabilities = self.run_steps(chunk_end - step, step, labels)
+            costs.append(chunk_costs.numpy())
+            step = chunk_end
+        return np.concatenate(costs), probabilities.numpy(), step
+
+    def _search(self, group, state):
+        rows = slice(group * self.count, (group + 1) * self.count)
+        for variable, nearest in zip(self.nearest, self.find_nearest(self.optimizer.images[rows], state.references)):
+            variable[rows].assign(nearest)
+        state.search_due = False
+
     def _finish(self, group, state, step, start, results, on_label):
         import tensorflow as tf
 
@@ -527,7 +524,7 @@ class Backworker:
         indices = group * self.count + stuck
         self.optimizer.reset(indices, state.next_images(len(stuck)))
         self.first_reached.scatter_nd_update(indices[:, None], tf.fill([len(stuck)], -1))
-        self.search_due.assign(tf.tensor_scatter_nd_update(self.search_due, [[group]], [True]))
+        state.search_due = True
 
 
 class LabelState:
@@ -535,6 +532,7 @@ class LabelState:
 
     def __init__(self, label, label_images, backworker, options):
         self.label, self.label_images, self.options, self.done = int(label), label_images, options, False
+        self.search_due = True  # Search the nearest references before the first step.
         seed = [options["seed"], self.label]  # Independent of which other labels a process runs.
         self.rng = np.random.default_rng(seed)
         self.references, self.reference_images, self.training_logits = reference_features(
