@@ -30,13 +30,22 @@ at every cost layer) reads all of the label's training activations, about 6,000 
 floats for MNIST, at every search; it runs every nearest_every steps (and at once for a
 label whose images were re-initialised). In between, the distance to the reference found
 is still computed exactly at every step, so the gradient is that of the cost with that
-reference. Measured with bench/bench_backwork.py --batched (default model, 10 labels x 8
-images, 2 loaded cores): the optimisation took 65 s searching at every step, 27 s every
-5, 19 s every 10 and 11 s every 25 (the default), with the same lowest probability
-(0.99903), steps (50-200) and pixel distances to the nearest training image (0.214 to
-0.322) in every case; searching every 25 or even 100 steps moved no image's distance by
-more than 0.001. The nearest training example of an image made of static hardly changes
-as the image moves, so searching at every step mostly re-finds the same one.
+reference. Measured with bench/bench_backwork.py --batched (default model trained 6,000
+steps, 10 labels x 8 images, 2 cores shared with other jobs, load 3-4): the optimisation
+took 73 s searching at every step, 23 s every 5 and 13 s every 25 (the default), with
+the same lowest probability (0.99903), steps (50-200) and pixel distances to the nearest
+training image (0.214 to 0.322) in every case; for label 0, searching every 25 or 100
+steps instead of every step moved no image's distance by more than 0.001. The nearest
+training example of an image made of static hardly changes as the image moves, so
+searching at every step mostly re-finds the same one.
+
+Where the time of the whole command goes (same machine, load 3.3-3.8, 46 s in all):
+about 4 s starting up, 23.5 s computing the training activations of the 60,000 training
+images (a forward pass of the network, bound by the convolutions' arithmetic, which
+neither batching nor nearest_every changes), about 14 s optimising, about 4 s for the
+figures. backwork.max_reference_examples = 2000 cuts the activations to 6.6 s (26 s in
+all) with the same probabilities, steps and pixel distances (within 0.0005); it also
+draws worst_training.png from those 2,000 examples per label instead of all of them.
 
 steps_to_reach[i] is the first step (counted from the start of the label's run, checked
 after every step inside the compiled loop) at which image i's label probability was at
