@@ -336,6 +336,9 @@ class Backworker:
     def __init__(self, model, options, num_labels=1):
         import tensorflow as tf
 
+        check_options(options)
+        if num_labels < 1:
+            raise UserError("backwork needs at least one label; choose some with --labels")
         self.model, self.options, self.num_labels = model, options, num_labels
         self.features_model = feature_model(model)
         self.cost_layers = cost_layer_names(model)
@@ -795,6 +798,7 @@ def main(argv=None):
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
     config = proc_mnist.resolve_cli_config(args, "backwork")
+    check_options(config["backwork"])  # Before the data and the model are loaded.
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     data = common.load_mnist(args.data)
     model = common.load_trained_model(args.model, data["x_train"])

@@ -409,3 +409,9 @@ def test_a_run_says_when_it_replaces_an_earlier_results_file(trained_tiny, tiny_
     captured = capsys.readouterr()
     assert f"results_2.pkl already exists in {out}; this run replaces it" in captured.out
     assert "warning: skipping results_7.pkl" in captured.out
+
+
+def test_command_line_checks_backwork_values_before_loading_anything(tmp_path):
+    with pytest.raises(UserError, match=r"backwork.save_freq = 0 must be >= 1"):
+        cnn_backwork.main(["--model", str(tmp_path / "missing.keras"), "--data", str(tmp_path / "missing.npz"),
+                           "--out", str(tmp_path / "out"), "--set", "backwork.save_freq=0"])
