@@ -1,6 +1,8 @@
 """Time and memory of one backwork step: our matmul distances against the direct formula.
 
     python bench/bench_backwork.py [--model runs/default/model.keras] [--references 1000 2000 4000]
+    python bench/bench_backwork.py --model runs/default/model.keras --data MNIST.npz --batched
+                                   [--labels 0-9] [--nearest-every 1 5 10]
 
 Both variants compute the same cost on the same images and references; only the
 distance to the nearest training example differs: ours expands |a-b|^2 into one matrix
@@ -8,6 +10,13 @@ product and gathers the nearest reference, the direct one builds the whole
 (batch, references, layer size) difference tensor, as the original did. Each variant runs
 in a fresh process, so its peak memory is its own; peak is reported above the memory the
 process held once the references were computed.
+
+--batched instead backworks real labels of a trained model, all labels in one batch
+against one label at a time, in the same process and with the same references (the
+training activations are computed once and reused, so the rows time the optimisation
+only; the first row says what computing them costs). One row per nearest_every value
+shows what searching the nearest reference less often saves and whether the images
+stay as good: lowest label probability and pixel distance to the nearest training image.
 """
 import argparse
 import json
@@ -85,6 +94,56 @@ def run_child(variant, num_references, arguments):
     return json.loads(output.strip().splitlines()[-1])
 
 
+def batched_rows(arguments):
+    """Backwork the labels batched and one at a time; print seconds, ratio and quality."""
+    import numpy as np
+
+    import cnn_backwork
+    import common
+
+    data = common.load_mnist(arguments.data)
+    model = common.load_trained_model(arguments.model, data["x_train"])
+    labels = cnn_backwork.parse_labels(arguments.labels, model.output_shape[-1])
+    images = {label: data["x_train"][data["y_train"] == label] for label in labels}
+    cache, original = {}, cnn_backwork.reference_features
+
+    def cached_references(features_model, label_images, max_examples, seed, **keywords):
+        key = (tuple(seed), max_examples)
+        if key not in cache:
+            start = time.perf_counter()
+            cache[key] = original(features_model, label_images, max_examples, seed, **keywords)
+            cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - start
+        return cache[key]
+
+    cnn_backwork.reference_features = cached_references
+
+    def run(nearest_every, batched):
+        options = {**common.default_config()["backwork"], "nearest_every": nearest_every}
+        groups = [labels] if batched else [[label] for label in labels]
+        start, results = time.perf_counter(), {}
+        worker = cnn_backwork.Backworker(model, options, len(groups[0]))  # Traced once, as the script does.
+        for group in groups:
+            results.update(worker.run({label: images[label] for label in group}, progress=lambda line: None))
+        seconds = time.perf_counter() - start
+        lowest = min(result["probs"][:, label].min() for label, result in results.items())
+        distances = np.concatenate([result["nearest_training_distance"] for result in results.values()])
+        steps = [result["steps"] for result in results.values()]
+        return seconds, lowest, distances, steps
+
+    for label in labels:  # Training activations once, outside the timed rows.
+        cached_references(cnn_backwork.feature_model(model), images[label], 0, [0, label])
+    print(f"labels {arguments.labels}, {common.default_config()['backwork']['num_examples']} images each; "
+          f"training activations of the labels: {cache['seconds']:.1f} s (in neither row below)")
+    print("mode                    nearest_every  seconds  one at a time / this  lowest p  nearest train dist  steps")
+    for nearest_every in arguments.nearest_every:
+        for batched in (False, True):
+            seconds, lowest, distances, steps = run(nearest_every, batched)
+            one_at_a_time = seconds if not batched else one_at_a_time
+            mode = "all labels batched" if batched else "one label at a time"
+            print(f"{mode:<22}  {nearest_every:>13}  {seconds:>7.1f}  {one_at_a_time / seconds:>19.2f}x  "
+                  f"{lowest:.5f}  {distances.min():.3f} to {distances.max():.3f}      {min(steps)}-{max(steps)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model (default: the default topology, random weights)")
@@ -92,7 +151,17 @@ def main():
     parser.add_argument("--examples", type=int, default=8, help="images in the batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "REFERENCES"), help=argparse.SUPPRESS)
+    parser.add_argument("--batched", action="store_true", help="all labels batched vs one at a time (needs --data)")
+    parser.add_argument("--data", help="MNIST .npz for --batched")
+    parser.add_argument("--labels", default="0-9", help="labels for --batched")
+    parser.add_argument("--nearest-every", type=int, nargs="+", default=[1, 5, 10],
+                        help="backwork.nearest_every values for --batched, each batched and one at a time")
     arguments = parser.parse_args()
+    if arguments.batched:
+        if not arguments.model or not arguments.data:
+            parser.error("--batched needs --model (a trained model) and --data")
+        batched_rows(arguments)
+        return
     if arguments.child:
         variant, num_references = arguments.child
         print(json.dumps(measure(variant, int(num_references), arguments.model, arguments.examples,

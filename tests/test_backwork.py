@@ -210,3 +210,208 @@ def test_model_that_does_not_fit_the_data_is_one_line(trained_tiny, tmp_path, ca
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: model") and "takes images of shape (12, 12, 1)" in error
     assert len(error.splitlines()) == 1
+
+
+# ------------------------------------------------------------- all labels in one batch
+
+
+def quiet(line):
+    pass
+
+
+def label_images_of(tiny_data, labels):
+    return {label: tiny_data["x_train"][tiny_data["y_train"] == label] for label in labels}
+
+
+def test_batched_labels_give_the_images_of_a_run_of_one_label(trained_tiny, tiny_data):
+    model = common.load_trained_model(trained_tiny[0])
+    config = {"backwork": {**backwork_options(max_num_steps=40, save_freq=10, min_num_steps=40), "seed": 3}}
+    alone = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, [3], progress=quiet)[3]
+    batched = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, list(range(10)), progress=quiet)
+    np.testing.assert_allclose(batched[3]["images"], alone["images"], atol=1e-4)
+    assert batched[3]["steps"] == alone["steps"] == 40
+    np.testing.assert_array_equal(batched[3]["steps_to_reach"], alone["steps_to_reach"])
+    # Not trivially equal: the images moved, and another label's images are different ones.
+    assert np.abs(alone["images"] - alone["history"][0]["images"]).max() > 0.01
+    assert np.abs(batched[4]["images"] - alone["images"]).max() > 0.1
+
+
+def nearest_rows(features, images, references):
+    """Each image's nearest reference at every cost layer, found by the direct formula."""
+    flat, _ = cnn_backwork.flat_features(features, images)
+    found = []
+    for rows, (layer_references, _) in zip(flat, references):
+        distances = direct_distances(rows.numpy(), layer_references.numpy())
+        found.append(layer_references.numpy()[distances.argmin(axis=1)])
+    return found
+
+
+def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tiny, tiny_data):
+    import tensorflow as tf
+
+    model = common.load_trained_model(trained_tiny[0])
+    features = cnn_backwork.feature_model(model)
+    options = common.default_config()["backwork"]
+    coefficients = cnn_backwork.default_layer_cost_coeffs(4)
+    images_by_label = label_images_of(tiny_data, [3, 5])
+    references = {label: cnn_backwork.reference_features(features, images, 0, 0)[0]
+                  for label, images in images_by_label.items()}
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 1, (8, 12, 12, 1)).astype(np.float32))  # 4 of label 3, then 4 of 5
+    nearest = [np.concatenate(pair) for pair in zip(nearest_rows(features, images[:4], references[3]),
+                                                     nearest_rows(features, images[4:], references[5]))]
+
+    def batched_gradient(options):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            flat, logits = cnn_backwork.flat_features(features, images)
+            costs, _ = cnn_backwork.grouped_cost(flat, logits, nearest, tf.constant([3, 3, 3, 3, 5, 5, 5, 5]), 4,
+                                                 coefficients, options)
+            total = tf.reduce_sum(costs)
+        return costs.numpy(), tape.gradient(total, images).numpy()
+
+    costs, gradient = batched_gradient(options)
+    for label, rows in [(3, slice(0, 4)), (5, slice(4, 8))]:
+        own = cnn_backwork.make_cost_function(features, references[label], label, coefficients, options)
+        with tf.GradientTape() as tape:
+            label_images = images[rows]
+            tape.watch(label_images)
+            value, _ = own(label_images)
+        assert costs[rows.start // 4] == pytest.approx(float(value), rel=1e-5)
+        np.testing.assert_allclose(gradient[rows], tape.gradient(value, label_images).numpy(), rtol=1e-4, atol=1e-7)
+    # The batch-distance term matters here, so comparing images across labels would have shown.
+    _, without_batch_term = batched_gradient({**options, "batch_cost_coeff": 0.0})
+    assert np.abs(without_batch_term - gradient).max() > 1e-3 * np.abs(gradient).max()
+
+
+def test_a_label_that_stopped_is_frozen_while_the_others_continue(trained_tiny, tiny_data, monkeypatch):
+    model = common.load_trained_model(trained_tiny[0])
+    monkeypatch.setattr(cnn_backwork.LabelState, "should_stop", lambda state, step: state.label == 3)
+    options = backwork_options(max_num_steps=75, save_freq=25, min_num_steps=0)
+    worker = cnn_backwork.Backworker(model, options, num_labels=2)
+    stopped = []
+    results = worker.run(label_images_of(tiny_data, [3, 5]), quiet, lambda label, result: stopped.append(label))
+    assert stopped == [3, 5] and results[3]["steps"] == 25 and results[5]["steps"] == 75
+    assert [record["step"] for record in results[3]["history"]] == [25]
+    # After label 3 stopped, its images and Adam state stayed put while label 5's moved on.
+    np.testing.assert_array_equal(worker.optimizer.images.numpy()[:4, ..., 0], results[3]["images"])
+    np.testing.assert_array_equal(worker.optimizer.steps.numpy()[:, 0, 0, 0], [25] * 4 + [75] * 4)
+    assert np.abs(results[5]["images"] - results[5]["history"][0]["images"]).max() > 0.01
+    np.testing.assert_array_equal(worker.optimizer.images.numpy()[4:, ..., 0], results[5]["images"])
+
+
+def test_steps_to_reach_is_the_first_step_a_per_step_trace_crosses_the_cap(trained_tiny, tiny_data):
+    model = common.load_trained_model(trained_tiny[0])
+    # No re-initialisation and no early stop, so the two runs differ only in how often they record.
+    options = backwork_options(max_num_steps=40, min_num_steps=40, prob_cap_min=0.9, reinit_below=0.0,
+                               learning_rate=0.02)
+    images = label_images_of(tiny_data, [6])[6]
+    per_step = cnn_backwork.backwork_label(model, images, 6, {**options, "save_freq": 1}, progress=quiet)
+    blocks = cnn_backwork.backwork_label(model, images, 6, {**options, "save_freq": 20}, progress=quiet)
+    np.testing.assert_allclose(blocks["images"], per_step["images"], atol=1e-5)
+    trace = np.stack([record["probs"] for record in per_step["history"]])  # (40 steps, 4 images)
+    reached = trace >= 0.9
+    expected = np.where(reached.any(axis=0), reached.argmax(axis=0) + 1, -1)  # Record k is after step k + 1.
+    np.testing.assert_array_equal(blocks["steps_to_reach"], expected)
+    np.testing.assert_array_equal(per_step["steps_to_reach"], expected)
+    # Not trivial: some image crossed the cap between two records of the blocked run.
+    assert np.any((expected > 0) & (expected % 20 != 0))
+
+
+# ------------------------------------------------------------------------------ safety
+
+
+def nan_model(trained_tiny, tmp_path):
+    model = common.load_trained_model(trained_tiny[0])
+    model.set_weights([np.full_like(weights, np.nan) for weights in model.get_weights()])
+    path = tmp_path / "nan.keras"
+    model.save(path)
+    return path
+
+
+def test_a_diverging_backwork_is_one_clear_error_and_saves_nothing(trained_tiny, tiny_npz, tmp_path):
+    out = tmp_path / "backwork"
+    arguments = ["--model", str(nan_model(trained_tiny, tmp_path)), "--data", str(tiny_npz), "--labels", "4",
+                 "--out", str(out), "--set", "backwork.max_num_steps=30"]
+    with pytest.raises(UserError, match=r"backwork of label 4 diverged at step 0 \(cost nan\); lower "
+                                        r"backwork.learning_rate"):
+        cnn_backwork.main(arguments)
+    assert not list(out.glob("results_*.pkl"))
+
+
+def test_a_diverging_label_stops_at_once_and_the_others_are_saved(trained_tiny, tiny_data, monkeypatch):
+    import tensorflow as tf
+
+    original = cnn_backwork.grouped_cost
+
+    def cost_of_label_5_explodes_at_step_0(flat, logits, nearest, image_labels, count, *arguments):
+        costs, probabilities = original(flat, logits, nearest, image_labels, count, *arguments)
+        labels = tf.reshape(image_labels, (-1, count))[:, 0]
+        return tf.where(labels == 5, np.inf, costs), probabilities
+
+    monkeypatch.setattr(cnn_backwork, "grouped_cost", cost_of_label_5_explodes_at_step_0)
+    model = common.load_trained_model(trained_tiny[0])
+    saved = {}
+    with pytest.raises(UserError, match=r"backwork of label 5 diverged at step 0 \(cost inf\)"):
+        cnn_backwork.get_faulty_input_layer(tiny_data, {"backwork": backwork_options(max_num_steps=50)}, model,
+                                            [3, 5], progress=quiet, on_label=saved.__setitem__)
+    assert list(saved) == [3] and np.all(np.isfinite(saved[3]["images"]))
+
+
+def test_results_files_are_matched_by_their_exact_name(tmp_path, capsys):
+    def write(name, label):
+        common.save_results(tmp_path / name, {"label": label, "images": np.zeros((1, 2, 2), np.float32)})
+
+    write("results_1.pkl", 1)
+    write("results_1_old.pkl", 7)
+    write("results_2.pkl.bak", 2)
+    write("old_results_3.pkl", 3)
+    assert list(cnn_backwork.load_label_results(tmp_path)) == [1]
+    write("results_4.pkl", 5)  # A file renamed by hand.
+    with pytest.raises(UserError, match="holds the results of label 5, not 4"):
+        cnn_backwork.load_label_results(tmp_path)
+    (tmp_path / "results_6.pkl").write_bytes(b"\x80\x04truncated")
+    warnings = []
+    assert list(cnn_backwork.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
+    assert len(warnings) == 2 and warnings[0].startswith("warning: skipping results_4.pkl")
+    assert "results_6.pkl" in warnings[1]
+    with pytest.raises(UserError, match="refusing to load"):
+        (tmp_path / "results_4.pkl").unlink()
+        cnn_backwork.load_label_results(tmp_path)
+
+
+def test_huge_label_range_is_refused_before_it_is_expanded():
+    with pytest.raises(UserError, match="between 0 and 9"):
+        cnn_backwork.parse_labels("0-100000000", 10)
+    with pytest.raises(UserError, match="low <= high"):
+        cnn_backwork.parse_labels("5-3", 10)
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("num_examples", 0, ">= 1"), ("save_freq", 0, ">= 1"), ("max_num_steps", 0, ">= 1"),
+    ("min_num_steps", -1, ">= 0"), ("learning_rate", 0.0, "> 0"), ("prob_cap_min", 1.5, r"in \(0, 1\]"),
+    ("prob_cap_mean", 0.0, r"in \(0, 1\]"), ("max_reference_examples", -1, ">= 0"),
+    ("num_mono_dec_saves", 0, ">= 1"), ("seed", -1, ">= 0"), ("nearest_every", 0, ">= 1"),
+])
+def test_backwork_values_out_of_range_are_refused(tiny_data, trained_tiny, key, value, allowed):
+    with pytest.raises(UserError, match=rf"backwork.{key} = .* must be {allowed}"):
+        cnn_backwork.get_faulty_input_layer(tiny_data, {"backwork": {key: value}}, trained_tiny[0], [3])
+
+
+def test_a_run_says_when_it_replaces_an_earlier_results_file(trained_tiny, tiny_npz, tmp_path, capsys):
+    out = tmp_path / "backwork"
+    arguments = ["--model", str(trained_tiny[0]), "--data", str(tiny_npz), "--labels", "2", "--out", str(out),
+                 "--set", "backwork.max_num_steps=25", "--num-examples", "2"]
+    assert cnn_backwork.main(arguments) == 0
+    assert "replaces" not in capsys.readouterr().out
+    (out / "results_7.pkl").write_bytes(b"damaged neighbour")
+    assert cnn_backwork.main(arguments) == 0
+    captured = capsys.readouterr()
+    assert f"results_2.pkl already exists in {out}; this run replaces it" in captured.out
+    assert "warning: skipping results_7.pkl" in captured.out
+
+
+def test_command_line_checks_backwork_values_before_loading_anything(tmp_path):
+    with pytest.raises(UserError, match=r"backwork.save_freq = 0 must be >= 1"):
+        cnn_backwork.main(["--model", str(tmp_path / "missing.keras"), "--data", str(tmp_path / "missing.npz"),
+                           "--out", str(tmp_path / "out"), "--set", "backwork.save_freq=0"])
