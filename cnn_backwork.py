@@ -662,33 +662,9 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
     return Backworker(model, options, len(labels)).run(images_by_label, progress, finished)
 
 
-# Every [backwork] key that has a valid range: (test, the range in words).
-OPTION_RANGES = {
-    "num_examples": (lambda value: value >= 1, ">= 1"),
-    "learning_rate": (lambda value: value > 0 and np.isfinite(value), "> 0"),
-    "max_num_steps": (lambda value: value >= 1, ">= 1"),
-    "min_num_steps": (lambda value: value >= 0, ">= 0"),
-    "tolerance": (lambda value: value >= 0, ">= 0"),
-    "prob_cap_mean": (lambda value: 0 < value <= 1, "in (0, 1]"),
-    "prob_cap_min": (lambda value: 0 < value <= 1, "in (0, 1]"),
-    "save_freq": (lambda value: value >= 1, ">= 1"),
-    "num_mono_dec_saves": (lambda value: value >= 1, ">= 1"),
-    "reinit_below": (lambda value: 0 <= value <= 1, "in [0, 1]"),
-    "reference_cost_coeff": (lambda value: value >= 0 and np.isfinite(value), ">= 0"),
-    "batch_cost_coeff": (lambda value: value >= 0 and np.isfinite(value), ">= 0"),
-    "layer_cost_coeffs": (lambda value: all(isinstance(item, (int, float)) and np.isfinite(item) for item in value),
-                          "a list of finite numbers"),
-    "max_reference_examples": (lambda value: value >= 0, ">= 0 (0: all)"),
-    "nearest_every": (lambda value: value >= 1, ">= 1"),
-    "seed": (lambda value: value >= 0, ">= 0"),
-}
-
-
 def check_options(options):
-    """Refuse a [backwork] value outside its range with one line naming the key and the range."""
-    for key, (valid, allowed) in OPTION_RANGES.items():
-        if key in options and not valid(options[key]):
-            raise UserError(f"backwork.{key} = {options[key]!r} must be {allowed}; fix it in the config or --set")
+    """Refuse a [backwork] value outside its range (common.VALUE_RULES) in one line naming the key."""
+    common.check_section("backwork", options, source="backwork options")
 
 
 # ---------------------------------------------------------------------------- figures
@@ -810,8 +786,8 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
-    config = proc_mnist.resolve_cli_config(args, "backwork")
-    check_options(config["backwork"])  # Before the data and the model are loaded.
+    config = proc_mnist.resolve_cli_config(args, "backwork")  # Ranges are checked here, before any loading.
+    common.check_model_file(args.model)
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     data = common.load_mnist(args.data)
     model = common.load_trained_model(args.model, data["x_train"])

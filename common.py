@@ -211,6 +211,10 @@ VALUE_RULES = {
     "backwork.reference_cost_coeff": _AT_LEAST_ZERO,
     "backwork.batch_cost_coeff": _AT_LEAST_ZERO,
     "backwork.max_reference_examples": _between(0, 10**9),
+    "backwork.nearest_every": _COUNT,
+    "backwork.layer_cost_coeffs": _rule(
+        lambda values: all(isinstance(value, (int, float)) and math.isfinite(value) for value in values),
+        "a list of finite numbers ([] for the default)"),
     "backwork.seed": _SEED,
     "augment.num_blank": _between(0, 1_000_000),
     "augment.num_noise": _between(0, 1_000_000),
@@ -237,6 +241,12 @@ def _check_rule(name, value, source):
     test, description = VALUE_RULES.get(name, (None, None))
     if test is not None and not test(value):
         raise UserError(f"{source}: {name} = {value!r} must be {description}; fix it in the config or --set")
+
+
+def check_section(section, values, source):
+    """Check every value of one section (a dict a notebook built, say) against VALUE_RULES."""
+    for key, value in values.items():
+        _check_rule(f"{section}.{key}", value, source)
 
 
 def merge_config(config, updates, source):

@@ -4,7 +4,7 @@ import pytest
 import cnn_backwork
 import common
 from common import UserError
-from conftest import tiny_options
+from conftest import fake_backwork_results, tiny_options
 
 
 def direct_distances(rows, references):
@@ -360,7 +360,7 @@ def test_a_diverging_label_stops_at_once_and_the_others_are_saved(trained_tiny, 
 
 def test_results_files_are_matched_by_their_exact_name(tmp_path, capsys):
     def write(name, label):
-        common.save_results(tmp_path / name, {"label": label, "images": np.zeros((1, 2, 2), np.float32)})
+        common.save_results(tmp_path / name, fake_backwork_results(label, shape=(1, 2, 2)))
 
     write("results_1.pkl", 1)
     write("results_1_old.pkl", 7)
@@ -388,10 +388,11 @@ def test_huge_label_range_is_refused_before_it_is_expanded():
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("num_examples", 0, ">= 1"), ("save_freq", 0, ">= 1"), ("max_num_steps", 0, ">= 1"),
-    ("min_num_steps", -1, ">= 0"), ("learning_rate", 0.0, "> 0"), ("prob_cap_min", 1.5, r"in \(0, 1\]"),
-    ("prob_cap_mean", 0.0, r"in \(0, 1\]"), ("max_reference_examples", -1, ">= 0"),
-    ("num_mono_dec_saves", 0, ">= 1"), ("seed", -1, ">= 0"), ("nearest_every", 0, ">= 1"),
+    ("num_examples", 0, "between 1 and"), ("save_freq", 0, "between 1 and"), ("max_num_steps", 0, "between 1 and"),
+    ("min_num_steps", -1, "between 0 and"), ("learning_rate", 0.0, "greater than 0"),
+    ("prob_cap_min", 1.5, r"in \(0, 1\]"), ("prob_cap_mean", 0.0, r"in \(0, 1\]"),
+    ("max_reference_examples", -1, "between 0 and"), ("num_mono_dec_saves", 0, "between 1 and"),
+    ("seed", -1, "between 0 and"), ("nearest_every", 0, "between 1 and"),
 ])
 def test_backwork_values_out_of_range_are_refused(tiny_data, trained_tiny, key, value, allowed):
     with pytest.raises(UserError, match=rf"backwork.{key} = .* must be {allowed}"):
@@ -412,6 +413,6 @@ def test_a_run_says_when_it_replaces_an_earlier_results_file(trained_tiny, tiny_
 
 
 def test_command_line_checks_backwork_values_before_loading_anything(tmp_path):
-    with pytest.raises(UserError, match=r"backwork.save_freq = 0 must be >= 1"):
+    with pytest.raises(UserError, match=r"backwork.save_freq = 0 must be between 1 and"):
         cnn_backwork.main(["--model", str(tmp_path / "missing.keras"), "--data", str(tmp_path / "missing.npz"),
                            "--out", str(tmp_path / "out"), "--set", "backwork.save_freq=0"])
