@@ -2,6 +2,7 @@
 
     python cnn_backwork.py --model runs/default/model.keras [CONFIG] [--data PATH]
                            [--labels 3 | 0-9 | 1,4,7] [--num-examples 8] [--out DIR] [--seed N]
+    python cnn_backwork.py --evaluate runs/default/backwork --model MODEL [MODEL ...]
 
 For a label l, a batch of images x (pixels in [0, 1]) is optimised with Adam on
 
@@ -667,6 +668,46 @@ def check_options(options):
     common.check_section("backwork", options, source="backwork options")
 
 
+# --------------------------------------------------------------------------- transfer
+
+
+def target_probabilities(model, results):
+    """Each backworked image's probability, under model, of the label it was made for."""
+    return np.concatenate([common.predict(model, common.with_channel(result["images"]))[:, label]
+                           for label, result in sorted(results.items())])
+
+
+def fooling_numbers(model, results, cap):
+    """How model classifies backworked images: mean target probability and fractions above levels."""
+    probabilities = target_probabilities(model, results)
+    return {"mean_p": float(probabilities.mean()), "above_0.5": float(np.mean(probabilities > 0.5)),
+            "above_0.99": float(np.mean(probabilities > 0.99)), "at_cap": float(np.mean(probabilities >= cap))}
+
+
+def evaluate(results_dir, model_paths):
+    """{model path: fooling_numbers} for a folder of results on each model (do the images transfer?)."""
+    results = load_label_results(results_dir)
+    if not results:
+        raise UserError(f"{results_dir} holds no results_<label>.pkl; run cnn_backwork.py first or fix --evaluate")
+    images = common.with_channel(next(iter(results.values()))["images"])
+    cap = next(iter(results.values()))["options"].get("prob_cap_min", 0.999)
+    numbers = {}
+    for path in model_paths:
+        model = common.load_trained_model(path, images)
+        if model.output_shape[-1] <= max(results):
+            raise UserError(f"model {path} has {model.output_shape[-1]} classes, fewer than the labels "
+                            f"{sorted(results)} of {results_dir}; use models of the same classes")
+        numbers[str(path)] = fooling_numbers(model, results, cap)
+    return numbers
+
+
+def transfer_table(numbers):
+    lines = ["mean p(target)  > 0.5   > 0.99  model"]
+    lines += [f"{values['mean_p']:>14.4f}  {values['above_0.5']:>5.1%}  {values['above_0.99']:>6.1%}  {path}"
+              for path, values in numbers.items()]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- figures
 
 
@@ -775,11 +816,25 @@ def load_label_results(out_dir, skip_unreadable=False, warn=print):
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Backwork strongly classified spurious inputs.")
     proc_mnist.add_common_arguments(parser, "backwork")
-    parser.add_argument("--model", default="runs/default/model.keras", help="model trained by proc_mnist.py")
+    parser.add_argument("--model", nargs="+", default=["runs/default/model.keras"],
+                        help="model trained by proc_mnist.py (with --evaluate: one or more models)")
+    parser.add_argument("--evaluate", metavar="RESULTS_DIR",
+                        help="backwork nothing: report how each --model classifies the images of RESULTS_DIR "
+                             "(printed, and written to RESULTS_DIR/transfer.json or --out)")
     parser.add_argument("--labels", help="labels to backwork: 3, 0-9 or 1,4,7 (default: all)")
     parser.add_argument("--num-examples", type=int, help="images per label (overrides backwork.num_examples)")
     parser.add_argument("--out", help="output folder (default: backwork/ beside the model)")
     return parser.parse_args(argv)
+
+
+def evaluate_command(args):
+    numbers = evaluate(args.evaluate, args.model)
+    print(f"how each model classifies the backworked images of {args.evaluate}:")
+    print(transfer_table(numbers))
+    out_dir = common.ensure_writable_dir(args.out or args.evaluate)
+    common.write_json(out_dir / "transfer.json", {"results": str(args.evaluate), "models": numbers})
+    print(f"written to {out_dir / 'transfer.json'}")
+    return 0
 
 
 def main(argv=None):
@@ -787,7 +842,13 @@ def main(argv=None):
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
     config = proc_mnist.resolve_cli_config(args, "backwork")  # Ranges are checked here, before any loading.
-    common.check_model_file(args.model)
+    for path in args.model:
+        common.check_model_file(path)
+    if args.evaluate:
+        return evaluate_command(args)
+    if len(args.model) != 1:
+        raise UserError("backwork takes one --model; several models are for --evaluate RESULTS_DIR")
+    args.model = args.model[0]
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     data = common.load_mnist(args.data)
     model = common.load_trained_model(args.model, data["x_train"])

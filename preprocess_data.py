@@ -133,19 +133,9 @@ def with_extra_class(model):
 # ------------------------------------------------------------------------ measurement
 
 
-def target_probabilities(model, results):
-    """Each backworked image's probability, under model, of the label it was made for."""
-    return np.concatenate([common.predict(model, common.with_channel(result["images"]))[:, label]
-                           for label, result in sorted(results.items())])
-
-
 def fooling_numbers(model, results, cap, prefix):
-    """How model classifies a set of fooling images: mean target probability and fractions above levels."""
-    probabilities = target_probabilities(model, results)
-    return {f"{prefix}_mean_p": float(probabilities.mean()),
-            f"{prefix}_above_0.5": float(np.mean(probabilities > 0.5)),
-            f"{prefix}_above_0.99": float(np.mean(probabilities > 0.99)),
-            f"{prefix}_at_cap": float(np.mean(probabilities >= cap))}
+    """cnn_backwork.fooling_numbers with each key prefixed by the name of the image set."""
+    return {f"{prefix}_{key}": value for key, value in cnn_backwork.fooling_numbers(model, results, cap).items()}
 
 
 def difficulty(results, budgets):

@@ -416,3 +416,25 @@ def test_command_line_checks_backwork_values_before_loading_anything(tmp_path):
     with pytest.raises(UserError, match=r"backwork.save_freq = 0 must be between 1 and"):
         cnn_backwork.main(["--model", str(tmp_path / "missing.keras"), "--data", str(tmp_path / "missing.npz"),
                            "--out", str(tmp_path / "out"), "--set", "backwork.save_freq=0"])
+
+
+def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    for label in (2, 7):
+        common.save_results(tmp_path / f"results_{label}.pkl", fake_backwork_results(label))
+    other = tmp_path / "other" / "model.keras"
+    other.parent.mkdir()
+    shutil.copy(trained_tiny[0], other)
+    assert cnn_backwork.main(["--evaluate", str(tmp_path), "--model", str(trained_tiny[0]), str(other)]) == 0
+    numbers = json.loads((tmp_path / "transfer.json").read_text())["models"]
+    model = common.load_trained_model(trained_tiny[0])
+    direct = np.concatenate([np.asarray(model(fake_backwork_results(label)["images"][..., None]))[:, label]
+                             for label in (2, 7)])
+    for path in (str(trained_tiny[0]), str(other)):
+        assert numbers[path]["mean_p"] == pytest.approx(direct.mean(), rel=1e-5)
+        assert numbers[path]["above_0.99"] == np.mean(direct > 0.99)
+    assert "mean p(target)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="backwork takes one --model"):
+        cnn_backwork.main(["--model", str(trained_tiny[0]), str(other)])
