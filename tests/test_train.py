@@ -421,3 +421,31 @@ def test_sigterm_saves_and_exits_130(tiny_npz, tmp_path):
     assert metrics["interrupted"] is True and 40 <= metrics["steps"] < 100000
     model = common.load_trained_model(out / "model.keras", compile=True)
     assert int(model.optimizer.iterations.numpy()) == metrics["steps"]
+
+
+def test_fused_adam_equals_keras_adam(tiny_data):
+    import tensorflow as tf
+
+    options = tiny_options()
+    models = []
+    for fused in (True, False):
+        keras.utils.set_random_seed(0)
+        model = proc_mnist.compile_for_training(proc_mnist.build_model(options["model"]),
+                                                proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
+        apply = proc_mnist._fused_adam(model.optimizer) if fused else (
+            lambda gradients, variables: model.optimizer.apply_gradients(zip(gradients, variables)))
+        assert apply is not None
+        for step in range(5):
+            images = tiny_data["x_train"][step * 20:(step + 1) * 20]
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    tiny_data["y_train"][step * 20:(step + 1) * 20], model(images)))
+            apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        assert int(model.optimizer.iterations.numpy()) == 5
+        models.append(model)
+    for fused, plain in zip(models[0].get_weights() + [v.numpy() for v in models[0].optimizer.variables],
+                            models[1].get_weights() + [v.numpy() for v in models[1].optimizer.variables]):
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(models[0].get_weights()[0], proc_mnist.build_model(options["model"]).get_weights()[0])
+    assert proc_mnist._fused_adam(keras.optimizers.SGD()) is None
+    assert proc_mnist._fused_adam(keras.optimizers.Adam(amsgrad=True)) is None
