@@ -554,6 +554,18 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
+# The recipe keys added after the original recipe, with the values that reproduce it.
+ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0}
+
+
+def _saved_config(path):
+    """A run's config.toml; one saved before a [train] key existed gets that key's original value."""
+    config = common.load_config(path)
+    saved_train = common.read_toml(path).get("train", {})
+    config["train"].update({key: value for key, value in ORIGINAL_RECIPE.items() if key not in saved_train})
+    return config
+
+
 def _read_earlier_metrics(out_dir):
     """The metrics.json of the run to resume (None if it has none); a damaged one is refused."""
     path = Path(out_dir) / "metrics.json"
@@ -637,7 +649,7 @@ def main(argv=None):
     if args.resume:
         if not (out_dir / "model.keras").is_file():
             raise UserError(f"nothing to resume in {out_dir}: it has no model.keras; drop --resume or fix --out")
-        base = common.load_config(out_dir / "config.toml")
+        base = _saved_config(out_dir / "config.toml")
         earlier = _read_earlier_metrics(out_dir)
     if args.steps is not None:
         args.set.append(f"train.num_steps={args.steps}")

@@ -449,3 +449,16 @@ def test_fused_adam_equals_keras_adam(tiny_data):
     assert not np.allclose(models[0].get_weights()[0], proc_mnist.build_model(options["model"]).get_weights()[0])
     assert proc_mnist._fused_adam(keras.optimizers.SGD()) is None
     assert proc_mnist._fused_adam(keras.optimizers.Adam(amsgrad=True)) is None
+
+
+def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
+    old_style = "\n".join(line for line in (out / "config.toml").read_text().splitlines()
+                          if line.split(" = ")[0] not in proc_mnist.ORIGINAL_RECIPE)
+    (out / "config.toml").write_text(old_style)
+    assert "shift_pixels" not in old_style and "[train]" in old_style
+    assert common.default_config()["train"]["schedule"] != "constant"  # The defaults would change the recipe.
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
+    section = common.load_config(out / "config.toml")["train"]
+    assert {key: section[key] for key in proc_mnist.ORIGINAL_RECIPE} == proc_mnist.ORIGINAL_RECIPE
