@@ -462,3 +462,12 @@ def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(t
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
     section = common.load_config(out / "config.toml")["train"]
     assert {key: section[key] for key in proc_mnist.ORIGINAL_RECIPE} == proc_mnist.ORIGINAL_RECIPE
+
+
+def test_calls_are_sized_by_time_and_end_on_progress_lines(tiny_npz, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e9)  # As long as allowed: up to the next line.
+    calls = interrupt_at_call(monkeypatch, call_number=0)
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(tmp_path / "run")]) == 0
+    assert calls == [1, 1, 18, 20]  # The first call traces, the second is timed, then whole blocks.
+    output = capsys.readouterr().out
+    assert "step 20/40" in output and "step 40/40" in output
