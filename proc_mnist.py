@@ -594,6 +594,16 @@ def _resumable_model(path, images):
     return model
 
 
+def _note_schedule_end(optimizer, total_steps):
+    """Say so when a resumed run goes past the end of its saved schedule (cosine: learning rate 0)."""
+    schedule = optimizer._learning_rate
+    end = getattr(schedule, "decay_steps", None)
+    if end is not None and total_steps > end + schedule.warmup_steps:
+        rate = float(schedule(end + schedule.warmup_steps))
+        print(f"note: the saved learning-rate schedule ends at step {end + schedule.warmup_steps}; "
+              f"steps after it use its final rate {rate:g}")
+
+
 def _merge_sessions(earlier, metrics):
     """One run's metrics over every session: whole history, total seconds and examples."""
     if earlier is None:
@@ -668,6 +678,7 @@ def main(argv=None):
                   "keeping the history up to the model's step")
             earlier = {**earlier, "steps": step}
         print(f"resuming {out_dir} at step {step}")
+        _note_schedule_end(model.optimizer, total_steps)
     created = not out_dir.exists()
     common.ensure_writable_dir(out_dir)
     print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; output in {out_dir}")

@@ -471,3 +471,12 @@ def test_calls_are_sized_by_time_and_end_on_progress_lines(tiny_npz, tmp_path, m
     assert calls == [1, 1, 18, 20]  # The first call traces, the second is timed, then whole blocks.
     output = capsys.readouterr().out
     assert "step 20/40" in output and "step 40/40" in output
+
+
+def test_resuming_past_the_saved_schedule_says_so(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = str(write_config(tmp_path))
+    assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--set", "train.schedule=cosine"]) == 0
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
+    assert "the saved learning-rate schedule ends at step 40; steps after it use its final rate 0" in \
+        capsys.readouterr().out
