@@ -8,11 +8,18 @@ or a model it saved. Layer names let them reach the activations:
 conv{i} is conv block i's output (after activation and pooling), fc{j} the j-th fully
 connected layer before its activation, logits the class scores, softmax the probabilities
 (i and j count from 1).
+
+train() runs the [train] recipe (Adam on a Keras schedule, label smoothing, random shifts)
+in compiled calls of about a second each, so Ctrl-C or SIGTERM stops it at once. The
+command then saves what was reached (also when interrupted during the final evaluation
+or the save) and exits 130; --resume continues it with its whole history. A loss or
+gradient that is not finite stops training: the last finite weights are saved, exit 2.
 """
 import argparse
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -188,9 +195,58 @@ def batch_indices(num_examples, batch_size, seed, first_step, num_steps):
     return np.stack(rows).astype(np.int32)
 
 
-def make_train_function(model, images, targets):
+def _shifted(images, shifts):
+    """Each image moved by its (dy, dx) whole pixels, zeros filling in: (batch, H, W, C)."""
+    import tensorflow as tf
+
+    shifts = tf.cast(shifts, tf.float32)  # (batch, 2)
+    ones, zeros = tf.ones_like(shifts[:, :1]), tf.zeros_like(shifts[:, :1])
+    # Output pixel (x, y) reads input pixel (x - dx, y - dy): a projective transform's rows.
+    transforms = tf.concat([ones, zeros, -shifts[:, 1:], zeros, ones, -shifts[:, :1], zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="NEAREST", fill_mode="CONSTANT")
+
+
+def _fused_adam(optimizer):
+    """apply(gradients, variables): Keras' Adam step with one fused kernel per variable.
+
+    Keras' Adam runs about ten elementwise ops per variable (each a pass over the 3.2M fc1
+    weights); TensorFlow's ResourceApplyAdam does the same arithmetic in one pass on Keras'
+    own moment variables, so the saved optimizer state and --resume are unchanged. None
+    where the optimizer is not a plain Adam (then Keras' apply_gradients is used).
+    """
+    import keras
+    import tensorflow as tf
+
+    plain = (type(optimizer) is keras.optimizers.Adam and not optimizer.amsgrad and not optimizer.use_ema
+             and optimizer.clipnorm is None and optimizer.clipvalue is None and optimizer.global_clipnorm is None
+             and not optimizer.weight_decay and not optimizer.gradient_accumulation_steps
+             and optimizer.loss_scale_factor is None)
+    if not plain:
+        return None
+
+    def apply(gradients, variables):
+        step = tf.cast(optimizer.iterations + 1, tf.float32)
+        beta_1, beta_2 = tf.constant(optimizer.beta_1, tf.float32), tf.constant(optimizer.beta_2, tf.float32)
+        learning_rate = tf.cast(optimizer.learning_rate, tf.float32)
+        for gradient, variable in zip(gradients, variables):
+            index = optimizer._get_variable_index(variable)
+            tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle, m=optimizer._momentums[index].handle, v=optimizer._velocities[index].handle,
+                beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=learning_rate,
+                beta1=beta_1, beta2=beta_2, epsilon=tf.constant(optimizer.epsilon, tf.float32), grad=gradient)
+        optimizer.iterations.assign_add(1)
+
+    return apply
+
+
+def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixels=0, seed=0):
     """A compiled function that runs a block of optimisation steps in one call.
 
+    run_steps(indices), indices (steps, batch), returns (loss_sum, steps_done, bad_loss). A
+    step whose loss or gradients are not finite is not applied and ends the call, so the
+    model keeps its last finite weights; steps_done is then short and bad_loss that loss.
     Running many steps per call inside one graph (as fit's steps_per_execution does)
     removes the Python overhead that dominates small batches on a CPU.
     """
@@ -199,39 +255,103 @@ def make_train_function(model, images, targets):
     scores = logits_model(model)
     optimizer = model.optimizer
     variables = model.trainable_variables
+    apply_gradients = _fused_adam(optimizer) or (
+        lambda gradients, variables: optimizer.apply_gradients(zip(gradients, variables)))
     images, targets = tf.constant(images), tf.constant(targets)
+    num_classes = targets.shape[-1]
 
-    @tf.function(jit_compile=False)  # XLA's CPU convolutions are ~10x slower than oneDNN's here.
-    def run_steps(indices):  # indices: (steps, batch)
-        loss_sum = tf.constant(0.0)
+    def batch(step_indices):
+        batch_images = tf.gather(images, step_indices)  # (batch, H, W, C)
+        batch_targets = tf.gather(targets, step_indices)  # (batch, classes)
+        if label_smoothing:
+            batch_targets = batch_targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+        if shift_pixels:
+            # Seeded by (seed, step), so a resumed run draws the shifts an uninterrupted one would.
+            key = tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
+            shifts = tf.random.stateless_uniform([tf.shape(step_indices)[0], 2], key, minval=-shift_pixels,
+                                                 maxval=shift_pixels + 1, dtype=tf.int32)
+            batch_images = _shifted(batch_images, shifts)
+        return batch_images, batch_targets
+
+    @tf.function(jit_compile=False,  # XLA's CPU convolutions are ~10x slower than oneDNN's here.
+                 input_signature=[tf.TensorSpec([None, None], tf.int32)])  # Any block length, one trace.
+    def run_steps(indices):
+        loss_sum, steps_done, bad_loss = tf.constant(0.0), tf.constant(0), tf.constant(0.0)
         for step in tf.range(tf.shape(indices)[0]):
-            batch_images = tf.gather(images, indices[step])  # (batch, H, W, C)
-            batch_targets = tf.gather(targets, indices[step])  # (batch, classes)
+            batch_images, batch_targets = batch(indices[step])
             with tf.GradientTape() as tape:
                 logits = scores(batch_images, training=True)
                 loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(batch_targets, logits))
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            gradients = tape.gradient(loss, variables)
+            # One sum is cheaper than an is_finite pass per variable: any NaN or infinity makes it so.
+            total = loss + tf.add_n([tf.reduce_sum(gradient) for gradient in gradients])
+            if tf.logical_not(tf.math.is_finite(total)):
+                bad_loss = loss
+                break
+            apply_gradients(gradients, variables)
             loss_sum += loss
-        return loss_sum / tf.cast(tf.shape(indices)[0], tf.float32)
+            steps_done += 1
+        return loss_sum, steps_done, bad_loss
 
     return run_steps
 
 
 def accuracy(model, images, labels, batch_size=1000):
-    """Fraction of images whose most probable class is the label (labels int or soft)."""
+    """Fraction of images whose most probable class is the label (labels int or soft); None without images."""
     if len(images) == 0:
-        return float("nan")
+        return None
     labels = np.asarray(labels)
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
     probabilities = common.predict(model, images, batch_size)
     return float(np.mean(probabilities.argmax(axis=1) == labels))
 
 
+SCHEDULES = ("constant", "cosine", "one_cycle")
+ONE_CYCLE_DIVISOR = 25.0  # one_cycle warms up from learning_rate / 25 (Smith's 1cycle) ...
+ONE_CYCLE_FINAL_DIVISOR = 1e4  # ... and ends at that / 1e4.
+
+
+def check_train_section(section):
+    """Refuse [train] values of the keys this script added that cannot work, naming the key."""
+    if section["schedule"] not in SCHEDULES:
+        raise UserError(f"train.schedule {section['schedule']!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= section["warmup_steps"] < section["num_steps"]:
+        raise UserError(f"train.warmup_steps {section['warmup_steps']} must be at least 0 and below "
+                        f"train.num_steps ({section['num_steps']})")
+    if not 0 <= section["label_smoothing"] < 1:
+        raise UserError(f"train.label_smoothing {section['label_smoothing']} must be in [0, 1)")
+    if section["shift_pixels"] < 0:
+        raise UserError(f"train.shift_pixels {section['shift_pixels']} must be at least 0")
+
+
+def learning_rate_schedule(section):
+    """Adam's learning rate for [train]: a float, or one of Keras' own (serialisable) schedules.
+
+    All three warm up linearly over warmup_steps (from 0, or for one_cycle from
+    learning_rate / 25) to learning_rate; then constant stays there, cosine decays to 0 at
+    num_steps, one_cycle to learning_rate / 25 / 1e4.
+    """
+    import keras
+
+    check_train_section(section)
+    peak, warmup = section["learning_rate"], section["warmup_steps"]
+    if section["schedule"] == "constant" and warmup == 0:
+        return peak
+    decay_steps = section["num_steps"] - warmup
+    start, alpha = {"constant": (0.0, 1.0), "cosine": (0.0, 0.0),
+                    "one_cycle": (peak / ONE_CYCLE_DIVISOR, 1 / (ONE_CYCLE_DIVISOR * ONE_CYCLE_FINAL_DIVISOR))
+                    }[section["schedule"]]
+    if warmup == 0:
+        start = peak
+    return keras.optimizers.schedules.CosineDecay(start, decay_steps, alpha=alpha, warmup_target=peak,
+                                                  warmup_steps=warmup)
+
+
 def compile_for_training(model, learning_rate):
     """Attach an Adam optimizer so that model.save keeps its state for --resume.
 
-    The loss and metric are for users who call model.evaluate(x, y) in a notebook;
-    training itself uses make_train_function.
+    learning_rate is a float or a Keras schedule (learning_rate_schedule). The loss and metric
+    are for users who call model.evaluate(x, y) in a notebook; training uses make_train_function.
     """
     import keras
 
@@ -242,65 +362,115 @@ def compile_for_training(model, learning_rate):
 
 
 def resolve_options(options):
-    """Fill a (possibly partial) options dict from the defaults, checking every key."""
+    """Fill a (possibly partial) config dict from the defaults, checking every key."""
     return common.merge_config(common.default_config(), options or {}, source="options")
 
 
-def train(data, model_options=None, model=None, progress=print):
+TARGET_CALL_SECONDS = 1.0  # Length of one compiled call: Ctrl-C and SIGTERM take effect between calls.
+
+
+def _run_blocks(run_steps, model, data, section, progress):
+    """Train to section['num_steps'] in calls of about TARGET_CALL_SECONDS; log every log_every steps.
+
+    Returns (history, stop_reason) with stop_reason 'finished', 'interrupted' or
+    'diverged at step N (loss nan)'.
+    """
+    batch_size, total_steps, log_every = section["batch_size"], section["num_steps"], section["log_every"]
+    step = first_step = int(model.optimizer.iterations.numpy())
+    history, stop, start = [], "finished", time.perf_counter()
+    steps_per_call, block_loss, block_steps, calls = 1, 0.0, 0, 0
+    try:
+        while step < total_steps:
+            # Progress lines fall on multiples of log_every, so a resumed run logs the same steps.
+            next_log = min((step // log_every + 1) * log_every, total_steps)
+            count = min(steps_per_call, next_log - step)
+            indices = batch_indices(len(data["x_train"]), batch_size, section["seed"], step, count)
+            call_start = time.perf_counter()
+            loss_sum, done, bad_loss = run_steps(indices)
+            call_seconds, done, calls = time.perf_counter() - call_start, int(done), calls + 1
+            step, block_loss, block_steps = step + done, block_loss + float(loss_sum), block_steps + done
+            if done < count:
+                bad_loss = float(bad_loss)
+                stop = (f"diverged at step {step + 1} "
+                        + (f"(loss {bad_loss})" if not math.isfinite(bad_loss) else
+                           f"(loss {bad_loss:.4g} but gradients not finite)"))
+                break
+            if calls > 1:  # The first call also traces the function; size the next call by time.
+                steps_per_call = max(1, min(log_every, int(TARGET_CALL_SECONDS * count / call_seconds)))
+            if step == next_log:
+                seconds = time.perf_counter() - start
+                record = {"step": step, "loss": block_loss / block_steps, "seconds": seconds,
+                          "val_accuracy": accuracy(model, data.get("x_val", []), data.get("y_val", []))}
+                history.append(record)
+                block_loss, block_steps = 0.0, 0
+                examples_per_second = (step - first_step) * batch_size / seconds
+                eta = (total_steps - step) * batch_size / examples_per_second
+                validation = "" if record["val_accuracy"] is None else f"  val acc {record['val_accuracy']:.2%}"
+                progress(f"step {step}/{total_steps}  loss {record['loss']:.4f}{validation}  "
+                         f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
+    except KeyboardInterrupt:
+        stop = "interrupted"
+        step = int(model.optimizer.iterations.numpy())  # The call under way ran to its end.
+        progress(f"interrupted at step {step}")
+    if block_steps and step > (history[-1]["step"] if history else first_step):
+        # The steps since the last progress line, without a validation pass (stopping should be quick).
+        history.append({"step": step, "loss": block_loss / block_steps,
+                        "seconds": time.perf_counter() - start, "val_accuracy": None})
+    if stop.startswith("diverged"):
+        progress(f"stopped: training {stop}; the model keeps the weights of step {step}")
+    return history, stop
+
+
+def train(data, config=None, model=None, progress=print):
     """Train on data (as from load_mnist / split_validation) and return (model, metrics).
 
-    model_options is a config dict ({'model': {...}, 'train': {...}}, missing keys take
-    their defaults). Training labels may be ints or probability rows. A given model
-    continues from its optimizer's step count. Ctrl-C stops at the end of the current
-    block of log_every steps (TensorFlow finishes it) and returns what was reached, with
-    metrics['interrupted'] set.
+    config is a config dict ({'model': {...}, 'train': {...}}, missing keys take their
+    defaults). Training labels may be ints or probability rows. A given model continues
+    from its optimizer's step count (and learning rate or schedule); a new one gets Adam
+    with learning_rate_schedule(config['train']). Training stops early on Ctrl-C or
+    SIGTERM (within about TARGET_CALL_SECONDS) and on a loss or gradient that is not
+    finite; the model then holds the last weights reached (always finite).
+
+    metrics: steps (the optimizer's step count), seconds, examples and examples_per_second
+    (this call), interrupted, diverged, stop_reason, test_accuracy (None if not measured),
+    history (one record per log_every steps: step, loss, seconds, val_accuracy).
     """
     import keras
 
-    options = resolve_options(model_options)
-    train_options = options["train"]
-    keras.utils.set_random_seed(train_options["seed"])
+    config = resolve_options(config)
+    section = config["train"]
+    check_train_section(section)
+    keras.utils.set_random_seed(section["seed"])
     if model is None:
-        model = build_model(options["model"])
+        model = build_model(config["model"])
     if getattr(model, "optimizer", None) is None:
-        compile_for_training(model, train_options["learning_rate"])
-    num_classes = model.output_shape[-1]
-    images, targets = data["x_train"], to_targets(data["y_train"], num_classes)
+        compile_for_training(model, learning_rate_schedule(section))
+    images, targets = data["x_train"], to_targets(data["y_train"], model.output_shape[-1])
     if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
         raise UserError(f"training images of shape {images.shape[1:]} do not fit the model's input "
                         f"{model.input_shape[1:]}; set model.image_dim_size to match the data")
-    run_steps = make_train_function(model, images, targets)
-    batch_size, total_steps = train_options["batch_size"], train_options["num_steps"]
-    step = int(model.optimizer.iterations.numpy())
-    history, interrupted, start = [], False, time.perf_counter()
-    first_step = step
-    try:
-        while step < total_steps:
-            # Blocks end on multiples of log_every, so a resumed run logs the same steps.
-            log_every = train_options["log_every"]
-            block = min(log_every - step % log_every, total_steps - step)
-            indices = batch_indices(len(images), batch_size, train_options["seed"], step, block)
-            loss = float(run_steps(indices))
-            step += block
-            seconds = time.perf_counter() - start
-            record = {"step": step, "loss": loss, "seconds": seconds,
-                      "val_accuracy": accuracy(model, data.get("x_val", []), data.get("y_val", []))}
-            history.append(record)
-            examples_per_second = (step - first_step) * batch_size / seconds
-            eta = (total_steps - step) * batch_size / examples_per_second
-            progress(f"step {step}/{total_steps}  loss {loss:.4f}  val acc {record['val_accuracy']:.2%}  "
-                     f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
-    except KeyboardInterrupt:
-        interrupted = True
-        step = int(model.optimizer.iterations.numpy())  # The block under way ran to its end.
-        progress(f"interrupted at step {step}")
+    run_steps = make_train_function(model, images, targets, section["label_smoothing"],
+                                    section["shift_pixels"], section["seed"])
+    first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
+    history, stop = _run_blocks(run_steps, model, data, section, progress)
+    steps = int(model.optimizer.iterations.numpy())
     seconds = time.perf_counter() - start
-    metrics = {"steps": step, "seconds": seconds, "interrupted": interrupted,
-               "examples_per_second": (step - first_step) * batch_size / seconds if seconds else 0.0,
-               "history": history}
-    if "x_test" in data:
-        metrics["test_accuracy"] = accuracy(model, data["x_test"], data["y_test"])
+    examples = (steps - first_step) * section["batch_size"]
+    metrics = {"steps": steps, "seconds": seconds, "examples": examples,
+               "examples_per_second": examples / seconds if seconds else 0.0,
+               "interrupted": stop == "interrupted", "diverged": stop.startswith("diverged"),
+               "stop_reason": stop, "test_accuracy": None, "history": history}
+    if "x_test" in data and stop != "interrupted":
+        try:
+            metrics["test_accuracy"] = accuracy(model, data["x_test"], data["y_test"])
+        except KeyboardInterrupt:  # Ctrl-C during the final evaluation still keeps the model.
+            metrics["interrupted"], metrics["stop_reason"] = True, "interrupted"
+            progress("interrupted during the test evaluation; keeping the model")
     return model, metrics
+
+
+def weights_are_finite(model):
+    return all(np.all(np.isfinite(weights)) for weights in model.get_weights())
 
 
 # ------------------------------------------------------------------------------ files
@@ -310,12 +480,31 @@ def save_model(model, path):
     common.atomic_write(path, model.save)
 
 
+def _finite_or_none(value):
+    """value with every NaN or infinity replaced by None, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def write_metrics(path, metrics):
+    """metrics.json as strict JSON (no bare NaN): a missing number is null."""
+    text = json.dumps(_finite_or_none(metrics), indent=2, allow_nan=False)
+    common.atomic_write_bytes(path, (text + "\n").encode())
+
+
 def plot_training_curve(history, path, title):
-    steps = [record["step"] for record in history]
     figure, (loss_axis, accuracy_axis) = common.pyplot().subplots(1, 2, figsize=(10, 3.5))
-    loss_axis.plot(steps, [record["loss"] for record in history])
+    losses = [(record["step"], record["loss"]) for record in history if record.get("loss") is not None]
+    accuracies = [(record["step"], 100 * record["val_accuracy"]) for record in history
+                  if record.get("val_accuracy") is not None]
+    loss_axis.plot(*zip(*losses)) if losses else None
     loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title=title)
-    accuracy_axis.plot(steps, [100 * record["val_accuracy"] for record in history])
+    accuracy_axis.plot(*zip(*accuracies)) if accuracies else None
     accuracy_axis.set(xlabel="step", ylabel="validation accuracy (%)")
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
@@ -323,11 +512,15 @@ def plot_training_curve(history, path, title):
 
 
 def save_run(out_dir, model, config, metrics):
-    """Write everything a finished (or interrupted) run leaves behind, each file atomically."""
+    """Write everything a finished (or stopped) run leaves behind, each file atomically.
+
+    The model is skipped if its weights are not finite (it never is after train()).
+    """
     out_dir = Path(out_dir)
-    save_model(model, out_dir / "model.keras")
+    if weights_are_finite(model):
+        save_model(model, out_dir / "model.keras")
     common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
-    common.write_json(out_dir / "metrics.json", metrics)
+    write_metrics(out_dir / "metrics.json", metrics)
     if metrics["history"]:
         plot_training_curve(metrics["history"], out_dir / "training_curve.png", title=out_dir.name)
 
@@ -361,45 +554,169 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
-def _read_history(metrics_path):
-    """The progress records of an earlier run, so a resumed run's curve starts at step 0."""
+# The recipe keys added after the original recipe, with the values that reproduce it.
+ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0}
+
+
+def _saved_config(path):
+    """A run's config.toml; one saved before a [train] key existed gets that key's original value."""
+    config = common.load_config(path)
+    saved_train = common.read_toml(path).get("train", {})
+    config["train"].update({key: value for key, value in ORIGINAL_RECIPE.items() if key not in saved_train})
+    return config
+
+
+def _read_earlier_metrics(out_dir):
+    """The metrics.json of the run to resume (None if it has none); a damaged one is refused."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.exists():
+        print(f"note: {path} is missing; the resumed run's history starts here")
+        return None
     try:
-        return json.loads(Path(metrics_path).read_text())["history"]
-    except (OSError, ValueError, KeyError):
-        return []
+        metrics = json.loads(path.read_text())
+        steps, seconds, history = metrics["steps"], metrics["seconds"], metrics["history"]
+        if not (isinstance(steps, int) and isinstance(seconds, (int, float)) and isinstance(history, list)
+                and all(isinstance(record, dict) and isinstance(record.get("step"), int) for record in history)):
+            raise ValueError("steps, seconds or history have the wrong type")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot resume {out_dir}: its metrics.json is damaged ({type(error).__name__}: {error}); "
+                        "train afresh without --resume or in another --out") from None
+    return metrics
+
+
+def _resumable_model(path, images):
+    """The saved model with its optimizer state; a model saved without one is refused."""
+    model = common.load_trained_model(path, images, compile=True)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or int(optimizer.iterations.numpy()) == 0:
+        raise UserError(f"cannot resume {path}: it was saved without its optimizer state (step count and Adam "
+                        "moments); train afresh without --resume")
+    return model
+
+
+def _note_schedule_end(optimizer, total_steps):
+    """Say so when a resumed run goes past the end of its saved schedule (cosine: learning rate 0)."""
+    schedule = optimizer._learning_rate
+    end = getattr(schedule, "decay_steps", None)
+    if end is not None and total_steps > end + schedule.warmup_steps:
+        rate = float(schedule(end + schedule.warmup_steps))
+        print(f"note: the saved learning-rate schedule ends at step {end + schedule.warmup_steps}; "
+              f"steps after it use its final rate {rate:g}")
+
+
+def _merge_sessions(earlier, metrics):
+    """One run's metrics over every session: whole history, total seconds and examples."""
+    if earlier is None:
+        return {**metrics, "sessions": 1}
+    done_before = earlier["steps"]
+    offset = float(earlier["seconds"])
+    examples_before = earlier.get("examples", earlier.get("examples_per_second", 0.0) * offset)
+    history = [record for record in earlier["history"] if record["step"] <= done_before]
+    history += [{**record, "seconds": record["seconds"] + offset} for record in metrics["history"]]
+    seconds, examples = offset + metrics["seconds"], examples_before + metrics["examples"]
+    return {**metrics, "seconds": seconds, "examples": examples,
+            "examples_per_second": examples / seconds if seconds else 0.0,
+            "sessions": earlier.get("sessions", 1) + 1, "history": history}
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class _InterruptsDeferred:
+    """Within the block, a first Ctrl-C or SIGTERM is only noted (the save goes on); a second aborts."""
+
+    def __enter__(self):
+        self.interrupted = False
+        self.previous = {number: signal.signal(number, self._note) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("interrupted: finishing the save (interrupt again to abort it; no file is left half-written)")
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
+
+
+def _remove_if_empty(folder):
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass
+
+
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
     out_dir = Path(args.out or Path("runs") / (Path(args.config).stem if args.config else "default"))
-    base, model = None, None
+    base, model, earlier = None, None, None
     if args.resume:
         if not (out_dir / "model.keras").is_file():
             raise UserError(f"nothing to resume in {out_dir}: it has no model.keras; drop --resume or fix --out")
-        base = common.load_config(out_dir / "config.toml")
+        base = _saved_config(out_dir / "config.toml")
+        earlier = _read_earlier_metrics(out_dir)
     if args.steps is not None:
         args.set.append(f"train.num_steps={args.steps}")
     config = resolve_cli_config(args, "train", base=base)
+    check_train_section(config["train"])
     data = common.split_validation(common.load_mnist(args.data), config["data"]["validation_size"])
-    common.ensure_writable_dir(out_dir)
-    earlier_history = []
     if args.resume:
-        model = common.load_trained_model(out_dir / "model.keras", data["x_train"], compile=True)
-        earlier_history = _read_history(out_dir / "metrics.json")
-        print(f"resuming {out_dir} at step {int(model.optimizer.iterations.numpy())}")
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # A scheduler's kill saves like Ctrl-C.
+        model = _resumable_model(out_dir / "model.keras", data["x_train"])
+        step, total_steps = int(model.optimizer.iterations.numpy()), config["train"]["num_steps"]
+        if step >= total_steps:
+            print(f"nothing to do: {out_dir} is already at step {step} >= {total_steps}; "
+                  "give a larger --steps to train further")
+            return 0
+        if earlier is not None and earlier["steps"] != step:
+            print(f"note: model.keras is at step {step} but metrics.json at {earlier['steps']}; "
+                  "keeping the history up to the model's step")
+            earlier = {**earlier, "steps": step}
+        print(f"resuming {out_dir} at step {step}")
+        _note_schedule_end(model.optimizer, total_steps)
+    created = not out_dir.exists()
+    common.ensure_writable_dir(out_dir)
     print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; output in {out_dir}")
-    model, metrics = train(data, config, model=model)
-    metrics["history"] = earlier_history + metrics["history"]
-    save_run(out_dir, model, config, metrics)
-    print(f"test accuracy {metrics.get('test_accuracy', float('nan')):.2%} after {metrics['steps']} steps "
-          f"({common.format_seconds(metrics['seconds'])}, {metrics['examples_per_second']:.0f} ex/s); "
-          f"saved {out_dir / 'model.keras'}")
-    if metrics["interrupted"]:
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # A scheduler's kill = Ctrl-C.
+    try:
+        try:
+            model, metrics = train(data, config, model=model)
+        except (UserError, KeyboardInterrupt):
+            if created:
+                _remove_if_empty(out_dir)
+            raise
+        with _InterruptsDeferred() as deferred:
+            return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _finish(out_dir, model, config, metrics, earlier, deferred):
+    """Save what the run reached (if it reached anything new), report it, and return the exit code."""
+    steps_before = earlier["steps"] if earlier is not None else 0
+    saved = metrics["steps"] > steps_before
+    if saved:
+        save_run(out_dir, model, config, metrics)
+        accuracy_text = "not measured" if metrics["test_accuracy"] is None else f"{metrics['test_accuracy']:.2%}"
+        print(f"test accuracy {accuracy_text} after {metrics['steps']} steps "
+              f"({common.format_seconds(metrics['seconds'])}, {metrics['examples_per_second']:.0f} ex/s); "
+              f"saved {out_dir / 'model.keras'}")
+    else:
+        print(f"no step was completed; nothing saved in {out_dir}")
+        _remove_if_empty(out_dir)
+    if metrics["diverged"]:
+        kept = (f"the last finite weights, step {metrics['steps']}, are in {out_dir / 'model.keras'}" if saved
+                else "nothing was saved")
+        print(f"error: training {metrics['stop_reason']}; lower train.learning_rate "
+              f"(now {config['train']['learning_rate']:g}) or raise train.warmup_steps and train afresh ({kept})",
+              file=sys.stderr)
+        return 2
+    if metrics["interrupted"] or deferred.interrupted:
         print(f"stopped early; continue with: python proc_mnist.py --out {out_dir} --resume")
         return 130
     return 0

@@ -1,8 +1,11 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -82,34 +85,51 @@ def test_command_line_run_writes_every_output(tiny_npz, tmp_path, capsys):
     assert "step 20/40" in capsys.readouterr().out
 
 
-def test_interrupt_saves_and_resume_finishes(tiny_npz, tmp_path, monkeypatch):
+def interrupt_at_call(monkeypatch, call_number, real=proc_mnist.make_train_function):
+    """Make the call_number-th compiled call raise KeyboardInterrupt after it ran (as Ctrl-C does)."""
+    calls = []
+
+    def make(*args, **kwargs):
+        run_steps = real(*args, **kwargs)
+
+        def run_then_maybe_interrupt(indices):
+            result = run_steps(indices)
+            calls.append(len(indices))
+            if len(calls) == call_number:
+                raise KeyboardInterrupt
+            return result
+
+        return run_then_maybe_interrupt
+
+    monkeypatch.setattr(proc_mnist, "make_train_function", make)
+    return calls
+
+
+def test_interrupt_is_honoured_after_one_short_call_and_resume_finishes(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_make_train_function = proc_mnist.make_train_function
-
-    def interrupted_during_first_block(*args):
-        run_steps = real_make_train_function(*args)
-
-        def run_then_interrupt(indices):
-            run_steps(indices)  # Like Ctrl-C during the call: TensorFlow finishes the block first.
-            raise KeyboardInterrupt
-
-        return run_then_interrupt
-
-    monkeypatch.setattr(proc_mnist, "make_train_function", interrupted_during_first_block)
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step: the shortest.
+    calls = interrupt_at_call(monkeypatch, 3)
     config = str(write_config(tmp_path))
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
+    assert calls == [1, 1, 1]  # Not a whole log_every block (20 steps): stopped right after the call.
     interrupted = json.loads((out / "metrics.json").read_text())
-    assert interrupted["interrupted"] is True and interrupted["steps"] == 20
-    monkeypatch.setattr(proc_mnist, "make_train_function", real_make_train_function)
+    assert interrupted["interrupted"] is True and interrupted["steps"] == 3
+    assert interrupted["stop_reason"] == "interrupted" and interrupted["diverged"] is False
+    model = common.load_trained_model(out / "model.keras", compile=True)
+    assert int(model.optimizer.iterations.numpy()) == 3
+    monkeypatch.undo()
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and [record["step"] for record in metrics["history"]] == [40]
+    assert metrics["steps"] == 40 and [record["step"] for record in metrics["history"]] == [3, 20, 40]
 
 
 @pytest.mark.parametrize("arguments,message", [
     (["missing.toml"], "config missing.toml does not exist"),
     (["--set", "train.batch_size=big"], "train.batch_size must be a int"),
     (["--resume", "--out", "nowhere"], "nothing to resume in nowhere"),
+    (["--steps", "-5"], "--steps -5 must be at least 1"),
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--set", "train.schedule=linear"], "train.schedule 'linear' is unknown"),
 ])
 def test_user_mistakes_end_in_one_line(arguments, message, tmp_path):
     result = subprocess.run([sys.executable, str(Path(proc_mnist.__file__)), *arguments], cwd=tmp_path,
@@ -117,6 +137,7 @@ def test_user_mistakes_end_in_one_line(arguments, message, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # Nothing trained or written.
 
 
 def test_model_that_does_not_fit_the_data_is_refused(tiny_npz, trained_tiny):
@@ -125,3 +146,337 @@ def test_model_that_does_not_fit_the_data_is_refused(tiny_npz, trained_tiny):
         common.load_trained_model(path, images=np.zeros((1, 28, 28, 1)))
     with pytest.raises(common.UserError, match="has 10 classes"):
         common.load_trained_model(path, num_classes=11)
+
+
+# ------------------------------------------------------------------ schedules and recipe
+
+
+def schedule_section(**changes):
+    section = {**common.default_config()["train"], "learning_rate": 0.01, "num_steps": 100, "warmup_steps": 20}
+    section.update(changes)
+    return section
+
+
+def hand_formula(section, step):
+    """The learning rate at step, written out independently of Keras."""
+    peak, warmup, total, name = (section["learning_rate"], section["warmup_steps"], section["num_steps"],
+                                 section["schedule"])
+    low = peak / 25 if name == "one_cycle" else 0.0
+    if step < warmup:
+        return low + (peak - low) * step / warmup
+    final = {"constant": peak, "cosine": 0.0, "one_cycle": peak / 25 / 1e4}[name]
+    progress = min(step - warmup, total - warmup) / (total - warmup)
+    return final + (peak - final) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "one_cycle"])
+@pytest.mark.parametrize("warmup", [0, 20])
+def test_schedules_give_the_hand_formula(name, warmup):
+    section = schedule_section(schedule=name, warmup_steps=warmup)
+    schedule = proc_mnist.learning_rate_schedule(section)
+    for step in [0, 1, 10, 19, 20, 21, 50, 99, 100, 150]:
+        expected = hand_formula(section, step)
+        actual = float(schedule(step)) if callable(schedule) else schedule
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-9, err_msg=f"{name} at step {step}")
+    if name != "constant":  # The formula is not trivially flat: the rate really moves.
+        assert hand_formula(section, 80) < 0.5 * section["learning_rate"]
+    if name == "constant" and warmup == 0:
+        assert schedule == 0.01  # The original recipe is a plain float, as before.
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("schedule", "linear", "train.schedule 'linear' is unknown; use one of constant, cosine, one_cycle"),
+    ("warmup_steps", 100, "train.warmup_steps 100 must be at least 0 and below train.num_steps"),
+    ("warmup_steps", -1, "train.warmup_steps -1"),
+    ("label_smoothing", 1.0, "train.label_smoothing 1.0 must be in"),
+    ("shift_pixels", -2, "train.shift_pixels -2"),
+])
+def test_bad_recipe_values_are_refused_by_name(key, value, message):
+    with pytest.raises(common.UserError, match=message):
+        proc_mnist.learning_rate_schedule(schedule_section(**{key: value}))
+
+
+def test_recipe_keys_take_their_types_strictly():
+    config = common.load_config(None, ["train.schedule=one_cycle", "train.label_smoothing=0", "train.warmup_steps=5"])
+    assert config["train"]["schedule"] == "one_cycle" and config["train"]["label_smoothing"] == 0.0
+    with pytest.raises(common.UserError, match="train.warmup_steps must be a int"):
+        common.load_config(None, ["train.warmup_steps=0.5"])
+    with pytest.raises(common.UserError, match="train.schedule must be a str"):
+        common.load_config(None, ["train.schedule=3"])
+
+
+def test_original_config_is_the_original_recipe():
+    config = common.load_config(Path(common.PROJECT_DIR) / "configs" / "original.toml")
+    section = config["train"]
+    assert (section["learning_rate"], section["batch_size"], section["num_steps"]) == (1e-4, 50, 20000)
+    assert proc_mnist.learning_rate_schedule(section) == 1e-4
+    assert section["label_smoothing"] == 0 and section["shift_pixels"] == 0
+    assert config["model"] == common.default_config()["model"]
+
+
+def recipe_options(num_steps):
+    options = tiny_options(num_steps)
+    options["train"].update(schedule="cosine", warmup_steps=10, label_smoothing=0.1, shift_pixels=1)
+    return options
+
+
+def test_schedule_and_shifts_survive_save_load_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+    straight, _ = proc_mnist.train(tiny_data, recipe_options(60), **SILENT)
+    options = recipe_options(60)
+    options["train"]["num_steps"] = 30  # Stops early; the schedule still spans 60 steps (built from 60 below).
+    keras.utils.set_random_seed(0)  # As train() seeds before it builds a model.
+    model = proc_mnist.build_model(options["model"])
+    proc_mnist.compile_for_training(model, proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
+    half, _ = proc_mnist.train(tiny_data, options, model=model, **SILENT)
+    proc_mnist.save_model(half, tmp_path / "model.keras")
+    reloaded = common.load_trained_model(tmp_path / "model.keras", compile=True)
+    schedule = reloaded.optimizer._learning_rate
+    assert type(schedule).__name__ == "CosineDecay" and schedule.decay_steps == 50 and schedule.warmup_steps == 10
+    resumed, metrics = proc_mnist.train(tiny_data, recipe_options(60), model=reloaded, **SILENT)
+    assert metrics["steps"] == 60
+    for expected, actual in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    unshifted, _ = proc_mnist.train(tiny_data, {**recipe_options(60), "train": {**recipe_options(60)["train"],
+                                                                               "shift_pixels": 0}}, **SILENT)
+    assert not np.allclose(unshifted.get_weights()[0], straight.get_weights()[0])  # The shifts did something.
+
+
+def test_shifts_move_whole_images_by_at_most_the_given_pixels():
+    images = np.zeros((3, 6, 6, 1), np.float32)
+    images[:, 2, 3, 0] = 1.0
+    shifted = np.asarray(proc_mnist._shifted(images, np.array([[1, -2], [0, 0], [-2, 1]], np.int32)))
+    assert shifted[0, 3, 1, 0] == 1 and shifted[1, 2, 3, 0] == 1 and shifted[2, 0, 4, 0] == 1
+    assert shifted.sum() == 3
+
+
+# ------------------------------------------------------------------ safety of training
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_finite_weights(tiny_data):
+    bad = tiny_data["x_train"].copy()
+    first_batches = proc_mnist.batch_indices(len(bad), 20, seed=0, first_step=0, num_steps=40)
+    bad[first_batches[7][3]] = np.nan  # First seen at step 7 (counting from 0).
+    model, metrics = proc_mnist.train({**tiny_data, "x_train": bad}, tiny_options(40), **SILENT)
+    assert metrics["diverged"] is True and metrics["interrupted"] is False
+    assert metrics["steps"] == 7 and int(model.optimizer.iterations.numpy()) == 7
+    assert metrics["stop_reason"].startswith("diverged at step 8 (")
+    assert proc_mnist.weights_are_finite(model)
+    reference, _ = proc_mnist.train(tiny_data, tiny_options(7), **SILENT)
+    for expected, actual in zip(reference.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in {path}")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_divergence_exits_2_with_one_line_saves_no_nan_model_and_strict_json(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = str(write_config(tmp_path))
+    code = proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--set", "train.learning_rate=1e30",
+                            "--set", "data.validation_size=0"])
+    assert code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged at step ")
+    assert "lower train.learning_rate" in errors[0]
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["diverged"] is True and metrics["steps"] >= 1
+    assert all(record["val_accuracy"] is None for record in metrics["history"])  # No validation set: null.
+    model = common.load_trained_model(out / "model.keras", compile=True)
+    assert proc_mnist.weights_are_finite(model) and int(model.optimizer.iterations.numpy()) == metrics["steps"]
+
+
+def test_interrupt_during_the_final_evaluation_still_saves(tiny_npz, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_accuracy, calls = proc_mnist.accuracy, []
+
+    def interrupted_on_the_test_set(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Validation at steps 20 and 40, then the test set.
+            raise KeyboardInterrupt
+        return real_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(proc_mnist, "accuracy", interrupted_on_the_test_set)
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["steps"] == 40 and metrics["interrupted"] is True and metrics["test_accuracy"] is None
+    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+
+
+def test_interrupt_during_the_save_finishes_it_and_a_second_aborts_cleanly(tiny_npz, tmp_path, monkeypatch):
+    real_save_model = proc_mnist.save_model
+    config = str(write_config(tmp_path))
+
+    def save_with_interrupts(count):
+        def save(model, path):
+            for _ in range(count):
+                os.kill(os.getpid(), signal.SIGINT)  # Handled before the next line runs.
+            real_save_model(model, path)
+        return save
+
+    monkeypatch.setattr(proc_mnist, "save_model", save_with_interrupts(1))
+    out = tmp_path / "once"
+    assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
+    assert strict_json(out / "metrics.json")["steps"] == 40
+    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+
+    monkeypatch.setattr(proc_mnist, "save_model", save_with_interrupts(2))
+    out = tmp_path / "twice"
+    with pytest.raises(KeyboardInterrupt):
+        proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)])
+    assert not (out / "model.keras").exists() and not list(out.glob(".*"))  # No half-written file.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Handlers restored.
+
+
+def sessions_run(tiny_npz, tmp_path, monkeypatch):
+    """One run in three sessions: interrupted at step 3, at step 25, then finished at 40."""
+    out = tmp_path / "run"
+    config = str(write_config(tmp_path))
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)
+    interrupt_at_call(monkeypatch, 3)
+    assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
+    first = strict_json(out / "metrics.json")
+    monkeypatch.undo()
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)
+    interrupt_at_call(monkeypatch, 22)
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 130
+    second = strict_json(out / "metrics.json")
+    monkeypatch.undo()
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 0
+    return out, first, second, strict_json(out / "metrics.json")
+
+
+def test_resumed_runs_keep_the_whole_history_and_add_up_time(tiny_npz, tmp_path, monkeypatch):
+    out, first, second, final = sessions_run(tiny_npz, tmp_path, monkeypatch)
+    assert [record["step"] for record in first["history"]] == [3]
+    assert [record["step"] for record in second["history"]] == [3, 20, 25]
+    assert [record["step"] for record in final["history"]] == [3, 20, 25, 40]
+    assert final["sessions"] == 3 and final["steps"] == 40 and final["examples"] == 40 * 20
+    session_seconds = second["seconds"] - first["seconds"]
+    assert 0 < first["seconds"] < second["seconds"] < final["seconds"] and session_seconds > 0
+    np.testing.assert_allclose(final["examples_per_second"], final["examples"] / final["seconds"])
+    seconds = [record["seconds"] for record in final["history"]]
+    assert seconds == sorted(seconds)  # Later sessions continue the clock.
+    assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_with_nothing_left_to_do_touches_no_file(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    capsys.readouterr()
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "10"]) == 0
+    output = capsys.readouterr().out
+    assert "nothing to do" in output and "already at step 40 >= 10" in output
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("training started")
+
+
+def test_damaged_metrics_or_model_without_optimizer_refused_before_training(tiny_npz, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
+    monkeypatch.setattr(proc_mnist, "train", no_training)
+    resume = ["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]
+    good_metrics = (out / "metrics.json").read_text()
+    for damaged in [good_metrics[:len(good_metrics) // 2], "[]", '{"steps": "many", "seconds": 1, "history": []}']:
+        (out / "metrics.json").write_text(damaged)
+        with pytest.raises(common.UserError, match="metrics.json is damaged"):
+            proc_mnist.main(resume)
+    (out / "metrics.json").write_text(good_metrics)
+    uncompiled = proc_mnist.build_model(tiny_options()["model"])
+    proc_mnist.save_model(uncompiled, out / "model.keras")
+    with pytest.raises(common.UserError, match="saved without its optimizer state"):
+        proc_mnist.main(resume)
+
+
+def test_unwritable_output_or_failed_start_leaves_no_folder(tiny_npz, tmp_path, monkeypatch):
+    config = str(write_config(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(common.UserError, match="cannot write to output folder"):
+        proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(tmp_path / "file" / "run")])
+    out = tmp_path / "run"
+    with pytest.raises(common.UserError, match="batch_size 1000 is larger than the 400 training examples"):
+        proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--set", "train.batch_size=1000"])
+    assert not out.exists()
+
+
+def test_sigterm_saves_and_exits_130(tiny_npz, tmp_path):
+    config = write_config(tmp_path, num_steps=100000)
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(Path(proc_mnist.__file__)), str(config), "--data", str(tiny_npz),
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 40/"):  # Training is under way.
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["interrupted"] is True and 40 <= metrics["steps"] < 100000
+    model = common.load_trained_model(out / "model.keras", compile=True)
+    assert int(model.optimizer.iterations.numpy()) == metrics["steps"]
+
+
+def test_fused_adam_equals_keras_adam(tiny_data):
+    import tensorflow as tf
+
+    options = tiny_options()
+    models = []
+    for fused in (True, False):
+        keras.utils.set_random_seed(0)
+        model = proc_mnist.compile_for_training(proc_mnist.build_model(options["model"]),
+                                                proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
+        apply = proc_mnist._fused_adam(model.optimizer) if fused else (
+            lambda gradients, variables: model.optimizer.apply_gradients(zip(gradients, variables)))
+        assert apply is not None
+        for step in range(5):
+            images = tiny_data["x_train"][step * 20:(step + 1) * 20]
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    tiny_data["y_train"][step * 20:(step + 1) * 20], model(images)))
+            apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        assert int(model.optimizer.iterations.numpy()) == 5
+        models.append(model)
+    for fused, plain in zip(models[0].get_weights() + [v.numpy() for v in models[0].optimizer.variables],
+                            models[1].get_weights() + [v.numpy() for v in models[1].optimizer.variables]):
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(models[0].get_weights()[0], proc_mnist.build_model(options["model"]).get_weights()[0])
+    assert proc_mnist._fused_adam(keras.optimizers.SGD()) is None
+    assert proc_mnist._fused_adam(keras.optimizers.Adam(amsgrad=True)) is None
+
+
+def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
+    old_style = "\n".join(line for line in (out / "config.toml").read_text().splitlines()
+                          if line.split(" = ")[0] not in proc_mnist.ORIGINAL_RECIPE)
+    (out / "config.toml").write_text(old_style)
+    assert "shift_pixels" not in old_style and "[train]" in old_style
+    assert common.default_config()["train"]["schedule"] != "constant"  # The defaults would change the recipe.
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
+    section = common.load_config(out / "config.toml")["train"]
+    assert {key: section[key] for key in proc_mnist.ORIGINAL_RECIPE} == proc_mnist.ORIGINAL_RECIPE
+
+
+def test_calls_are_sized_by_time_and_end_on_progress_lines(tiny_npz, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e9)  # As long as allowed: up to the next line.
+    calls = interrupt_at_call(monkeypatch, call_number=0)
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(tmp_path / "run")]) == 0
+    assert calls == [1, 1, 18, 20]  # The first call traces, the second is timed, then whole blocks.
+    output = capsys.readouterr().out
+    assert "step 20/40" in output and "step 40/40" in output
+
+
+def test_resuming_past_the_saved_schedule_says_so(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = str(write_config(tmp_path))
+    assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--set", "train.schedule=cosine"]) == 0
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
+    assert "the saved learning-rate schedule ends at step 40; steps after it use its final rate 0" in \
+        capsys.readouterr().out
