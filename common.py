@@ -47,6 +47,7 @@ def run_cli(main):
     interrupt is saved, temporary files are removed, and the exit code is 130.
     """
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    _CREATED_DIRS.clear()
     code = 1
     try:
         code = main()
@@ -198,6 +199,9 @@ VALUE_RULES = {
     "train.num_steps": _COUNT,
     "train.log_every": _COUNT,
     "train.seed": _SEED,
+    "train.warmup_steps": _between(0, 10**9),
+    "train.label_smoothing": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
+    "train.shift_pixels": _between(0, 1000),
     "backwork.num_examples": _between(1, 100_000),
     "backwork.learning_rate": _POSITIVE,
     "backwork.max_num_steps": _COUNT,

@@ -192,9 +192,11 @@ def retrain(model, data, config, round_index, progress=print):
         keras.utils.set_random_seed(train_options["seed"])
         model = keras.models.clone_model(model)
     else:
-        # A fresh optimizer, as the original reloaded only the parameters; it also restarts the step count.
-        model = proc_mnist.compile_for_training(model, train_options["learning_rate"])
+        # A fresh optimizer (the original reloaded only the parameters) that restarts the step count,
+        # with the model's own schedule (train.schedule, warm-up) fitted to the retraining steps.
         train_options["num_steps"] = augment["retrain_steps"]
+        train_options["warmup_steps"] = min(train_options["warmup_steps"], augment["retrain_steps"] - 1)
+        model = proc_mnist.compile_for_training(model, proc_mnist.learning_rate_schedule(train_options))
     model, metrics = proc_mnist.train(data, {**config, "train": train_options}, model=model, progress=progress)
     return model, metrics
 

@@ -315,13 +315,10 @@ def check_train_section(section):
     """Refuse [train] values of the keys this script added that cannot work, naming the key."""
     if section["schedule"] not in SCHEDULES:
         raise UserError(f"train.schedule {section['schedule']!r} is unknown; use one of {', '.join(SCHEDULES)}")
-    if not 0 <= section["warmup_steps"] < section["num_steps"]:
-        raise UserError(f"train.warmup_steps {section['warmup_steps']} must be at least 0 and below "
+    common.check_section("train", section, source="train options")  # The ranges of single values.
+    if not section["warmup_steps"] < section["num_steps"]:
+        raise UserError(f"train.warmup_steps {section['warmup_steps']} must be below "
                         f"train.num_steps ({section['num_steps']})")
-    if not 0 <= section["label_smoothing"] < 1:
-        raise UserError(f"train.label_smoothing {section['label_smoothing']} must be in [0, 1)")
-    if section["shift_pixels"] < 0:
-        raise UserError(f"train.shift_pixels {section['shift_pixels']} must be at least 0")
 
 
 def learning_rate_schedule(section):
@@ -480,23 +477,6 @@ def save_model(model, path):
     common.atomic_write(path, model.save)
 
 
-def _finite_or_none(value):
-    """value with every NaN or infinity replaced by None, so that it is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
-def write_metrics(path, metrics):
-    """metrics.json as strict JSON (no bare NaN): a missing number is null."""
-    text = json.dumps(_finite_or_none(metrics), indent=2, allow_nan=False)
-    common.atomic_write_bytes(path, (text + "\n").encode())
-
-
 def plot_training_curve(history, path, title):
     figure, (loss_axis, accuracy_axis) = common.pyplot().subplots(1, 2, figsize=(10, 3.5))
     losses = [(record["step"], record["loss"]) for record in history if record.get("loss") is not None]
@@ -520,7 +500,7 @@ def save_run(out_dir, model, config, metrics):
     if weights_are_finite(model):
         save_model(model, out_dir / "model.keras")
     common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
-    write_metrics(out_dir / "metrics.json", metrics)
+    common.write_json(out_dir / "metrics.json", metrics)  # Strict JSON: a missing number is null.
     if metrics["history"]:
         plot_training_curve(metrics["history"], out_dir / "training_curve.png", title=out_dir.name)
 
@@ -619,10 +599,6 @@ def _merge_sessions(earlier, metrics):
             "sessions": earlier.get("sessions", 1) + 1, "history": history}
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 class _InterruptsDeferred:
     """Within the block, a first Ctrl-C or SIGTERM is only noted (the save goes on); a second aborts."""
 
@@ -641,13 +617,6 @@ class _InterruptsDeferred:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         return False
-
-
-def _remove_if_empty(folder):
-    try:
-        Path(folder).rmdir()
-    except OSError:
-        pass
 
 
 def main(argv=None):
@@ -679,21 +648,12 @@ def main(argv=None):
             earlier = {**earlier, "steps": step}
         print(f"resuming {out_dir} at step {step}")
         _note_schedule_end(model.optimizer, total_steps)
-    created = not out_dir.exists()
+    # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
     common.ensure_writable_dir(out_dir)
     print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; output in {out_dir}")
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # A scheduler's kill = Ctrl-C.
-    try:
-        try:
-            model, metrics = train(data, config, model=model)
-        except (UserError, KeyboardInterrupt):
-            if created:
-                _remove_if_empty(out_dir)
-            raise
-        with _InterruptsDeferred() as deferred:
-            return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    model, metrics = train(data, config, model=model)  # SIGTERM is Ctrl-C here (common.run_cli).
+    with _InterruptsDeferred() as deferred:
+        return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
 
 
 def _finish(out_dir, model, config, metrics, earlier, deferred):
@@ -708,7 +668,6 @@ def _finish(out_dir, model, config, metrics, earlier, deferred):
               f"saved {out_dir / 'model.keras'}")
     else:
         print(f"no step was completed; nothing saved in {out_dir}")
-        _remove_if_empty(out_dir)
     if metrics["diverged"]:
         kept = (f"the last finite weights, step {metrics['steps']}, are in {out_dir / 'model.keras'}" if saved
                 else "nothing was saved")
