@@ -638,7 +638,7 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
                            progress=print, on_label=None):
     """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
 
-    data is a dict as from common.load_mnist; model_options a config dict whose
+    data is a dict as from common.load_dataset; model_options a config dict whose
     'backwork' section overrides the defaults; model a Keras model or the path of one.
     on_label(label, results) is called as each label stops (the script saves there).
     """
@@ -656,6 +656,8 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
 
     def finished(label, result):
         result["model"] = model_path
+        if data.get("provenance"):
+            result["data"] = data["provenance"]
         if on_label is not None:
             on_label(label, result)
 
@@ -852,7 +854,8 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
-    config = proc_mnist.resolve_cli_config(args, "backwork")  # Ranges are checked here, before any loading.
+    base = common.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
+    config = proc_mnist.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
     for path in args.model:
         common.check_model_file(path)
     if args.evaluate:
@@ -861,7 +864,7 @@ def main(argv=None):
         raise UserError("backwork takes one --model; several models are for --evaluate RESULTS_DIR")
     args.model = args.model[0]
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
-    data = common.load_mnist(args.data)
+    data = common.load_dataset(args.data, config["data"]["dataset"])
     model = common.load_trained_model(args.model, data["x_train"])
     labels = parse_labels(args.labels or f"0-{model.output_shape[-1] - 1}", model.output_shape[-1])
 

@@ -1,8 +1,9 @@
-"""Pieces every script shares: configs, MNIST, safe files, command-line errors.
+"""Pieces every script shares: configs, image datasets, safe files, command-line errors.
 
 Each script keeps its own method; this module only holds what would otherwise be
 copied between them, so that there is one place to read for each of these.
 """
+import hashlib
 import importlib.abc
 import importlib.util
 import io
@@ -289,6 +290,15 @@ def load_config(path=None, overrides=(), base=None):
         merge_config(config, read_toml(path), source=str(path))
     for override in overrides:
         merge_config(config, parse_override(override), source=f"--set {override}")
+    return config
+
+
+def model_data_config(model_path):
+    """The defaults with the [data] section of the config the model was trained with (its config.toml),
+    so that a CIFAR model is backworked and explained on CIFAR without naming the config again."""
+    config, trained_with = default_config(), Path(model_path).parent / "config.toml"
+    if trained_with.is_file():
+        config["data"] = load_config(trained_with)["data"]
     return config
 
 
@@ -678,8 +688,15 @@ def check_results(results):
 
 # ------------------------------------------------------------------------------- data
 
-MNIST_HINT = ("give a local copy in the Keras layout with --data PATH or MNIST_PATH=PATH "
-              "(on this project's machines: ../shared/data/mnist.npz; never commit it)")
+# The datasets [data] dataset may name, each loaded (downloaded and cached) by keras.datasets.
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+# The file each download leaves in Keras' cache (~/.keras/datasets), hashed for provenance;
+# fashion_mnist is four files, so it is recorded by its name alone.
+CACHED_FILES = {"mnist": "mnist.npz", "cifar10": "cifar-10-batches-py-target_archive",
+                "cifar100": "cifar-100-python-target_archive"}
+
+DATA_HINT = ("give a local copy in the Keras layout with --data PATH or DATA_PATH=PATH (MNIST_PATH=PATH for "
+             "MNIST; on this project's machines: ../shared/data/mnist.npz; never commit it)")
 
 
 def _check_npz_members(archive, path):
@@ -694,16 +711,16 @@ def _check_npz_members(archive, path):
             shape, _, dtype = read_header(member)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
             raise UserError(f"{path}: {info.filename} claims shape {shape} of {dtype}, more than the "
-                            f"{info.file_size} bytes it holds; the file is damaged. {MNIST_HINT}")
+                            f"{info.file_size} bytes it holds; the file is damaged. {DATA_HINT}")
 
 
 def _read_npz(path):
     path = Path(path)
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "does not exist"
-        raise UserError(f"MNIST file {path} {problem}; {MNIST_HINT}")
+        raise UserError(f"data file {path} {problem}; {DATA_HINT}")
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {MNIST_HINT}")
+        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {DATA_HINT}")
     try:
         with zipfile.ZipFile(path) as archive:
             _check_npz_members(archive, path)
@@ -711,48 +728,104 @@ def _read_npz(path):
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path} is not a readable .npz file ({message}); {MNIST_HINT}") from None
+        raise UserError(f"{path} is not a readable .npz file ({message}); {DATA_HINT}") from None
 
 
 def _validate_split(arrays, split, source):
     images, labels = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
     if images is None or labels is None:
         raise UserError(f"{source} lacks x_{split} or y_{split}; it must hold x_train, y_train, x_test, y_test")
+    if labels.ndim == 2 and labels.shape[1] == 1:  # CIFAR's labels are (N, 1).
+        labels = labels[:, 0]
     if images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(f"{source}: x_{split} {images.shape} and y_{split} {labels.shape} do not fit "
-                        "(want images (N, H, W[, C]) and labels (N,))")
+                        "(want images (N, H, W[, C]) and labels (N,) or (N, 1))")
     if images.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{source}: x_{split} must be uint8 pixels and y_{split} integer labels, "
                         f"not {images.dtype} and {labels.dtype}")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise UserError(f"{source}: y_{split} holds labels outside 0-9")
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{source}: y_{split} holds negative labels; classes are numbered from 0")
     images = images.astype(np.float32) / 255.0
     return with_channel(images), labels.astype(np.int64)
 
 
-def load_mnist(path=None):
-    """MNIST as float32 images in [0, 1] of shape (N, H, W, C) and int64 labels.
+def file_sha256(path):
+    """The sha256 of a file, read in chunks (a CIFAR archive is 170 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    From path, else $MNIST_PATH, else keras.datasets.mnist (download and cache).
+
+def _cached_file(dataset):
+    """The file a keras.datasets download left in Keras' cache, or None where there is no one file."""
+    name = CACHED_FILES.get(dataset)
+    if name is None:
+        return None
+    # Keras caches in $KERAS_HOME (default ~/.keras), or in /tmp/.keras where that is not writable.
+    homes = [Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")), Path("/tmp/.keras")]
+    return next((home / "datasets" / name for home in homes if (home / "datasets" / name).is_file()), None)
+
+
+def _download(dataset):
+    """keras.datasets' arrays and the provenance of the download (the cached file's sha256 where known)."""
+    import keras
+
+    if dataset not in DATASETS:
+        raise UserError(f"data.dataset {dataset!r} is unknown; use one of {', '.join(DATASETS)} "
+                        "or give a local .npz with --data PATH")
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
+    except Exception as error:  # Any download or cache failure has the same fix.
+        raise UserError(f"could not download {dataset} ({type(error).__name__}); {DATA_HINT}") from None
+    cached = _cached_file(dataset)
+    provenance = {"dataset": dataset, "file": str(cached) if cached else None,
+                  "sha256": file_sha256(cached) if cached else None}
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}, provenance
+
+
+def data_path(path=None, dataset="mnist"):
+    """The local file to read: path, else $DATA_PATH, else $MNIST_PATH when the dataset is MNIST."""
+    return path or os.environ.get("DATA_PATH") or (os.environ.get("MNIST_PATH") if dataset == "mnist" else None)
+
+
+def load_dataset(path=None, dataset="mnist"):
+    """An image dataset as float32 images in [0, 1] of shape (N, H, W, C) and int64 labels.
+
+    From path (an .npz in the Keras layout), else $DATA_PATH, else $MNIST_PATH for MNIST,
+    else keras.datasets.<dataset> (download and cache). data["provenance"] says which:
+    {"dataset": name or None, "file": path or None, "sha256": the file's or None}.
     """
-    path = path or os.environ.get("MNIST_PATH")
+    path = data_path(path, dataset)
     if path:
         arrays, source = _read_npz(path), str(path)
+        provenance = {"dataset": None, "file": str(path), "sha256": file_sha256(path)}
     else:
-        import keras
-
-        try:
-            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
-        except Exception as error:  # Any download or cache failure has the same fix.
-            raise UserError(f"could not download MNIST ({type(error).__name__}); {MNIST_HINT}") from None
-        arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-        source = "keras.datasets.mnist"
+        arrays, provenance = _download(dataset)
+        source = f"keras.datasets.{dataset}"
     data = {}
     for split in ("train", "test"):
         data[f"x_{split}"], data[f"y_{split}"] = _validate_split(arrays, split, source)
     if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
         raise UserError(f"{source}: training and test images differ in shape")
+    data["provenance"] = provenance
     return data
+
+
+def count_classes(data):
+    """The number of classes the data's integer labels name: the largest label plus one."""
+    labels = [data[key] for key in ("y_train", "y_val", "y_test") if key in data and np.ndim(data[key]) == 1]
+    return int(max((int(array.max()) for array in labels if len(array)), default=-1)) + 1
+
+
+def provenance_comment(provenance):
+    """One TOML comment line saying what a run was made from (a config.toml still loads back unchanged)."""
+    if not provenance:
+        return ""
+    what = provenance["file"] if provenance["dataset"] is None else f"keras.datasets.{provenance['dataset']}"
+    digest = f", sha256 {provenance['sha256']}" if provenance["sha256"] else ""
+    return f"# data: {what}{digest}\n"
 
 
 def split_validation(data, validation_size):

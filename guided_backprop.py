@@ -318,7 +318,7 @@ def parse_arguments(argv):
     parser.add_argument("--images", help='"test" for test images, or a backwork results .pkl (saliency.images)')
     parser.add_argument("--num", type=int, help="how many images to explain (saliency.num)")
     parser.add_argument("--label", type=int, help="class to explain, and with test images only images "
-                                                  "of that digit (saliency.label; default: the predicted class)")
+                                                  "of that class (saliency.label; default: the predicted class)")
     parser.add_argument("--method", choices=METHOD_CHOICES, help="which maps to compute (saliency.method)")
     parser.add_argument("--smooth", type=int, metavar="N", help="also SmoothGrad over N noisy copies "
                                                                 "(saliency.smooth_samples; 0 turns it off)")
@@ -326,9 +326,10 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
-def resolve_options(args):
-    """The [saliency] section: defaults, then the config file and --set, then the flags."""
-    config = proc_mnist.resolve_cli_config(args, "saliency")
+def resolve_config(args):
+    """Defaults (the model's [data]), then the config file and --set, then the flags; [saliency] is checked."""
+    base = common.model_data_config(args.model) if args.config is None else None
+    config = proc_mnist.resolve_cli_config(args, "saliency", base=base)
     flags = {"images": args.images, "num": args.num, "label": args.label, "method": args.method,
              "smooth_samples": args.smooth}
     common.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},
@@ -343,12 +344,11 @@ def resolve_options(args):
     for passed, message in checks:
         if not passed:
             raise UserError(f"saliency.{message}; fix the flag, the config or --set")
-    return options
+    return config
 
 
-def load_test_images(data_path, label, num):
-    """The first num test images (of digit label unless it is -1) and their labels."""
-    data = common.load_mnist(data_path)
+def load_test_images(data, label, num):
+    """The first num test images of data (of class label unless it is -1) and their labels."""
     images, labels = data["x_test"], data["y_test"]
     if label >= 0:
         if not (labels == label).any():
@@ -359,13 +359,15 @@ def load_test_images(data_path, label, num):
 
 
 def load_backwork_images(path, num):
-    """The first num images of a cnn_backwork.py results file, and the label they were made for."""
+    """The first num images of a cnn_backwork.py results file, the label they were made for, and the
+    file's provenance (the file itself; the data it was backworked from is in the file's "data")."""
     results = common.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
     if results["kind"] != "backwork":
         raise UserError(f"{path} holds {results['kind']} results, not backworked images; give a "
                         "results_<label>.pkl written by cnn_backwork.py")
     images = common.with_channel(results["images"])  # (N, H, W) -> (N, H, W, 1)
-    return images[:num], np.full(len(images[:num]), results["label"])
+    provenance = {"dataset": None, "file": str(path), "sha256": common.file_sha256(path)}
+    return images[:num], np.full(len(images[:num]), results["label"]), provenance
 
 
 def output_name(source, label):
@@ -399,17 +401,20 @@ def compute_maps(model, images, labels, options):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    options = resolve_options(args)
     common.check_model_file(args.model)
+    config = resolve_config(args)
+    options = config["saliency"]
     from_test_set = options["images"] == "test"
     if from_test_set:
-        images, image_labels = load_test_images(args.data, options["label"], options["num"])
+        data = common.load_dataset(args.data, config["data"]["dataset"])
+        images, image_labels = load_test_images(data, options["label"], options["num"])
+        provenance, data_classes = data["provenance"], common.count_classes(data)
     elif options["images"].endswith(".pkl"):
-        images, image_labels = load_backwork_images(options["images"], options["num"])
+        images, image_labels, provenance = load_backwork_images(options["images"], options["num"])
+        data_classes = None  # A backwork file's model is whatever made it, so only the shape is checked.
     else:
         raise UserError(f"--images {options['images']!r} is neither 'test' nor a backwork results .pkl")
-    # MNIST's ten digits; a backwork file's model is whatever made it, so only the shape is checked.
-    model = common.load_trained_model(args.model, images, num_classes=10 if from_test_set else None)
+    model = common.load_trained_model(args.model, images, num_classes=data_classes)
     num_classes = model.output_shape[-1]
     if options["label"] >= num_classes:
         raise UserError(f"--label {options['label']} is not a class of model {args.model}, whose "
@@ -426,9 +431,9 @@ def main(argv=None):
     maps = compute_maps(model, images, labels, options)
     results = {"images": images, "labels": labels.astype(np.int64), "probs": probabilities.astype(np.float32),
                "image_labels": image_labels.astype(np.int64), "model": str(args.model),
-               "source": options["images"], "options": dict(options), **maps}
+               "source": options["images"], "options": dict(options), "data": provenance, **maps}
     common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
-    tag = "digit" if from_test_set else "made for"
+    tag = "class" if from_test_set else "made for"
     titles = [f"{tag} {image_label}\nexplained: class {label}\np = {probabilities[row, label]:.4g}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]
     feature_options = {key: options[key] for key in ("sign", "top_k", "scale", "multiply_by_input")}

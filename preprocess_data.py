@@ -90,8 +90,12 @@ def final_images(results):
     return np.concatenate([common.with_channel(result["images"]) for _, result in sorted(results.items())])
 
 
-def augment_data(data, results_dir, num_classes=10, seed=0):
-    """Add the final backworked images of results_dir with a uniform label (the original's name)."""
+def augment_data(data, results_dir, num_classes=None, seed=0):
+    """Add the final backworked images of results_dir with a uniform label (the original's name).
+
+    num_classes defaults to the classes of the data's labels.
+    """
+    num_classes = num_classes or common.count_classes(data)
     images, _ = read_fooling_images(results_dir, data["x_train"].shape[1:], num_classes)
     return add_none_examples(data, images, num_classes, seed)
 
@@ -101,8 +105,9 @@ def blank_and_noise_images(shape, num_blank, num_noise, seed):
     return np.concatenate([np.zeros((num_blank,) + tuple(shape), np.float32), noise])
 
 
-def augment_random_data(data, num_blank=800, num_noise=800, num_classes=10, seed=0):
-    """Add blank and uniform-noise images with a uniform label (the original's name)."""
+def augment_random_data(data, num_blank=800, num_noise=800, num_classes=None, seed=0):
+    """Add blank and uniform-noise images with a uniform label (the original's name); num_classes as augment_data."""
+    num_classes = num_classes or common.count_classes(data)
     images = blank_and_noise_images(data["x_train"].shape[1:], num_blank, num_noise, seed)
     return add_none_examples(data, images, num_classes, seed)
 
@@ -359,7 +364,8 @@ def write_report(out_dir, model, config, report):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
         proc_mnist.save_model(model, out_dir / "model.keras")
-    common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
+    config_text = common.provenance_comment(report["data"]) + common.dump_toml(config)
+    common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
         plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png")
@@ -379,8 +385,9 @@ def main(argv=None):
     augment = config["augment"]
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
     out_dir = common.ensure_writable_dir(args.out or default_out)
-    data = common.split_validation(common.load_mnist(args.data), config["data"]["validation_size"])
-    original = common.load_trained_model(model_path, data["x_train"])
+    data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
+                                   config["data"]["validation_size"])
+    original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
     _, trained_results = read_fooling_images(args.results, data["x_train"].shape[1:], original.output_shape[-1])
     if augment["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
@@ -390,7 +397,7 @@ def main(argv=None):
     data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(
         0, 1, (augment["num_eval_noise"],) + shape).astype(np.float32)
     report = {"model": str(model_path), "results": str(args.results), "target": augment["target"],
-              "complete": False, "rounds": []}
+              "data": data["provenance"], "complete": False, "rounds": []}
     model, last_model = original, None
     try:
         heldout, heldout_seconds = heldout_backwork(original, data, config, out_dir)

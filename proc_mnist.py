@@ -1,4 +1,4 @@
-"""Train a CNN on MNIST from a topology dict.
+"""Train a CNN on an image dataset (MNIST by default, [data] dataset) from a topology dict.
 
     python proc_mnist.py [CONFIG] [--data PATH] [--out DIR] [--steps N] [--seed N]
                          [--set section.key=value ...] [--resume]
@@ -119,6 +119,18 @@ def _conv_block(x, index, conv, pool, in_shape, batch_norm):
         x = layers.MaxPooling2D(window[1:3], strides=pool_strides[1:3], padding=pool_padding.lower(),
                                 name=f"conv{index}")(x)
     return x, (height, width, filter_shape[3])
+
+
+def check_topology_fits_data(topology, data):
+    """Refuse a [model] whose image size or class count is not the data's, naming the key to set."""
+    shape, data_shape = _image_shape(topology["image_dim_size"]), list(data["x_train"].shape[1:])
+    if shape != data_shape:
+        raise UserError(f"the data has images of shape {data_shape} but model.image_dim_size is "
+                        f"{topology['image_dim_size']}; set model.image_dim_size = {data_shape}")
+    classes = common.count_classes(data)
+    if classes and classes != topology["num_classes"]:
+        raise UserError(f"the data has {classes} classes but model.num_classes is {topology['num_classes']}; "
+                        f"set model.num_classes = {classes}")
 
 
 def build_model(topology):
@@ -419,7 +431,7 @@ def _run_blocks(run_steps, model, data, section, progress):
 
 
 def train(data, config=None, model=None, progress=print):
-    """Train on data (as from load_mnist / split_validation) and return (model, metrics).
+    """Train on data (as from load_dataset / split_validation) and return (model, metrics).
 
     config is a config dict ({'model': {...}, 'train': {...}}, missing keys take their
     defaults). Training labels may be ints or probability rows. A given model continues
@@ -439,6 +451,7 @@ def train(data, config=None, model=None, progress=print):
     check_train_section(section)
     keras.utils.set_random_seed(section["seed"])
     if model is None:
+        check_topology_fits_data(config["model"], data)
         model = build_model(config["model"])
     if getattr(model, "optimizer", None) is None:
         compile_for_training(model, learning_rate_schedule(section))
@@ -456,7 +469,7 @@ def train(data, config=None, model=None, progress=print):
     metrics = {"steps": steps, "seconds": seconds, "examples": examples,
                "examples_per_second": examples / seconds if seconds else 0.0,
                "interrupted": stop == "interrupted", "diverged": stop.startswith("diverged"),
-               "stop_reason": stop, "test_accuracy": None, "history": history}
+               "stop_reason": stop, "test_accuracy": None, "history": history, "data": data.get("provenance")}
     if "x_test" in data and stop != "interrupted":
         try:
             metrics["test_accuracy"] = accuracy(model, data["x_test"], data["y_test"])
@@ -499,7 +512,8 @@ def save_run(out_dir, model, config, metrics):
     out_dir = Path(out_dir)
     if weights_are_finite(model):
         save_model(model, out_dir / "model.keras")
-    common.atomic_write_bytes(out_dir / "config.toml", common.dump_toml(config).encode())
+    config_text = common.provenance_comment(metrics.get("data")) + common.dump_toml(config)
+    common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "metrics.json", metrics)  # Strict JSON: a missing number is null.
     if metrics["history"]:
         plot_training_curve(metrics["history"], out_dir / "training_curve.png", title=out_dir.name)
@@ -511,7 +525,8 @@ def save_run(out_dir, model, config, metrics):
 def add_common_arguments(parser, section):
     """Arguments every script takes: a config, overrides, the data and the seed."""
     parser.add_argument("config", nargs="?", help="TOML config listing what differs from configs/default.toml")
-    parser.add_argument("--data", help="local MNIST .npz in the Keras layout (default: $MNIST_PATH, else download)")
+    parser.add_argument("--data", help="local .npz in the Keras layout (default: $DATA_PATH, $MNIST_PATH for MNIST, "
+                                       "else download [data] dataset)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; may be repeated")
     parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
@@ -525,9 +540,9 @@ def resolve_cli_config(args, section, base=None):
 
 
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(description="Train a CNN on MNIST from a topology config.")
+    parser = argparse.ArgumentParser(description="Train a CNN on an image dataset from a topology config.")
     add_common_arguments(parser, "train")
-    parser.add_argument("--out", help="output folder (default: runs/<config name>)")
+    parser.add_argument("--out", help="output folder (default: runs/<config name>, after the dataset if not MNIST)")
     parser.add_argument("--steps", type=int, help="total optimisation steps (overrides train.num_steps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its saved model, optimizer and step")
@@ -623,7 +638,7 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
-    out_dir = Path(args.out or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config, resolve_cli_config(args, "train"))
     base, model, earlier = None, None, None
     if args.resume:
         if not (out_dir / "model.keras").is_file():
@@ -634,7 +649,8 @@ def main(argv=None):
         args.set.append(f"train.num_steps={args.steps}")
     config = resolve_cli_config(args, "train", base=base)
     check_train_section(config["train"])
-    data = common.split_validation(common.load_mnist(args.data), config["data"]["validation_size"])
+    data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
+                                   config["data"]["validation_size"])
     if args.resume:
         model = _resumable_model(out_dir / "model.keras", data["x_train"])
         step, total_steps = int(model.optimizer.iterations.numpy()), config["train"]["num_steps"]
@@ -654,6 +670,14 @@ def main(argv=None):
     model, metrics = train(data, config, model=model)  # SIGTERM is Ctrl-C here (common.run_cli).
     with _InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
+
+
+def default_out_dir(config_path, config):
+    """runs/<config name>, with the dataset in front when it is not MNIST: a CIFAR run never replaces an MNIST one."""
+    name, dataset = Path(config_path).stem if config_path else "default", config["data"]["dataset"]
+    if dataset != "mnist" and not name.startswith(dataset):
+        name = f"{dataset}-{name}"
+    return Path("runs") / name
 
 
 def _finish(out_dir, model, config, metrics, earlier, deferred):

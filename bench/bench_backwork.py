@@ -101,7 +101,7 @@ def batched_rows(arguments):
     import cnn_backwork
     import common
 
-    data = common.load_mnist(arguments.data)
+    data = common.load_dataset(arguments.data, common.model_data_config(arguments.model)["data"]["dataset"])
     model = common.load_trained_model(arguments.model, data["x_train"])
     labels = cnn_backwork.parse_labels(arguments.labels, model.output_shape[-1])
     images = {label: data["x_train"][data["y_train"] == label] for label in labels}

@@ -62,7 +62,7 @@ def tiny_npz(tmp_path_factory):
 def tiny_data(tiny_npz):
     import common
 
-    return common.split_validation(common.load_mnist(tiny_npz), 100)
+    return common.split_validation(common.load_dataset(tiny_npz), 100)
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +86,60 @@ def fake_backwork_results(label, shape=(3, IMAGE_SIZE, IMAGE_SIZE), num_classes=
             "steps_to_reach": np.array([25, 50, -1] * shape[0])[:shape[0]],
             "history": [{"step": 25, "images": images, "probs": probs[:, label % num_classes], "cost": 1.5}],
             "options": {"prob_cap_min": 0.999}, "model": "model.keras"}
+
+
+COLOUR_SHAPE = (10, 14, 3)  # Not square, three channels: what the code must not assume away.
+COLOUR_CLASSES = 3
+
+
+def make_colour_images(num_examples, seed):
+    """uint8 colour images whose label is the channel of a bright bar, labels (N, 1) as CIFAR's."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, COLOUR_CLASSES, num_examples)
+    images = rng.integers(0, 60, (num_examples, *COLOUR_SHAPE)).astype(np.uint8)
+    images[np.arange(num_examples), 4, :, labels] = 255
+    return images, labels.astype(np.uint8)[:, None]
+
+
+def colour_options(num_steps=40):
+    """A tiny config for COLOUR_SHAPE images of COLOUR_CLASSES classes, every script's budget tiny."""
+    options = tiny_options(num_steps, image_dim_size=list(COLOUR_SHAPE), num_classes=COLOUR_CLASSES)
+    options["model"]["conv_layers"][0]["filter"] = [3, 3, 3, 4]
+    options["train"]["log_every"] = 20
+    options["data"] = {"validation_size": 40}
+    options["backwork"] = {"num_examples": 2, "max_num_steps": 10, "min_num_steps": 0, "save_freq": 5,
+                           "nearest_every": 5}
+    options["augment"] = {"num_blank": 5, "num_noise": 5, "retrain_steps": 10, "rounds": 1, "num_eval_noise": 5,
+                          "difficulty_budgets": [5, 10]}
+    return options
+
+
+@pytest.fixture(scope="session")
+def colour_npz(tmp_path_factory):
+    x_train, y_train = make_colour_images(200, seed=1)
+    x_test, y_test = make_colour_images(40, seed=2)
+    path = tmp_path_factory.mktemp("data") / "tiny_colour.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def read_scalars(log_dir):
+    """{tag: [(step, value), ...]} of every scalar in the TensorBoard event files under log_dir."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
+def read_image_tags(log_dir):
+    """The tags of every image summary under log_dir."""
+    import tensorflow as tf
+
+    return {value.tag for path in sorted(Path(log_dir).glob("events.out.tfevents.*"))
+            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value
+            if value.metadata.plugin_data.plugin_name == "images"}

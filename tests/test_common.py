@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -44,28 +46,56 @@ def test_dumped_config_reads_back_identically(tmp_path):
     assert common.load_config(path) == config
 
 
-def test_load_mnist_scales_and_adds_channel(tiny_npz, monkeypatch):
-    monkeypatch.delenv("MNIST_PATH", raising=False)
-    data = common.load_mnist(tiny_npz)
+def test_load_dataset_scales_adds_channel_and_records_the_file(tiny_npz, monkeypatch):
+    for name in ("MNIST_PATH", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    data = common.load_dataset(tiny_npz)
     assert data["x_train"].dtype == np.float32 and data["x_train"].shape == (500, 12, 12, 1)
     assert 0.0 <= data["x_train"].min() and data["x_train"].max() == 1.0
+    assert data["provenance"] == {"dataset": None, "file": str(tiny_npz),
+                                  "sha256": hashlib.sha256(tiny_npz.read_bytes()).hexdigest()}
+    assert common.count_classes(data) == 10
+    for name in ("MNIST_PATH", "DATA_PATH"):  # DATA_PATH is the general name, MNIST_PATH the old one.
+        monkeypatch.setenv(name, str(tiny_npz))
+        np.testing.assert_array_equal(common.load_dataset()["y_test"], data["y_test"])
+        monkeypatch.delenv(name)
+
+
+def test_mnist_path_is_not_used_for_another_dataset(tiny_npz, monkeypatch):
+    import keras
+
+    monkeypatch.delenv("DATA_PATH", raising=False)
     monkeypatch.setenv("MNIST_PATH", str(tiny_npz))
-    np.testing.assert_array_equal(common.load_mnist()["y_test"], data["y_test"])
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", lambda: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(UserError, match="could not download cifar10.*DATA_PATH"):
+        common.load_dataset(dataset="cifar10")
 
 
-def test_load_mnist_rejects_bad_files(tmp_path):
+def test_colour_images_with_column_labels_and_many_classes_load(colour_npz):
+    data = common.load_dataset(colour_npz)
+    assert data["x_train"].shape[1:] == (10, 14, 3) and data["y_train"].ndim == 1
+    assert data["y_train"].dtype == np.int64 and common.count_classes(data) == 3
+    x = np.zeros((4, 5, 5, 3), np.uint8)
+    np.savez(colour_npz.parent / "many.npz", x_train=x, y_train=np.array([[0], [1], [2], [99]]), x_test=x,
+             y_test=np.array([[5], [6], [7], [8]]))
+    assert common.count_classes(common.load_dataset(colour_npz.parent / "many.npz")) == 100
+
+
+def test_load_dataset_rejects_bad_files(tmp_path):
     x = np.zeros((4, 5, 5), np.uint8)
-    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.array([0, 1, 2, 12]), x_test=x, y_test=np.zeros(4, int))
-    with pytest.raises(UserError, match="labels outside 0-9"):
-        common.load_mnist(tmp_path / "labels.npz")
+    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.array([0, 1, 2, -1]), x_test=x, y_test=np.zeros(4, int))
+    with pytest.raises(UserError, match="negative labels"):
+        common.load_dataset(tmp_path / "labels.npz")
     np.savez(tmp_path / "keys.npz", x_train=x)
     with pytest.raises(UserError, match="lacks x_train or y_train|lacks x_test"):
-        common.load_mnist(tmp_path / "keys.npz")
-    with pytest.raises(UserError, match="--data PATH or MNIST_PATH"):
-        common.load_mnist(tmp_path / "missing.npz")
+        common.load_dataset(tmp_path / "keys.npz")
+    with pytest.raises(UserError, match="--data PATH or DATA_PATH"):
+        common.load_dataset(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not an .npz archive"):
-        common.load_mnist(tmp_path / "junk.npz")
+        common.load_dataset(tmp_path / "junk.npz")
+    with pytest.raises(UserError, match="data.dataset 'svhn' is unknown"):
+        common.load_dataset(dataset="svhn")
 
 
 def test_download_failure_says_how_to_give_a_file(monkeypatch):
@@ -74,10 +104,37 @@ def test_download_failure_says_how_to_give_a_file(monkeypatch):
     def offline():
         raise OSError("no network")
 
-    monkeypatch.delenv("MNIST_PATH", raising=False)
+    for name in ("MNIST_PATH", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
-    with pytest.raises(UserError, match="could not download MNIST.*--data PATH"):
-        common.load_mnist()
+    with pytest.raises(UserError, match="could not download mnist.*--data PATH"):
+        common.load_dataset()
+
+
+def test_a_download_records_the_dataset_and_the_cached_file(monkeypatch, tmp_path):
+    import keras
+
+    for name in ("MNIST_PATH", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    x = np.zeros((4, 5, 5), np.uint8)
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
+    assert common.load_dataset(dataset="fashion_mnist")["provenance"] == {
+        "dataset": "fashion_mnist", "file": None, "sha256": None}  # Four files: the name alone.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "mnist.npz").write_bytes(b"cached")
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
+    provenance = common.load_dataset()["provenance"]
+    assert provenance["dataset"] == "mnist" and provenance["sha256"] == hashlib.sha256(b"cached").hexdigest()
+    assert common.load_config(None, ["data.dataset=cifar10"])["data"]["dataset"] == "cifar10"
+
+
+def test_provenance_comment_keeps_the_config_loading_back_unchanged(tmp_path):
+    config = common.default_config()
+    comment = common.provenance_comment({"dataset": None, "file": "/x/y.npz", "sha256": "ab" * 32})
+    assert comment.startswith("# data: /x/y.npz, sha256 abab")
+    path = write(tmp_path, comment + common.dump_toml(config), name="resolved.toml")
+    assert common.load_config(path) == config
 
 
 def test_split_validation_holds_out_the_last_examples(tiny_data):

@@ -270,7 +270,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     assert guided_backprop.main(arguments) == 0
     results = common.load_results(out / "saliency_test.pkl")
     assert {"images", "labels", "probs", "vanilla", "guided", "vanilla_smooth", "guided_smooth"} <= set(results)
-    test_images = common.load_mnist(tiny_npz)["x_test"][:3]
+    test_images = common.load_dataset(tiny_npz)["x_test"][:3]
     np.testing.assert_array_equal(results["images"], test_images)
     assert results["probs"].shape == (3, 10)
     np.testing.assert_array_equal(results["labels"], results["probs"].argmax(axis=1))
