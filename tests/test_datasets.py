@@ -36,3 +36,75 @@ def test_cifar10_config_is_the_default_network_for_32x32_colour():
     assert config["data"]["dataset"] == "cifar10"
     default = proc_mnist.build_model(common.default_config()["model"])
     assert [layer.name for layer in model.layers] == [layer.name for layer in default.layers]
+
+
+def _colourful(path):
+    """Whether a PNG holds pixels whose colour channels differ (a grey figure has none)."""
+    from matplotlib import image
+
+    pixels = image.imread(path)[..., :3]
+    return bool(np.abs(pixels - pixels.mean(axis=-1, keepdims=True)).max() > 0.1)
+
+
+@pytest.fixture(scope="module")
+def colour_pipeline(colour_npz, tmp_path_factory):
+    """The whole pipeline, through each script's main(), on 10x14 colour images of 3 classes."""
+    import cnn_backwork
+    import guided_backprop
+    import preprocess_data
+
+    folder = tmp_path_factory.mktemp("colour")
+    config = folder / "colour.toml"
+    config.write_text(common.dump_toml(common.merge_config(common.default_config(), colour_options(), "test")))
+    run, data = folder / "run", ["--data", str(colour_npz)]
+    model = str(run / "model.keras")
+    assert proc_mnist.main([str(config), *data, "--out", str(run)]) == 0
+    assert cnn_backwork.main([str(config), *data, "--model", model, "--labels", "0-2"]) == 0
+    assert preprocess_data.main([str(config), *data, "--model", model, "--results", str(run / "backwork"),
+                                 "--out", str(folder / "aug")]) == 0
+    assert guided_backprop.main([str(config), *data, "--model", model, "--images", "test", "--num", "2"]) == 0
+    assert guided_backprop.main([str(config), "--model", model, "--images", str(run / "backwork" / "results_1.pkl"),
+                                 "--num", "2"]) == 0
+    return run, folder / "aug", colour_npz
+
+
+def test_the_whole_pipeline_runs_on_non_square_colour_images(colour_pipeline):
+    run, augmented, _ = colour_pipeline
+    results = common.load_results(run / "backwork" / "results_1.pkl")
+    assert results["images"].shape == (2, *COLOUR_SHAPE) and results["probs"].shape == (2, COLOUR_CLASSES)
+    report = json.loads((augmented / "report.json").read_text())
+    assert report["complete"] and len(report["rounds"]) == 2
+    saliency = common.load_results(run / "saliency" / "saliency_test.pkl")
+    assert saliency["guided"].shape == (2, *COLOUR_SHAPE)
+    for figure in (run / "backwork" / "backwork.png", run / "saliency" / "saliency_test.png",
+                   run / "saliency" / "saliency_results_1.png"):
+        assert _colourful(figure), f"{figure.name} shows colour images in grey"
+
+
+def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
+    run, augmented, npz = colour_pipeline
+    expected = {"dataset": None, "file": str(npz), "sha256": hashlib.sha256(npz.read_bytes()).hexdigest()}
+    assert json.loads((run / "metrics.json").read_text())["data"] == expected
+    assert json.loads((augmented / "report.json").read_text())["data"] == expected
+    for folder in (run, augmented):
+        text = (folder / "config.toml").read_text()
+        assert text.startswith(f"# data: {npz}, sha256 {expected['sha256']}\n")
+        common.load_config(folder / "config.toml")  # The comment leaves it loadable.
+    for path in (run / "backwork" / "results_0.pkl", run / "saliency" / "saliency_test.pkl",
+                 augmented / "heldout" / "results_2.pkl", augmented / "round1" / "backwork" / "results_1.pkl"):
+        assert common.load_results(path)["data"] == expected, path
+    from_results = common.load_results(run / "saliency" / "saliency_results_1.pkl")["data"]
+    assert from_results["file"] == str(run / "backwork" / "results_1.pkl") and len(from_results["sha256"]) == 64
+
+
+def test_figures_draw_colour_inputs_in_colour_and_grey_ones_in_grey(tmp_path):
+    import cnn_backwork
+    import guided_backprop
+
+    rng = np.random.default_rng(0)
+    colour, grey = rng.uniform(0, 1, (3, *COLOUR_SHAPE)), rng.uniform(0, 1, (3, 10, 14))
+    for images, name in [(colour, "colour.png"), (grey, "grey.png")]:
+        cnn_backwork.plot_image_grid([("label 0", images, ["a", "b", "c"])], "test", tmp_path / name)
+    assert _colourful(tmp_path / "colour.png") and not _colourful(tmp_path / "grey.png")
+    assert guided_backprop._channels_to_display(colour[0], is_map=False).shape == COLOUR_SHAPE
+    assert guided_backprop._channels_to_display(colour[0], is_map=True).shape == COLOUR_SHAPE[:2]
