@@ -450,11 +450,12 @@ class Backworker:
 
     # -- outside it, at every record
 
-    def run(self, images_by_label, progress=print, on_label=None):
+    def run(self, images_by_label, progress=print, on_label=None, on_record=None):
         """Optimise options['num_examples'] images towards each label; return {label: results}.
 
         images_by_label maps each label to its training images (as many labels as num_labels).
-        on_label(label, results) is called as each label stops.
+        on_label(label, results) is called as each label stops, on_record(label, step, cost,
+        probabilities) at each of its records.
         """
         import tensorflow as tf
 
@@ -483,6 +484,8 @@ class Backworker:
                     progress(failures[-1])
                     continue
                 state.record(step, costs[:, group], probabilities[rows], images[rows], progress)
+                if on_record is not None:
+                    on_record(state.label, step, float(costs[-1, group]), probabilities[rows])
                 if state.should_stop(step) or step >= options["max_num_steps"]:
                     self._finish(group, state, step, start, results, on_label)
                 else:
@@ -635,12 +638,13 @@ def nearest_distances(images, label_images):
 
 
 def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
-                           progress=print, on_label=None):
+                           progress=print, on_label=None, on_record=None):
     """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
 
     data is a dict as from common.load_dataset; model_options a config dict whose
     'backwork' section overrides the defaults; model a Keras model or the path of one.
-    on_label(label, results) is called as each label stops (the script saves there).
+    on_label(label, results) is called as each label stops (the script saves there), and
+    on_record(label, step, cost, probabilities) at each record (the script logs there).
     """
     options = common.merge_config(common.default_config(), model_options or {}, "model_options")["backwork"]
     check_options(options)
@@ -662,7 +666,7 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
             on_label(label, result)
 
     images_by_label = {label: data["x_train"][data["y_train"] == label] for label in labels}
-    return Backworker(model, options, len(labels)).run(images_by_label, progress, finished)
+    return Backworker(model, options, len(labels)).run(images_by_label, progress, finished, on_record)
 
 
 def check_options(options):
@@ -872,10 +876,16 @@ def main(argv=None):
         if (out_dir / f"results_{label}.pkl").exists():
             print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
 
-    def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
-        common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(args.model)})
+    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
+        def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
+            common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(args.model)})
+            common.write_images(writer, result["steps"], f"label_{label}/images", result["images"])
 
-    results = get_faulty_input_layer(data, config, model, labels, on_label=save)
+        def log(label, step, cost, probabilities):
+            common.write_scalars(writer, step, {f"label_{label}/cost": cost, f"label_{label}/p_min": probabilities.min(),
+                                                f"label_{label}/p_mean": probabilities.mean()})
+
+        results = get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
     print(summary_table(results))
     # Labels that other processes wrote too; a damaged neighbour must not fail this run.
     every_label = load_label_results(out_dir, skip_unreadable=True)

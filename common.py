@@ -3,6 +3,7 @@
 Each script keeps its own method; this module only holds what would otherwise be
 copied between them, so that there is one place to read for each of these.
 """
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.util
@@ -16,6 +17,7 @@ import signal
 import sys
 import tempfile
 import tomllib
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -410,6 +412,76 @@ def ensure_writable_dir(path):
     except OSError as error:
         raise UserError(f"cannot write to output folder {path} ({error.strerror}); choose another with --out") from None
     return path
+
+
+# ------------------------------------------------------------------------ TensorBoard
+
+
+# Writers that received a summary: a writer that received none leaves no file behind.
+_USED_WRITERS = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def summary_writer(log_dir):
+    """A TensorBoard event-file writer for log_dir, flushed and closed however the block ends (Ctrl-C too).
+
+    A block that wrote nothing (a run that failed before its first progress line) removes
+    the empty event file, and log_dir if it made it, so a failed start leaves no folder.
+    """
+    import tensorflow as tf
+
+    log_dir = Path(log_dir)
+    created, before = not log_dir.exists(), set(log_dir.glob("events.out.tfevents.*"))
+    writer = tf.summary.create_file_writer(str(log_dir))
+    try:
+        yield writer
+    finally:
+        writer.close()
+        if writer not in _USED_WRITERS:
+            for path in set(log_dir.glob("events.out.tfevents.*")) - before:
+                path.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    log_dir.rmdir()
+
+
+def _summary_metadata(plugin_name):
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin_name))
+
+
+# tf.summary.scalar and tf.summary.image live in the tensorboard package, which only reading
+# the logs needs; tf.summary.write with TensorBoard's plugin metadata writes the same records.
+
+
+def write_scalars(writer, step, values):
+    """Each {tag: number} at step, for TensorBoard's scalars tab (None is left out); no writer, no-op."""
+    import tensorflow as tf
+
+    if writer is None:
+        return
+    _USED_WRITERS.add(writer)
+    with writer.as_default(step=int(step)):
+        for tag, value in values.items():
+            if value is not None:
+                tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=_summary_metadata("scalars"))
+    writer.flush()
+
+
+def write_images(writer, step, tag, images):
+    """Images (N, H, W[, C]) in [0, 1], grey or colour, for TensorBoard's images tab; no writer, no-op."""
+    import tensorflow as tf
+
+    if writer is None:
+        return
+    _USED_WRITERS.add(writer)
+    images = tf.image.convert_image_dtype(with_channel(np.asarray(images, np.float32)), tf.uint8, saturate=True)
+    encoded = [tf.image.encode_png(image) for image in images]
+    height, width = images.shape[1:3]
+    with writer.as_default(step=int(step)):  # TensorBoard's layout: width, height, then one PNG per image.
+        tf.summary.write(tag, tf.stack([str(width), str(height), *encoded]), metadata=_summary_metadata("images"))
+    writer.flush()
 
 
 def pyplot():

@@ -360,6 +360,14 @@ def resolve_config(args):
     return config
 
 
+def write_round_summary(writer, metrics):
+    """A round's numbers for TensorBoard, at step = the round (fooled_within as one tag per budget)."""
+    values = {f"round/{key}": value for key, value in metrics.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round"}
+    values.update({f"round/fooled_within_{budget}": value for budget, value in metrics.get("fooled_within", {}).items()})
+    common.write_scalars(writer, metrics["round"], values)
+
+
 def write_report(out_dir, model, config, report):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
@@ -398,17 +406,27 @@ def main(argv=None):
         0, 1, (augment["num_eval_noise"],) + shape).astype(np.float32)
     report = {"model": str(model_path), "results": str(args.results), "target": augment["target"],
               "data": data["provenance"], "complete": False, "rounds": []}
-    model, last_model = original, None
+    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
+        _run_study(data, config, original, trained_results, out_dir, report, writer)
+    print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
+    return 0
+
+
+def _run_study(data, config, original, trained_results, out_dir, report, writer):
+    """Round 0 (the original model) and every retraining round, each logged and reported as it ends."""
+    augment, model, last_model = config["augment"], original, None
     try:
         heldout, heldout_seconds = heldout_backwork(original, data, config, out_dir)
         study = Study(original, data, config, trained_results, heldout, out_dir)
         budgets = augment["difficulty_budgets"]
         report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, budgets),
                                  "backwork_seconds": heldout_seconds})
+        write_round_summary(writer, report["rounds"][-1])
         print(report_table(report["rounds"]))
         for round_index in range(1, augment["rounds"] + 1):
             model, metrics = study.run_round(round_index, model)
             report["rounds"].append(metrics)
+            write_round_summary(writer, metrics)
             last_model = model
             print(report_table(report["rounds"]))
         report["complete"] = True
@@ -419,8 +437,6 @@ def main(argv=None):
         if not report["complete"]:
             print(f"stopped after {max(len(report['rounds']) - 1, 0)} of {augment['rounds']} rounds; the report "
                   f"in {out_dir} covers those and says complete: false", file=sys.stderr)
-    print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
-    return 0
 
 
 if __name__ == "__main__":

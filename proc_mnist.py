@@ -378,8 +378,10 @@ def resolve_options(options):
 TARGET_CALL_SECONDS = 1.0  # Length of one compiled call: Ctrl-C and SIGTERM take effect between calls.
 
 
-def _run_blocks(run_steps, model, data, section, progress):
+def _run_blocks(run_steps, model, data, section, progress, writer=None):
     """Train to section['num_steps'] in calls of about TARGET_CALL_SECONDS; log every log_every steps.
+
+    Each progress line's numbers also go to writer (TensorBoard), if one is given.
 
     Returns (history, stop_reason) with stop_reason 'finished', 'interrupted' or
     'diverged at step N (loss nan)'.
@@ -417,6 +419,10 @@ def _run_blocks(run_steps, model, data, section, progress):
                 validation = "" if record["val_accuracy"] is None else f"  val acc {record['val_accuracy']:.2%}"
                 progress(f"step {step}/{total_steps}  loss {record['loss']:.4f}{validation}  "
                          f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
+                common.write_scalars(writer, step, {
+                    "train/loss": record["loss"], "train/val_accuracy": record["val_accuracy"],
+                    "train/learning_rate": float(model.optimizer.learning_rate),
+                    "train/examples_per_second": examples_per_second})
     except KeyboardInterrupt:
         stop = "interrupted"
         step = int(model.optimizer.iterations.numpy())  # The call under way ran to its end.
@@ -430,7 +436,7 @@ def _run_blocks(run_steps, model, data, section, progress):
     return history, stop
 
 
-def train(data, config=None, model=None, progress=print):
+def train(data, config=None, model=None, progress=print, writer=None):
     """Train on data (as from load_dataset / split_validation) and return (model, metrics).
 
     config is a config dict ({'model': {...}, 'train': {...}}, missing keys take their
@@ -438,7 +444,8 @@ def train(data, config=None, model=None, progress=print):
     from its optimizer's step count (and learning rate or schedule); a new one gets Adam
     with learning_rate_schedule(config['train']). Training stops early on Ctrl-C or
     SIGTERM (within about TARGET_CALL_SECONDS) and on a loss or gradient that is not
-    finite; the model then holds the last weights reached (always finite).
+    finite; the model then holds the last weights reached (always finite). writer, a
+    common.summary_writer, receives each progress line's numbers for TensorBoard.
 
     metrics: steps (the optimizer's step count), seconds, examples and examples_per_second
     (this call), interrupted, diverged, stop_reason, test_accuracy (None if not measured),
@@ -462,7 +469,7 @@ def train(data, config=None, model=None, progress=print):
     run_steps = make_train_function(model, images, targets, section["label_smoothing"],
                                     section["shift_pixels"], section["seed"])
     first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
-    history, stop = _run_blocks(run_steps, model, data, section, progress)
+    history, stop = _run_blocks(run_steps, model, data, section, progress, writer)
     steps = int(model.optimizer.iterations.numpy())
     seconds = time.perf_counter() - start
     examples = (steps - first_step) * section["batch_size"]
@@ -667,7 +674,8 @@ def main(argv=None):
     # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
     common.ensure_writable_dir(out_dir)
     print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; output in {out_dir}")
-    model, metrics = train(data, config, model=model)  # SIGTERM is Ctrl-C here (common.run_cli).
+    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
+        model, metrics = train(data, config, model=model, writer=writer)  # SIGTERM is Ctrl-C (common.run_cli).
     with _InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
 

@@ -108,3 +108,31 @@ def test_figures_draw_colour_inputs_in_colour_and_grey_ones_in_grey(tmp_path):
     assert _colourful(tmp_path / "colour.png") and not _colourful(tmp_path / "grey.png")
     assert guided_backprop._channels_to_display(colour[0], is_map=False).shape == COLOUR_SHAPE
     assert guided_backprop._channels_to_display(colour[0], is_map=True).shape == COLOUR_SHAPE[:2]
+
+
+def test_every_script_writes_tensorboard_logs(colour_pipeline):
+    from conftest import read_image_tags, read_scalars
+
+    run, augmented, _ = colour_pipeline
+    training = read_scalars(run / "logs")
+    for tag in ("train/loss", "train/val_accuracy", "train/learning_rate", "train/examples_per_second"):
+        assert [step for step, _ in training[tag]] == [20, 40], tag
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [value for _, value in training["train/loss"]] == pytest.approx(
+        [record["loss"] for record in metrics["history"]])
+    assert training["train/learning_rate"][0][1] == pytest.approx(1e-2)  # The tiny config's constant rate.
+    backwork = read_scalars(run / "backwork" / "logs")
+    for label in range(COLOUR_CLASSES):
+        history = common.load_results(run / "backwork" / f"results_{label}.pkl")["history"]
+        for name in ("cost", "p_min", "p_mean"):
+            assert [step for step, _ in backwork[f"label_{label}/{name}"]] == [record["step"] for record in history]
+        assert [value for _, value in backwork[f"label_{label}/cost"]] == pytest.approx(
+            [record["cost"] for record in history])
+        assert all(low <= mean for (_, low), (_, mean) in zip(backwork[f"label_{label}/p_min"],
+                                                               backwork[f"label_{label}/p_mean"]))
+    assert read_image_tags(run / "backwork" / "logs") == {f"label_{label}/images" for label in range(3)}
+    rounds = read_scalars(augmented / "logs")
+    report = json.loads((augmented / "report.json").read_text())
+    assert [value for _, value in rounds["round/test_accuracy"]] == pytest.approx(
+        [metrics["test_accuracy"] for metrics in report["rounds"]])
+    assert [step for step, _ in rounds["round/fooled_within_10"]] == [0, 1]

@@ -366,12 +366,12 @@ def test_resumed_runs_keep_the_whole_history_and_add_up_time(tiny_npz, tmp_path,
 def test_resume_with_nothing_left_to_do_touches_no_file(tiny_npz, tmp_path, capsys):
     out = tmp_path / "run"
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
     capsys.readouterr()
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "10"]) == 0
     output = capsys.readouterr().out
     assert "nothing to do" in output and "already at step 40 >= 10" in output
-    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()} == before
 
 
 def no_training(*args, **kwargs):
@@ -481,3 +481,25 @@ def test_resuming_past_the_saved_schedule_says_so(tiny_npz, tmp_path, capsys):
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
     assert "the saved learning-rate schedule ends at step 40; steps after it use its final rate 0" in \
         capsys.readouterr().out
+
+
+def test_an_interrupted_run_keeps_its_tensorboard_logs_closed(tiny_npz, tmp_path, monkeypatch):
+    from conftest import read_scalars
+
+    import tensorflow as tf
+
+    closed, real_create = [], tf.summary.create_file_writer
+
+    def noting_create(log_dir, *args, **kwargs):
+        writer = real_create(log_dir, *args, **kwargs)
+        real_close = writer.close
+        writer.close = lambda: (closed.append(log_dir), real_close())
+        return writer
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step.
+    interrupt_at_call(monkeypatch, 25)
+    monkeypatch.setattr(tf.summary, "create_file_writer", noting_create)
+    assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
+    assert closed == [str(out / "logs")]
+    assert [step for step, _ in read_scalars(out / "logs")["train/loss"]] == [20]
