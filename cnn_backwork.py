@@ -882,7 +882,8 @@ def main(argv=None):
             common.write_images(writer, result["steps"], f"label_{label}/images", result["images"])
 
         def log(label, step, cost, probabilities):
-            common.write_scalars(writer, step, {f"label_{label}/cost": cost, f"label_{label}/p_min": probabilities.min(),
+            common.write_scalars(writer, step, {f"label_{label}/cost": cost,
+                                                f"label_{label}/p_min": probabilities.min(),
                                                 f"label_{label}/p_mean": probabilities.mean()})
 
         results = get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)

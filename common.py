@@ -26,6 +26,9 @@ import numpy as np
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
 
+# The datasets [data] dataset may name, each loaded (downloaded and cached) by keras.datasets.
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
 # Keys whose value may be one number or a list of them (build_model normalises them).
 SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
 
@@ -191,6 +194,7 @@ def _sizes(maximum):
 # ZeroDivisionError (or a 5 GB allocation) later. Every float must also be finite.
 VALUE_RULES = {
     "data.validation_size": _AT_LEAST_ZERO,
+    "data.dataset": _rule(lambda name: name in DATASETS, f"one of {', '.join(DATASETS)} (or give --data PATH)"),
     "model.image_dim_size": _sizes(4096),
     "model.num_classes": _between(2, 100_000),
     "model.conv_layers": _tables(64),
@@ -760,8 +764,6 @@ def check_results(results):
 
 # ------------------------------------------------------------------------------- data
 
-# The datasets [data] dataset may name, each loaded (downloaded and cached) by keras.datasets.
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 # The file each download leaves in Keras' cache (~/.keras/datasets), hashed for provenance;
 # fashion_mnist is four files, so it is recorded by its name alone.
 CACHED_FILES = {"mnist": "mnist.npz", "cifar10": "cifar-10-batches-py-target_archive",

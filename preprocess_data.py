@@ -364,7 +364,8 @@ def write_round_summary(writer, metrics):
     """A round's numbers for TensorBoard, at step = the round (fooled_within as one tag per budget)."""
     values = {f"round/{key}": value for key, value in metrics.items()
               if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round"}
-    values.update({f"round/fooled_within_{budget}": value for budget, value in metrics.get("fooled_within", {}).items()})
+    within = metrics.get("fooled_within", {})
+    values.update({f"round/fooled_within_{budget}": value for budget, value in within.items()})
     common.write_scalars(writer, metrics["round"], values)
 
 

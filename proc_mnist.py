@@ -670,6 +670,8 @@ def main(argv=None):
                   "keeping the history up to the model's step")
             earlier = {**earlier, "steps": step}
         print(f"resuming {out_dir} at step {step}")
+        if earlier is not None and earlier.get("data") not in (None, data["provenance"]):
+            print(f"note: the run so far was trained on {earlier['data']}, this session on {data['provenance']}")
         _note_schedule_end(model.optimizer, total_steps)
     # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
     common.ensure_writable_dir(out_dir)

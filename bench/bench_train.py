@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--block", type=int, default=100, help="steps per call of our compiled loop")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 50 and train.batch_size)")
-    parser.add_argument("--data", help=".npz in the Keras layout; default: random images (speed does not depend on them)")
+    parser.add_argument("--data", help="Keras-layout .npz; default: random images (speed does not depend on them)")
     arguments = parser.parse_args()
     config = common.load_config(arguments.config)
     batch_sizes = ([int(size) for size in arguments.batch_sizes.split(",")] if arguments.batch_sizes

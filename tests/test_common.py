@@ -96,6 +96,8 @@ def test_load_dataset_rejects_bad_files(tmp_path):
         common.load_dataset(tmp_path / "junk.npz")
     with pytest.raises(UserError, match="data.dataset 'svhn' is unknown"):
         common.load_dataset(dataset="svhn")
+    with pytest.raises(UserError, match="data.dataset = 'svhn' must be one of mnist, fashion_mnist, cifar10"):
+        common.load_config(None, ["data.dataset=svhn"])
 
 
 def test_download_failure_says_how_to_give_a_file(monkeypatch):

@@ -363,15 +363,19 @@ def test_resumed_runs_keep_the_whole_history_and_add_up_time(tiny_npz, tmp_path,
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def file_states(folder):
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.rglob("*") if path.is_file()}
+
+
 def test_resume_with_nothing_left_to_do_touches_no_file(tiny_npz, tmp_path, capsys):
     out = tmp_path / "run"
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
+    before = file_states(out)
     capsys.readouterr()
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "10"]) == 0
     output = capsys.readouterr().out
     assert "nothing to do" in output and "already at step 40 >= 10" in output
-    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()} == before
+    assert file_states(out) == before
 
 
 def no_training(*args, **kwargs):
@@ -503,3 +507,17 @@ def test_an_interrupted_run_keeps_its_tensorboard_logs_closed(tiny_npz, tmp_path
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
     assert closed == [str(out / "logs")]
     assert [step for step, _ in read_scalars(out / "logs")["train/loss"]] == [20]
+
+
+def test_resuming_on_other_data_says_so(tiny_npz, tmp_path, capsys):
+    from conftest import make_images
+
+    out, other = tmp_path / "run", tmp_path / "other.npz"
+    x_train, y_train = make_images(500, seed=7)
+    np.savez(other, x_train=x_train, y_train=y_train, x_test=x_train[:50], y_test=y_train[:50])
+    config = str(write_config(tmp_path))
+    assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--steps", "20"]) == 0
+    capsys.readouterr()
+    assert proc_mnist.main(["--data", str(other), "--out", str(out), "--resume", "--steps", "40"]) == 0
+    assert f"note: the run so far was trained on {{'dataset': None, 'file': '{tiny_npz}'" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["data"]["file"] == str(other)
