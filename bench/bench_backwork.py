@@ -152,7 +152,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "REFERENCES"), help=argparse.SUPPRESS)
     parser.add_argument("--batched", action="store_true", help="all labels batched vs one at a time (needs --data)")
-    parser.add_argument("--data", help="MNIST .npz for --batched")
+    parser.add_argument("--data", help="Keras-layout .npz (the model's data) for --batched")
     parser.add_argument("--labels", default="0-9", help="labels for --batched")
     parser.add_argument("--nearest-every", type=int, nargs="+", default=[1, 5, 10],
                         help="backwork.nearest_every values for --batched, each batched and one at a time")

@@ -136,3 +136,13 @@ def test_every_script_writes_tensorboard_logs(colour_pipeline):
     assert [value for _, value in rounds["round/test_accuracy"]] == pytest.approx(
         [metrics["test_accuracy"] for metrics in report["rounds"]])
     assert [step for step, _ in rounds["round/fooled_within_10"]] == [0, 1]
+
+
+def test_scripts_given_a_model_take_its_dataset_from_its_config(tmp_path):
+    (tmp_path / "config.toml").write_text(common.provenance_comment(
+        {"dataset": "cifar10", "file": None, "sha256": None}) + common.dump_toml(
+        common.load_config(None, ["data.dataset=cifar10", "data.validation_size=7"])))
+    config = common.model_data_config(tmp_path / "model.keras")
+    assert config["data"] == {"dataset": "cifar10", "validation_size": 7}
+    assert config["backwork"] == common.default_config()["backwork"]  # Only [data] comes from the model's run.
+    assert common.model_data_config(tmp_path / "elsewhere" / "model.keras") == common.default_config()
