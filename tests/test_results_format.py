@@ -156,7 +156,8 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
     (lambda r: r["probs"].__setitem__((0, 0), np.inf), "'probs' holds NaN or infinite"),
     (lambda r: r.__setitem__("steps_to_reach", np.zeros(3)), "'steps_to_reach' is not an int array"),
     (lambda r: r.pop("steps"), "'steps' must be a finite int"),
-    (lambda r: r["history"][0].pop("cost"), "'cost' must be a finite"),
+    (lambda r: r["history"][0].pop("cost"), "'history[0].cost' must be a finite"),
+    (lambda r: r["history"][0]["probs"].__setitem__(1, -np.inf), "'history[0].probs' holds NaN or infinite"),
     (lambda r: r.__setitem__("history", [3]), "'history[0]' is not a dict"),
 ])
 def test_every_field_the_readers_use_is_checked(tmp_path, change, field):
