@@ -569,7 +569,8 @@ class LabelState:
         self.costs, self.probabilities = costs, probabilities
         self.history.append({"step": step, "images": _drop_single_channel(images), "probs": probabilities,
                              "cost": float(costs[-1])})
-        self.falls, self.previous = count_falls(self.falls, self.previous, probabilities), probabilities
+        # A copy: stuck() marks re-initialised images in previous, which must not reach the history.
+        self.falls, self.previous = count_falls(self.falls, self.previous, probabilities), probabilities.copy()
         progress(f"label {self.label}  step {step}  cost {costs[-1]:.4g}  p min {probabilities.min():.4f}  "
                  f"mean {probabilities.mean():.4f}  reinitialised {self.reinitialised}")
 

@@ -675,9 +675,12 @@ def _field_error(field, problem):
     return ResultsFormatError(f"field {field!r} {problem}")
 
 
-def _checked_array(results, field, dtype_kind, ndim=None, rows=None, finite=False, unit_range=False):
-    """results[field] as an array of the given kind ('f' float, 'i' int), shape and range."""
-    array = results.get(field)
+def _checked_array(results, field, dtype_kind, ndim=None, rows=None, finite=False, unit_range=False, where=""):
+    """results[field] as an array of the given kind ('f' float, 'i' int), shape and range.
+
+    where names the record that holds the field in messages (e.g. "history[4]").
+    """
+    array, field = results.get(field), f"{where}.{field}" if where else field
     if not isinstance(array, np.ndarray) or array.dtype.kind not in dtype_kind:
         expected = {"f": "a float array", "i": "an int array", "fi": "a number array"}[dtype_kind]
         raise _field_error(field, f"is not {expected}")
@@ -692,8 +695,8 @@ def _checked_array(results, field, dtype_kind, ndim=None, rows=None, finite=Fals
     return array
 
 
-def _checked_scalar(results, field, types, minimum=None):
-    value = results.get(field)
+def _checked_scalar(results, field, types, minimum=None, where=""):
+    value, field = results.get(field), f"{where}.{field}" if where else field
     if type(value) not in types or (minimum is not None and not value >= minimum) or (
             isinstance(value, float) and not math.isfinite(value)):
         names = " or ".join(kind.__name__ for kind in types)
@@ -718,10 +721,10 @@ def _check_backwork_results(results):
         where = f"history[{record_index}]"
         if not isinstance(record, dict):
             raise _field_error(where, "is not a dict")
-        _checked_scalar(record, "step", (int,), minimum=0)
-        _checked_array(record, "images", "f", ndim=(images.ndim,), finite=True, unit_range=True)
-        _checked_array(record, "probs", "f", ndim=(1, 2), finite=True)
-        _checked_scalar(record, "cost", (int, float))
+        _checked_scalar(record, "step", (int,), minimum=0, where=where)
+        _checked_array(record, "images", "f", ndim=(images.ndim,), finite=True, unit_range=True, where=where)
+        _checked_array(record, "probs", "f", ndim=(1, 2), finite=True, where=where)
+        _checked_scalar(record, "cost", (int, float), where=where)
     for field, rows in [("nearest_training_distance", count), ("worst_training_images", None),
                         ("worst_training_probs", None), ("layer_cost_coeffs", None)]:
         if field in results:

@@ -61,15 +61,19 @@ def add_none_examples(data, images, num_classes, seed, target="uniform"):
     return {**data, "x_train": all_images[order], "y_train": all_targets[order]}
 
 
-def read_fooling_images(results_dir, image_shape, num_classes):
-    """The final images of every results_{label}.pkl, checked against the data and model."""
+def load_results_folder(results_dir):
+    """Every results_{label}.pkl of a folder, each checked by common.load_results."""
     results_dir = Path(results_dir)
     if results_dir.is_file():
         raise UserError(f"--results wants the folder holding results_<label>.pkl, not the file {results_dir}; "
                         f"use --results {results_dir.parent}")
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; run cnn_backwork.py first or fix --results")
-    results = cnn_backwork.load_label_results(results_dir)
+    return cnn_backwork.load_label_results(results_dir)
+
+
+def check_fooling_results(results, results_dir, image_shape, num_classes):
+    """Refuse results that lack a label or do not fit the data's images or the model's classes."""
     missing = sorted(set(range(num_classes)) - set(results))
     if missing:
         raise UserError(f"{results_dir} has no results for labels {missing}; run "
@@ -82,6 +86,12 @@ def read_fooling_images(results_dir, image_shape, num_classes):
         if result["probs"].shape[-1] != num_classes:
             raise UserError(f"results_{label}.pkl has {result['probs'].shape[-1]} classes, the "
                             f"model {num_classes}; use results of a model with the same classes")
+    return results
+
+
+def read_fooling_images(results_dir, image_shape, num_classes):
+    """The final images of every results_{label}.pkl, checked against the data and model, and the results."""
+    results = check_fooling_results(load_results_folder(results_dir), results_dir, image_shape, num_classes)
     return final_images(results), results
 
 
@@ -393,11 +403,12 @@ def main(argv=None):
     config = resolve_config(args)
     augment = config["augment"]
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
+    trained_results = load_results_folder(args.results)  # Refuse a bad file before anything slow.
     out_dir = common.ensure_writable_dir(args.out or default_out)
     data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
                                    config["data"]["validation_size"])
     original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
-    _, trained_results = read_fooling_images(args.results, data["x_train"].shape[1:], original.output_shape[-1])
+    check_fooling_results(trained_results, args.results, data["x_train"].shape[1:], original.output_shape[-1])
     if augment["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")

@@ -38,11 +38,14 @@ def _spatial_size(size, window, stride, padding):
     return math.ceil((size - window + 1) / stride) if size >= window else 0
 
 
+MAX_LAYER_SIZE = 4096  # Filter sizes, strides and channel counts above this are a typo, not a network.
+
+
 def _four_list(layer, key, name):
     value = layer.get(key)
     if (not isinstance(value, (list, tuple)) or len(value) != 4
-            or not all(isinstance(item, int) and item > 0 for item in value)):
-        raise UserError(f"{name}: {key} must be four positive ints, not {value!r}")
+            or not all(isinstance(item, int) and 0 < item <= MAX_LAYER_SIZE for item in value)):
+        raise UserError(f"{name}: {key} must be four ints between 1 and {MAX_LAYER_SIZE}, not {value!r}")
     return list(value)
 
 
@@ -138,6 +141,8 @@ def build_model(topology):
     import keras
     from keras import layers
 
+    # The same value ranges as a config (a notebook's dict skips merge_config): tables, sizes.
+    common.check_section("model", topology, source="topology")
     topology = {**common.default_config()["model"], **topology}
     shape = _image_shape(topology["image_dim_size"])
     conv_layers, pool_layers = list(topology["conv_layers"]), list(topology["pool_layers"])

@@ -84,7 +84,8 @@ def fake_backwork_results(label, shape=(3, IMAGE_SIZE, IMAGE_SIZE), num_classes=
     images = rng.uniform(0, 1, shape).astype(np.float32)
     return {"label": label, "images": images, "probs": probs, "steps": 50, "seconds": 1.0,
             "steps_to_reach": np.array([25, 50, -1] * shape[0])[:shape[0]],
-            "history": [{"step": 25, "images": images, "probs": probs[:, label % num_classes], "cost": 1.5}],
+            "history": [{"step": 25, "images": images.copy(), "probs": probs[:, label % num_classes].copy(),
+                         "cost": 1.5}],
             "options": {"prob_cap_min": 0.999}, "model": "model.keras"}
 
 

@@ -438,3 +438,15 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     assert "mean p(target)" in capsys.readouterr().out
     with pytest.raises(UserError, match="backwork takes one --model"):
         cnn_backwork.main(["--model", str(trained_tiny[0]), str(other)])
+
+
+def test_reinitialised_images_leave_the_recorded_history_finite():
+    """stuck() marks restarted images in the label's 'previous' probabilities; the history keeps its own copy."""
+    options = {**common.default_config()["backwork"], "num_examples": 3, "num_mono_dec_saves": 1}
+    state = cnn_backwork.LabelState.__new__(cnn_backwork.LabelState)
+    state.label, state.options, state.history, state.reinitialised = 0, options, [], 0
+    state.falls, state.previous = np.zeros(3, int), np.full(3, 0.5)
+    state.record(25, np.array([1.0]), np.array([0.9, 0.2, 0.1], np.float32), np.zeros((3, 2, 2, 1)),
+                 progress=lambda line: None)
+    assert list(state.stuck()) == [1, 2]
+    assert np.isfinite(state.history[0]["probs"]).all() and state.previous[1] == -np.inf

@@ -112,6 +112,11 @@ def test_saved_model_loads_without_custom_objects(tmp_path):
                       {"filter": [3, 3, 4, 6], "strides": [1, 1, 1, 1], "padding": "SAME", "act_fn": "relu"}]},
      "shrinks to 0x0"),
     ({"num_fc_units": [16, 0]}, "num_fc_units"),
+    ({"conv_layers": [3, {"filter": [3, 3, 4, 6]}]}, "model.conv_layers = .* must be a list of at most 64 tables"),
+    ({"conv_layers": [{"filter": [3, 3, 1, 10**6], "strides": [1, 1, 1, 1], "padding": "SAME"},
+                      {"filter": [3, 3, 4, 6], "strides": [1, 1, 1, 1], "padding": "SAME"}]},
+     "conv layer 1: filter must be four ints between 1 and 4096"),
+    ({"num_fc_units": 10**7}, "must be one or more sizes between 1 and 65536"),
 ])
 def test_impossible_topologies_name_the_layer_and_fix(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -210,3 +210,35 @@ def test_values_out_of_range_are_one_line_at_load_time():
                               ("model.num_fc_units=[10000000]", "must be one or more sizes between 1 and 65536")]:
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
             common.load_config(None, [override])
+
+
+def test_damaged_data_files_are_one_line(tmp_path):
+    import zipfile
+
+    x = np.zeros((4, 5, 5), np.uint8)
+    np.savez(tmp_path / "good.npz", x_train=x, y_train=np.zeros(4, int), x_test=x, y_test=np.zeros(4, int))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated.npz is not an .npz archive"):
+        common.load_dataset(tmp_path / "truncated.npz")
+    with zipfile.ZipFile(tmp_path / "claims.npz", "w") as archive:  # A header claiming 10^9 images.
+        with archive.open("x_train.npy", "w") as member:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
+            np.lib.format.write_array_header_1_0(member, header)
+            member.write(b"\0" * 100)
+    with pytest.raises(UserError, match=r"x_train.npy claims shape \(1000000000, 28, 28\)"):
+        common.load_dataset(tmp_path / "claims.npz")
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(UserError, match="folder.npz is a folder"):
+        common.load_dataset(tmp_path / "folder.npz")
+
+
+def test_tensorflow_start_up_lines_are_silenced():
+    import subprocess
+    import sys
+
+    script = "import common, keras, tensorflow as tf; print(int(tf.constant(2) + 1))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=common.PROJECT_DIR)
+    assert result.returncode == 0 and result.stdout.strip() == "3"
+    assert result.stderr == "", result.stderr

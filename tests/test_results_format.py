@@ -156,7 +156,8 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
     (lambda r: r["probs"].__setitem__((0, 0), np.inf), "'probs' holds NaN or infinite"),
     (lambda r: r.__setitem__("steps_to_reach", np.zeros(3)), "'steps_to_reach' is not an int array"),
     (lambda r: r.pop("steps"), "'steps' must be a finite int"),
-    (lambda r: r["history"][0].pop("cost"), "'cost' must be a finite"),
+    (lambda r: r["history"][0].pop("cost"), "'history[0].cost' must be a finite"),
+    (lambda r: r["history"][0]["probs"].__setitem__(1, -np.inf), "'history[0].probs' holds NaN or infinite"),
     (lambda r: r.__setitem__("history", [3]), "'history[0]' is not a dict"),
 ])
 def test_every_field_the_readers_use_is_checked(tmp_path, change, field):
@@ -187,3 +188,35 @@ def test_written_files_honour_the_umask(tmp_path):
         os.umask(previous)
     for name in ("results_1.pkl", "metrics.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("name", ["format1_numpy", "object_dtype_from_bytes", "huge_shape", "terabyte_bytes",
+                                  "billion_references"])
+def test_the_scripts_refuse_hostile_files_in_one_line_and_write_nothing(name, tmp_path):
+    """guided_backprop.py --images FILE and preprocess_data.py --results DIR, each in its own process."""
+    data, phrase = hostile_files()[name]
+    hostile = tmp_path / "results"
+    hostile.mkdir()
+    for label in range(10):
+        common.save_results(hostile / f"results_{label}.pkl", fake_backwork_results(label))
+    (hostile / "results_3.pkl").write_bytes(data)
+    model = tmp_path / "run" / "model.keras"
+    model.parent.mkdir()
+    import zipfile
+
+    with zipfile.ZipFile(model, "w") as archive:  # Never loaded: the results are refused first.
+        archive.writestr("config.json", "{}")
+    commands = [["guided_backprop.py", "--model", str(model), "--images", str(hostile / "results_3.pkl"),
+                 "--out", str(tmp_path / "saliency")],
+                ["preprocess_data.py", "--model", str(model), "--results", str(hostile), "--data",
+                 str(tmp_path / "none.npz"), "--out", str(tmp_path / "aug")]]
+    np.savez(tmp_path / "none.npz", x_train=np.zeros((20, 12, 12), np.uint8), y_train=np.arange(20) % 10,
+             x_test=np.zeros((10, 12, 12), np.uint8), y_test=np.arange(10))
+    before = sorted(path.name for path in tmp_path.rglob("*"))
+    for command in commands:
+        result = subprocess.run([sys.executable, str(PROJECT / command[0]), *command[1:]], capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
+    assert sorted(path.name for path in tmp_path.rglob("*")) == before  # Nothing written, no folder left.
