@@ -20,6 +20,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -395,40 +396,47 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None):
     step = first_step = int(model.optimizer.iterations.numpy())
     history, stop, start = [], "finished", time.perf_counter()
     steps_per_call, block_loss, block_steps, calls = 1, 0.0, 0, 0
+    # A first Ctrl-C or SIGTERM is noted and honoured between calls (within about a second),
+    # never raised inside TensorFlow's own Python code, which it can leave broken (a SIGTERM
+    # there once crashed the process at exit, exit code -11). A second one raises at once.
+    deferred = _InterruptsDeferred("interrupted: stopping after the call under way (again to stop now)")
     try:
-        while step < total_steps:
-            # Progress lines fall on multiples of log_every, so a resumed run logs the same steps.
-            next_log = min((step // log_every + 1) * log_every, total_steps)
-            count = min(steps_per_call, next_log - step)
-            indices = batch_indices(len(data["x_train"]), batch_size, section["seed"], step, count)
-            call_start = time.perf_counter()
-            loss_sum, done, bad_loss = run_steps(indices)
-            call_seconds, done, calls = time.perf_counter() - call_start, int(done), calls + 1
-            step, block_loss, block_steps = step + done, block_loss + float(loss_sum), block_steps + done
-            if done < count:
-                bad_loss = float(bad_loss)
-                stop = (f"diverged at step {step + 1} "
-                        + (f"(loss {bad_loss})" if not math.isfinite(bad_loss) else
-                           f"(loss {bad_loss:.4g} but gradients not finite)"))
-                break
-            if calls > 1:  # The first call also traces the function; size the next call by time.
-                steps_per_call = max(1, min(log_every, int(TARGET_CALL_SECONDS * count / call_seconds)))
-            if step == next_log:
-                seconds = time.perf_counter() - start
-                record = {"step": step, "loss": block_loss / block_steps, "seconds": seconds,
-                          "val_accuracy": accuracy(model, data.get("x_val", []), data.get("y_val", []))}
-                history.append(record)
-                block_loss, block_steps = 0.0, 0
-                examples_per_second = (step - first_step) * batch_size / seconds
-                eta = (total_steps - step) * batch_size / examples_per_second
-                validation = "" if record["val_accuracy"] is None else f"  val acc {record['val_accuracy']:.2%}"
-                progress(f"step {step}/{total_steps}  loss {record['loss']:.4f}{validation}  "
-                         f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
-                common.write_scalars(writer, step, {
-                    "train/loss": record["loss"], "train/val_accuracy": record["val_accuracy"],
-                    "train/learning_rate": float(model.optimizer.learning_rate),
-                    "train/examples_per_second": examples_per_second})
+        with deferred:
+            while step < total_steps and not deferred.interrupted:
+                # Progress lines fall on multiples of log_every, so a resumed run logs the same steps.
+                next_log = min((step // log_every + 1) * log_every, total_steps)
+                count = min(steps_per_call, next_log - step)
+                indices = batch_indices(len(data["x_train"]), batch_size, section["seed"], step, count)
+                call_start = time.perf_counter()
+                loss_sum, done, bad_loss = run_steps(indices)
+                call_seconds, done, calls = time.perf_counter() - call_start, int(done), calls + 1
+                step, block_loss, block_steps = step + done, block_loss + float(loss_sum), block_steps + done
+                if done < count:
+                    bad_loss = float(bad_loss)
+                    stop = (f"diverged at step {step + 1} "
+                            + (f"(loss {bad_loss})" if not math.isfinite(bad_loss) else
+                               f"(loss {bad_loss:.4g} but gradients not finite)"))
+                    break
+                if calls > 1:  # The first call also traces the function; size the next call by time.
+                    steps_per_call = max(1, min(log_every, int(TARGET_CALL_SECONDS * count / call_seconds)))
+                if step == next_log:
+                    seconds = time.perf_counter() - start
+                    record = {"step": step, "loss": block_loss / block_steps, "seconds": seconds,
+                              "val_accuracy": accuracy(model, data.get("x_val", []), data.get("y_val", []))}
+                    history.append(record)
+                    block_loss, block_steps = 0.0, 0
+                    examples_per_second = (step - first_step) * batch_size / seconds
+                    eta = (total_steps - step) * batch_size / examples_per_second
+                    validation = "" if record["val_accuracy"] is None else f"  val acc {record['val_accuracy']:.2%}"
+                    progress(f"step {step}/{total_steps}  loss {record['loss']:.4f}{validation}  "
+                             f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
+                    common.write_scalars(writer, step, {
+                        "train/loss": record["loss"], "train/val_accuracy": record["val_accuracy"],
+                        "train/learning_rate": float(model.optimizer.learning_rate),
+                        "train/examples_per_second": examples_per_second})
     except KeyboardInterrupt:
+        deferred.interrupted = True
+    if deferred.interrupted:
         stop = "interrupted"
         step = int(model.optimizer.iterations.numpy())  # The call under way ran to its end.
         progress(f"interrupted at step {step}")
@@ -627,22 +635,31 @@ def _merge_sessions(earlier, metrics):
 
 
 class _InterruptsDeferred:
-    """Within the block, a first Ctrl-C or SIGTERM is only noted (the save goes on); a second aborts."""
+    """Within the block, a first Ctrl-C or SIGTERM is only noted (and message printed); a second aborts.
+
+    Outside the main thread (where Python cannot set signal handlers) it changes nothing.
+    """
+
+    def __init__(self, message="interrupted: finishing the save (interrupt again to abort it; "
+                               "no file is left half-written)"):
+        self.message, self.interrupted, self.previous = message, False, {}
 
     def __enter__(self):
         self.interrupted = False
-        self.previous = {number: signal.signal(number, self._note) for number in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._note) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _note(self, signum, frame):
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        print("interrupted: finishing the save (interrupt again to abort it; no file is left half-written)")
+        print(self.message)
 
     def __exit__(self, *exception):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        self.previous = {}
         return False
 
 
