@@ -49,13 +49,18 @@ def tiny_options(num_steps=150, **model_changes):
                       "schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0}}
 
 
-@pytest.fixture(scope="session")
-def tiny_npz(tmp_path_factory):
-    x_train, y_train = make_images(500, seed=1)
-    x_test, y_test = make_images(100, seed=2)
-    path = tmp_path_factory.mktemp("data") / "tiny_mnist.npz"
+def write_npz(tmp_path_factory, name, make, num_train, num_test):
+    """A dataset file in the Keras layout, made by make(count, seed) -> (images, labels)."""
+    x_train, y_train = make(num_train, seed=1)
+    x_test, y_test = make(num_test, seed=2)
+    path = tmp_path_factory.mktemp("data") / name
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    return write_npz(tmp_path_factory, "tiny_mnist.npz", make_images, 500, 100)
 
 
 @pytest.fixture(scope="session")
@@ -117,11 +122,7 @@ def colour_options(num_steps=40):
 
 @pytest.fixture(scope="session")
 def colour_npz(tmp_path_factory):
-    x_train, y_train = make_colour_images(200, seed=1)
-    x_test, y_test = make_colour_images(40, seed=2)
-    path = tmp_path_factory.mktemp("data") / "tiny_colour.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
+    return write_npz(tmp_path_factory, "tiny_colour.npz", make_colour_images, 200, 40)
 
 
 def read_scalars(log_dir):
