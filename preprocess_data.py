@@ -374,6 +374,9 @@ def resolve_config(args):
     if args.steps is not None:
         key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
         config = common.merge_config(config, common.parse_override(f"{key}={args.steps}"), "--steps")
+    if config["augment"]["heldout_seed"] == config["backwork"]["seed"]:
+        raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
+                        "the trained-on one; change either")
     if config["augment"]["target"] not in TARGETS:
         raise UserError(f"augment.target {config['augment']['target']!r} is unknown; use one of {', '.join(TARGETS)}")
     return config
@@ -418,9 +421,6 @@ def main(argv=None):
                                    config["data"]["validation_size"])
     original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
     check_fooling_results(trained_results, args.results, data["x_train"].shape[1:], original.output_shape[-1])
-    if augment["heldout_seed"] == config["backwork"]["seed"]:
-        raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
-                        "the trained-on one; change either")
     shape = data["x_train"].shape[1:]
     data["blank"] = np.zeros((1,) + shape, np.float32)
     data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(

@@ -211,3 +211,10 @@ def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_n
     # The second round trained on the first round's fresh images: they must be in its set.
     fresh = preprocess_data.final_images(cnn_backwork.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
     assert np.any(np.all(trained_on[1].reshape(len(trained_on[1]), -1) == fresh[0].ravel(), axis=1))
+
+
+def test_held_out_seed_equal_to_the_backwork_seed_is_refused_before_any_work(tmp_path):
+    args = preprocess_data.parse_arguments(["--results", "r", "--model", str(tmp_path / "model.keras"),
+                                            "--set", "augment.heldout_seed=0", "--set", "backwork.seed=0"])
+    with pytest.raises(UserError, match="augment.heldout_seed must differ from backwork.seed"):
+        preprocess_data.resolve_config(args)
