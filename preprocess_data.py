@@ -168,8 +168,9 @@ def difficulty(results, budgets):
             "backwork_steps": int(max(result["steps"] for result in results.values()))}
 
 
-def _top_digit_probability(model, images, num_classes):
-    return float(common.predict(model, images)[:, :num_classes].max(axis=1).mean())
+def _top_digit_probability(probabilities, num_classes):
+    """Mean over images of the largest probability among the original classes (an extra one left out)."""
+    return float(probabilities[:, :num_classes].max(axis=1).mean())
 
 
 def measure_model(model, data, sets, num_classes, cap):
@@ -178,18 +179,18 @@ def measure_model(model, data, sets, num_classes, cap):
     sets maps a name to backwork results ({label: results}); blank and noise images come in
     data['blank'] and data['noise']. With an extra class, its probability is reported too.
     """
-    probabilities = common.predict(model, data["x_test"])
-    metrics = {"test_accuracy": float(np.mean(probabilities[:, :num_classes].argmax(axis=1) == data["y_test"])),
-               "blank_top_prob": _top_digit_probability(model, data["blank"], num_classes),
-               "noise_top_prob": _top_digit_probability(model, data["noise"], num_classes)}
+    probabilities = {name: common.predict(model, data[key])
+                     for name, key in [("test", "x_test"), ("blank", "blank"), ("noise", "noise")]}
+    metrics = {"test_accuracy": float(np.mean(probabilities["test"][:, :num_classes].argmax(axis=1)
+                                              == data["y_test"])),
+               "blank_top_prob": _top_digit_probability(probabilities["blank"], num_classes),
+               "noise_top_prob": _top_digit_probability(probabilities["noise"], num_classes)}
     for name, results in sets.items():
         metrics.update(fooling_numbers(model, results, cap, name))
     if model.output_shape[-1] > num_classes:
-        none_probability = {"test": probabilities, "blank": common.predict(model, data["blank"]),
-                            "noise": common.predict(model, data["noise"]),
-                            "heldout": common.predict(model, final_images(sets["heldout"]))}
+        probabilities["heldout"] = common.predict(model, final_images(sets["heldout"]))
         metrics.update({f"{name}_none_prob": float(values[:, num_classes].mean())
-                        for name, values in none_probability.items()})
+                        for name, values in probabilities.items()})
     return metrics
 
 
@@ -250,8 +251,8 @@ class Study:
 
     def measure(self, model, fresh_results=None):
         metrics = measure_model(model, self.data, self.sets, self.num_classes, self.cap)
-        trained = common.predict(model, self.trained_images)[:, :self.num_classes].max(axis=1)
-        metrics["trained_fooling_top_prob"] = float(trained.mean())
+        metrics["trained_fooling_top_prob"] = _top_digit_probability(common.predict(model, self.trained_images),
+                                                                     self.num_classes)
         if fresh_results is not None:  # Do a round's fresh fooling images fool the original model too?
             metrics.update(fooling_numbers(self.original, fresh_results, self.cap, "fresh_on_original"))
         return metrics
