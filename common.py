@@ -935,7 +935,8 @@ def check_model_file(path):
 def load_trained_model(path, images=None, num_classes=None, compile=False):
     """Load a model saved by proc_mnist.py and check that it fits the data it will see.
 
-    compile=True also restores the optimizer and its step count (to continue training).
+    compile=True also restores the optimizer and its step count (to continue training);
+    without it, a model trained in mixed precision comes back as a float32 copy.
     """
     import keras
 
@@ -953,7 +954,11 @@ def load_trained_model(path, images=None, num_classes=None, compile=False):
     if num_classes is not None and model.output_shape[-1] != num_classes:
         raise UserError(f"model {path} has {model.output_shape[-1]} classes but the data needs "
                         f"{num_classes}; use a model trained on this data")
-    return model
+    if compile:  # To train on: in the precision it was trained in.
+        return model
+    import distributed
+
+    return distributed.float32_model(model)  # To analyse: float32, even if trained in mixed precision.
 
 
 def predict(model, images, batch_size=1000):

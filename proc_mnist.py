@@ -16,6 +16,7 @@ or the save) and exits 130; --resume continues it with its whole history. A loss
 gradient that is not finite stops training: the last finite weights are saved, exit 2.
 """
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import distributed
 from common import UserError
 
 # ------------------------------------------------------------------------------ model
@@ -170,8 +172,9 @@ def build_model(topology):
         x = layers.Activation(fc_activation, name=f"fc{index}_act")(x)
         if dropout:
             x = layers.Dropout(dropout, name=f"fc{index}_dropout")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
-    outputs = layers.Activation("softmax", name="softmax")(logits)
+    # The class scores and probabilities stay float32 under mixed precision (train.mixed_precision).
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    outputs = layers.Activation("softmax", name="softmax", dtype="float32")(logits)
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 
@@ -259,7 +262,8 @@ def _fused_adam(optimizer):
     return apply
 
 
-def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixels=0, seed=0):
+def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixels=0, seed=0, *,
+                        strategy=None, xla=False):
     """A compiled function that runs a block of optimisation steps in one call.
 
     run_steps(indices), indices (steps, batch), returns (loss_sum, steps_done, bad_loss). A
@@ -267,14 +271,20 @@ def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixel
     model keeps its last finite weights; steps_done is then short and bad_loss that loss.
     Running many steps per call inside one graph (as fit's steps_per_execution does)
     removes the Python overhead that dominates small batches on a CPU.
+
+    With a tf.distribute strategy (the model and its optimizer made in its scope), each
+    replica computes the gradients of its share of every global batch; they are summed
+    across replicas (and workers) before the finite check and the update. xla compiles
+    the forward and backward pass with XLA.
     """
     import tensorflow as tf
 
     scores = logits_model(model)
     optimizer = model.optimizer
     variables = model.trainable_variables
-    apply_gradients = _fused_adam(optimizer) or (
-        lambda gradients, variables: optimizer.apply_gradients(zip(gradients, variables)))
+    # The fused kernel writes one variable's handle; a mirrored variable has one per replica.
+    fused = _fused_adam(optimizer) if strategy is None else None
+    apply_gradients = fused or (lambda gradients, variables: optimizer.apply_gradients(zip(gradients, variables)))
     images, targets = tf.constant(images), tf.constant(targets)
     num_classes = targets.shape[-1]
 
@@ -291,16 +301,39 @@ def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixel
             batch_images = _shifted(batch_images, shifts)
         return batch_images, batch_targets
 
+    def loss_and_gradients(batch_images, batch_targets, global_batch_size):
+        """The summed loss of these examples over the global batch size, and its gradients."""
+        with tf.GradientTape() as tape:
+            logits = tf.cast(scores(batch_images, training=True), tf.float32)  # Mixed precision computes in bf16.
+            losses = tf.nn.softmax_cross_entropy_with_logits(batch_targets, logits)  # (batch,)
+            loss = tf.reduce_sum(losses) / global_batch_size
+        return loss, tape.gradient(loss, variables)
+
+    if xla:
+        loss_and_gradients = tf.function(loss_and_gradients, jit_compile=True)
+
+    def replica_gradients(batch_images, batch_targets):
+        """In one replica: the gradients of its share of the global batch (rows replica*k to (replica+1)*k)."""
+        context = tf.distribute.get_replica_context()
+        global_batch_size = tf.shape(batch_images)[0]
+        share = global_batch_size // context.num_replicas_in_sync
+        rows = slice(context.replica_id_in_sync_group * share, (context.replica_id_in_sync_group + 1) * share)
+        return loss_and_gradients(batch_images[rows], batch_targets[rows], tf.cast(global_batch_size, tf.float32))
+
+    def step_gradients(batch_images, batch_targets):
+        if strategy is None:
+            return loss_and_gradients(batch_images, batch_targets, tf.cast(tf.shape(batch_images)[0], tf.float32))
+        per_replica_loss, per_replica_gradients = strategy.run(replica_gradients, args=(batch_images, batch_targets))
+        add = tf.distribute.ReduceOp.SUM
+        return (strategy.reduce(add, per_replica_loss, axis=None),
+                [strategy.reduce(add, gradient, axis=None) for gradient in per_replica_gradients])
+
     @tf.function(jit_compile=False,  # XLA's CPU convolutions are ~10x slower than oneDNN's here.
                  input_signature=[tf.TensorSpec([None, None], tf.int32)])  # Any block length, one trace.
     def run_steps(indices):
         loss_sum, steps_done, bad_loss = tf.constant(0.0), tf.constant(0), tf.constant(0.0)
         for step in tf.range(tf.shape(indices)[0]):
-            batch_images, batch_targets = batch(indices[step])
-            with tf.GradientTape() as tape:
-                logits = scores(batch_images, training=True)
-                loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(batch_targets, logits))
-            gradients = tape.gradient(loss, variables)
+            loss, gradients = step_gradients(*batch(indices[step]))
             # One sum is cheaper than an is_finite pass per variable: any NaN or infinity makes it so.
             total = loss + tf.add_n([tf.reduce_sum(gradient) for gradient in gradients])
             if tf.logical_not(tf.math.is_finite(total)):
@@ -329,10 +362,14 @@ ONE_CYCLE_DIVISOR = 25.0  # one_cycle warms up from learning_rate / 25 (Smith's 
 ONE_CYCLE_FINAL_DIVISOR = 1e4  # ... and ends at that / 1e4.
 
 
-def check_train_section(section):
+def check_train_section(section, replicas=1):
     """Refuse [train] values of the keys this script added that cannot work, naming the key."""
     if section["schedule"] not in SCHEDULES:
         raise UserError(f"train.schedule {section['schedule']!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    distributed.check_settings(section)
+    if section["batch_size"] % replicas:
+        raise UserError(f"train.batch_size {section['batch_size']} does not split evenly over {replicas} "
+                        f"replicas; use a multiple of {replicas}")
     common.check_section("train", section, source="train options")  # The ranges of single values.
     if not section["warmup_steps"] < section["num_steps"]:
         raise UserError(f"train.warmup_steps {section['warmup_steps']} must be below "
@@ -384,10 +421,12 @@ def resolve_options(options):
 TARGET_CALL_SECONDS = 1.0  # Length of one compiled call: Ctrl-C and SIGTERM take effect between calls.
 
 
-def _run_blocks(run_steps, model, data, section, progress, writer=None):
+def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=None):
     """Train to section['num_steps'] in calls of about TARGET_CALL_SECONDS; log every log_every steps.
 
-    Each progress line's numbers also go to writer (TensorBoard), if one is given.
+    Each progress line's numbers also go to writer (TensorBoard), if one is given. agree
+    (distributed.make_agreement) makes every worker of a cluster run calls of the same
+    length and stop at the same step.
 
     Returns (history, stop_reason) with stop_reason 'finished', 'interrupted' or
     'diverged at step N (loss nan)'.
@@ -400,9 +439,13 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None):
     # never raised inside TensorFlow's own Python code, which it can leave broken (a SIGTERM
     # there once crashed the process at exit, exit code -11). A second one raises at once.
     deferred = _InterruptsDeferred("interrupted: stopping after the call under way (again to stop now)")
+    agree = agree or (lambda steps, stop: (steps, stop))
     try:
         with deferred:
-            while step < total_steps and not deferred.interrupted:
+            while step < total_steps:
+                steps_per_call, deferred.interrupted = agree(steps_per_call, deferred.interrupted)
+                if deferred.interrupted:
+                    break
                 # Progress lines fall on multiples of log_every, so a resumed run logs the same steps.
                 next_log = min((step // log_every + 1) * log_every, total_steps)
                 count = min(steps_per_call, next_log - step)
@@ -432,7 +475,7 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None):
                              f"{examples_per_second:.0f} ex/s  eta {common.format_seconds(eta)}")
                     common.write_scalars(writer, step, {
                         "train/loss": record["loss"], "train/val_accuracy": record["val_accuracy"],
-                        "train/learning_rate": float(model.optimizer.learning_rate),
+                        "train/learning_rate": float(np.asarray(model.optimizer.learning_rate.numpy())),
                         "train/examples_per_second": examples_per_second})
     except KeyboardInterrupt:
         deferred.interrupted = True
@@ -449,7 +492,7 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None):
     return history, stop
 
 
-def train(data, config=None, model=None, progress=print, writer=None):
+def train(data, config=None, model=None, progress=print, writer=None, strategy=None):
     """Train on data (as from load_dataset / split_validation) and return (model, metrics).
 
     config is a config dict ({'model': {...}, 'train': {...}}, missing keys take their
@@ -460,6 +503,10 @@ def train(data, config=None, model=None, progress=print, writer=None):
     finite; the model then holds the last weights reached (always finite). writer, a
     common.summary_writer, receives each progress line's numbers for TensorBoard.
 
+    strategy is the tf.distribute strategy to train under (main makes it first, from
+    train.distribute; by default train makes it here). A given model must have been made
+    or loaded in its scope. A new model computes in train.mixed_precision's policy.
+
     metrics: steps (the optimizer's step count), seconds, examples and examples_per_second
     (this call), interrupted, diverged, stop_reason, test_accuracy (None if not measured),
     history (one record per log_every steps: step, loss, seconds, val_accuracy).
@@ -469,27 +516,39 @@ def train(data, config=None, model=None, progress=print, writer=None):
     config = resolve_options(config)
     section = config["train"]
     check_train_section(section)
+    if strategy is None and section["distribute"] != "none":
+        strategy = distributed.make_strategy(section["distribute"])
+    check_train_section(section, distributed.replica_count(strategy))
     keras.utils.set_random_seed(section["seed"])
-    if model is None:
-        check_topology_fits_data(config["model"], data)
-        model = build_model(config["model"])
-    if getattr(model, "optimizer", None) is None:
-        compile_for_training(model, learning_rate_schedule(section))
+    # Variables are made in the strategy's scope (mirrored); the loop runs outside it, where
+    # Keras' optimizer updates every replica's copy with the gradients summed over replicas.
+    with distributed.scope(strategy):
+        if model is None:
+            check_topology_fits_data(config["model"], data)
+            with distributed.precision_policy(section["mixed_precision"]):
+                model = build_model(config["model"])
+        if getattr(model, "optimizer", None) is None:
+            compile_for_training(model, learning_rate_schedule(section))
     images, targets = data["x_train"], to_targets(data["y_train"], model.output_shape[-1])
     if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
         raise UserError(f"training images of shape {images.shape[1:]} do not fit the model's input "
                         f"{model.input_shape[1:]}; set model.image_dim_size to match the data")
+    xla = distributed.use_xla(section["xla"])
     run_steps = make_train_function(model, images, targets, section["label_smoothing"],
-                                    section["shift_pixels"], section["seed"])
+                                    section["shift_pixels"], section["seed"], strategy=strategy, xla=xla)
     first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
-    history, stop = _run_blocks(run_steps, model, data, section, progress, writer)
+    history, stop = _run_blocks(run_steps, model, data, section, progress, writer,
+                                distributed.make_agreement(strategy))
     steps = int(model.optimizer.iterations.numpy())
     seconds = time.perf_counter() - start
     examples = (steps - first_step) * section["batch_size"]
     metrics = {"steps": steps, "seconds": seconds, "examples": examples,
                "examples_per_second": examples / seconds if seconds else 0.0,
                "interrupted": stop == "interrupted", "diverged": stop.startswith("diverged"),
-               "stop_reason": stop, "test_accuracy": None, "history": history, "data": data.get("provenance")}
+               "stop_reason": stop, "test_accuracy": None, "history": history, "data": data.get("provenance"),
+               # What the run actually used: train.xla "auto" resolved, the replicas of train.distribute.
+               "replicas": distributed.replica_count(strategy), "xla": xla,
+               "mixed_precision": distributed.precision_of(model)}
     if "x_test" in data and stop != "interrupted":
         try:
             metrics["test_accuracy"] = accuracy(model, data["x_test"], data["y_test"])
@@ -678,30 +737,45 @@ def main(argv=None):
         args.set.append(f"train.num_steps={args.steps}")
     config = resolve_cli_config(args, "train", base=base)
     check_train_section(config["train"])
+    # First of all TensorFlow work: a cluster's collective ops are set up as the strategy is made.
+    strategy = distributed.make_strategy(config["train"]["distribute"])
+    check_train_section(config["train"], distributed.replica_count(strategy))
+    chief = distributed.is_chief(strategy)
     data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
                                    config["data"]["validation_size"])
     if args.resume:
-        model = _resumable_model(out_dir / "model.keras", data["x_train"])
-        step, total_steps = int(model.optimizer.iterations.numpy()), config["train"]["num_steps"]
-        if step >= total_steps:
-            print(f"nothing to do: {out_dir} is already at step {step} >= {total_steps}; "
-                  "give a larger --steps to train further")
+        with distributed.scope(strategy):  # Its variables mirrored, as a new model's would be.
+            model, earlier = _resumed(out_dir, data, config["train"]["num_steps"], earlier)
+        if model is None:
             return 0
-        if earlier is not None and earlier["steps"] != step:
-            print(f"note: model.keras is at step {step} but metrics.json at {earlier['steps']}; "
-                  "keeping the history up to the model's step")
-            earlier = {**earlier, "steps": step}
-        print(f"resuming {out_dir} at step {step}")
-        if earlier is not None and earlier.get("data") not in (None, data["provenance"]):
-            print(f"note: the run so far was trained on {earlier['data']}, this session on {data['provenance']}")
-        _note_schedule_end(model.optimizer, total_steps)
-    # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
-    common.ensure_writable_dir(out_dir)
-    print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; output in {out_dir}")
-    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
-        model, metrics = train(data, config, model=model, writer=writer)  # SIGTERM is Ctrl-C (common.run_cli).
+    if chief:  # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
+        common.ensure_writable_dir(out_dir)
+    print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; "
+          + (f"output in {out_dir}" if chief else "the chief writes the outputs"))
+    # Closed on Ctrl-C and SIGTERM too; only the chief writes files.
+    with common.summary_writer(out_dir / "logs") if chief else contextlib.nullcontext() as writer:
+        model, metrics = train(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
     with _InterruptsDeferred() as deferred:
-        return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred)
+        return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
+
+
+def _resumed(out_dir, data, total_steps, earlier):
+    """The saved model to go on training and the earlier metrics; (None, earlier) if it is done already."""
+    model = _resumable_model(out_dir / "model.keras", data["x_train"])
+    step = int(model.optimizer.iterations.numpy())
+    if step >= total_steps:
+        print(f"nothing to do: {out_dir} is already at step {step} >= {total_steps}; "
+              "give a larger --steps to train further")
+        return None, earlier
+    if earlier is not None and earlier["steps"] != step:
+        print(f"note: model.keras is at step {step} but metrics.json at {earlier['steps']}; "
+              "keeping the history up to the model's step")
+        earlier = {**earlier, "steps": step}
+    print(f"resuming {out_dir} at step {step}")
+    if earlier is not None and earlier.get("data") not in (None, data["provenance"]):
+        print(f"note: the run so far was trained on {earlier['data']}, this session on {data['provenance']}")
+    _note_schedule_end(model.optimizer, total_steps)
+    return model, earlier
 
 
 def default_out_dir(config_path, config):
@@ -712,11 +786,16 @@ def default_out_dir(config_path, config):
     return Path("runs") / name
 
 
-def _finish(out_dir, model, config, metrics, earlier, deferred):
-    """Save what the run reached (if it reached anything new), report it, and return the exit code."""
+def _finish(out_dir, model, config, metrics, earlier, deferred, chief=True):
+    """Save what the run reached (if it reached anything new), report it, and return the exit code.
+
+    A cluster's other workers hold the same weights as the chief and save nothing.
+    """
     steps_before = earlier["steps"] if earlier is not None else 0
-    saved = metrics["steps"] > steps_before
-    if saved:
+    saved = chief and metrics["steps"] > steps_before
+    if not chief:
+        print(f"worker done at step {metrics['steps']}; the chief saves the run in {out_dir}")
+    elif saved:
         save_run(out_dir, model, config, metrics)
         accuracy_text = "not measured" if metrics["test_accuracy"] is None else f"{metrics['test_accuracy']:.2%}"
         print(f"test accuracy {accuracy_text} after {metrics['steps']} steps "

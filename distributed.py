@@ -1,0 +1,186 @@
+"""Training beyond one CPU process: tf.distribute strategies, the chief, XLA and mixed precision.
+
+proc_mnist.py's [train] keys choose them:
+
+    distribute = "none"          one device (the CPU, or the first GPU TensorFlow sees)
+               | "mirrored"      tf.distribute.MirroredStrategy over every local GPU (without
+                                 a GPU, every logical CPU device: one, unless a test splits it)
+               | "multi_worker"  tf.distribute.MultiWorkerMirroredStrategy, its cluster and
+                                 this process's place in it from the TF_CONFIG environment variable
+    xla = "auto" | "on" | "off"  XLA for the forward and backward pass ("auto": on where a GPU is,
+                                 off on a CPU, where oneDNN's convolutions are ~10x faster)
+    mixed_precision = "none" | "mixed_bfloat16"
+
+The global batch (train.batch_size) is split evenly across the replicas, and each
+replica's loss is its share of the sum over the global batch divided by the global batch
+size, so the summed gradients are those of the global batch's mean loss: the same
+arithmetic as one device, up to float rounding. Only the chief (the one process of a
+mirrored run; in a cluster, the "chief" task, or worker 0 where there is none) writes
+files; every worker computes the same weights.
+"""
+import json
+import os
+
+from common import UserError
+
+STRATEGIES = ("none", "mirrored", "multi_worker")
+XLA_SETTINGS = ("auto", "on", "off")
+# bfloat16 keeps float32's exponent range, so no loss scaling is needed (float16 would
+# need a loss-scale optimizer whose skipped steps our non-finite check would stop on).
+PRECISION_POLICIES = ("none", "mixed_bfloat16")
+
+
+def check_settings(section):
+    """Refuse a [train] distribute, xla or mixed_precision value that is not one of its choices."""
+    for key, choices in (("distribute", STRATEGIES), ("xla", XLA_SETTINGS), ("mixed_precision", PRECISION_POLICIES)):
+        value = section.get(key, choices[0])  # A notebook's partial section: the first choice is the default.
+        if value not in choices:
+            raise UserError(f"train.{key} {value!r} is unknown; use one of {', '.join(choices)}")
+
+
+def cluster_from_environment():
+    """TF_CONFIG's cluster and task as (cluster dict, task type, task index); None when it is unset.
+
+    A TF_CONFIG that is not JSON or lacks cluster/task gives one line naming the fix.
+    """
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+        cluster, task = config["cluster"], config["task"]
+        task_type, task_index = task["type"], int(task["index"])
+        if not isinstance(cluster, dict) or not isinstance(cluster.get(task_type), list):
+            raise ValueError(f"the cluster has no {task_type!r} list")
+        if not 0 <= task_index < len(cluster[task_type]):
+            raise ValueError(f"task index {task_index} is outside the {len(cluster[task_type])} {task_type} tasks")
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"TF_CONFIG is not a valid cluster description ({error}); set it to JSON like "
+                        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                        '"index": 0}} or unset it') from None
+    return cluster, task_type, task_index
+
+
+def make_strategy(name):
+    """The tf.distribute strategy [train] distribute names; None for "none" (the plain loop).
+
+    Must run before TensorFlow executes anything else in a cluster (collective ops are set
+    up when the strategy is made), so proc_mnist.main makes it first.
+    """
+    import tensorflow as tf
+
+    if name == "none":
+        return None
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [device.name for device in gpus or tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if cluster_from_environment() is None:
+        raise UserError("train.distribute = multi_worker needs the TF_CONFIG environment variable (the cluster "
+                        "and this worker's index); set it on every worker, or use distribute = mirrored")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: always, except on a cluster's non-chief workers."""
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+
+
+def is_multi_worker(strategy):
+    return strategy is not None and strategy.extended._in_multi_worker_mode()
+
+
+def scope(strategy):
+    """strategy's scope (variables made in it are mirrored), or a block that changes nothing."""
+    import contextlib
+
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def replica_count(strategy):
+    return 1 if strategy is None else strategy.num_replicas_in_sync
+
+
+def use_xla(setting):
+    """The [train] xla setting as a bool: "auto" is on exactly where TensorFlow sees a GPU."""
+    import tensorflow as tf
+
+    return setting == "on" or (setting == "auto" and bool(tf.config.list_physical_devices("GPU")))
+
+
+class precision_policy:
+    """Within the block, new Keras layers compute in the named policy ("none": float32)."""
+
+    def __init__(self, name):
+        self.name = "float32" if name == "none" else name
+
+    def __enter__(self):
+        import keras
+
+        self.previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.name)
+
+    def __exit__(self, *exception):
+        import keras
+
+        keras.config.set_dtype_policy(self.previous)
+        return False
+
+
+def precision_of(model):
+    """The mixed-precision policy a model computes in ("none" for float32), whatever the config says."""
+    names = {layer.dtype_policy.name for layer in model.layers} - {"float32"}
+    return names.pop() if len(names) == 1 else "none" if not names else "mixed"
+
+
+def float32_model(model):
+    """model itself if it computes in float32, else a float32 copy with the same weights.
+
+    A model trained with mixed precision keeps its policy in the saved file (so that a
+    resumed run goes on in it); backwork and saliency analyse it in float32, where a
+    probability of 0.999 and small gradients are resolved.
+    """
+    import keras
+
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        if "dtype" in layer["config"]:
+            layer["config"]["dtype"] = "float32"
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def make_agreement(strategy):
+    """agree(steps, stop) -> (steps, stop), the same on every worker of a cluster.
+
+    Each worker sizes its compiled calls by its own clock and notes its own Ctrl-C, but
+    the collective ops of a step must be matched by every worker: so every call's length
+    is the chief's and any worker's stop stops them all, at the same step. One tiny
+    all-reduce per call (about a second of training). Outside a cluster: unchanged.
+    """
+    import tensorflow as tf
+
+    if not is_multi_worker(strategy):
+        return lambda steps, stop: (steps, stop)
+    chief = 1.0 if is_chief(strategy) else 0.0
+
+    @tf.function
+    def reduce(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def agree(steps, stop):
+        # Each worker has one replica per local device; the local replicas add the same values.
+        local = len(strategy.extended.worker_devices)
+        total_steps, stops = reduce(tf.constant([chief * steps / local, float(stop) / local])).numpy()
+        return max(1, int(round(total_steps))), stops > 0.5
+
+    return agree

@@ -1,0 +1,176 @@
+"""tf.distribute training (mirrored, multi-worker), XLA and mixed precision, on CPU only.
+
+TensorFlow splits a CPU into logical devices only before it starts, so the mirrored
+checks run in a fresh process; the cluster test runs two real worker processes.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import common
+import distributed
+import proc_mnist
+from conftest import tiny_options
+
+PROJECT = Path(__file__).resolve().parents[1]
+SILENT = {"progress": lambda line: None}
+
+# Trains the same tiny run on one device and mirrored over two logical CPUs, then resumes a
+# mirrored run from a save; prints the largest weight differences as JSON.
+MIRRORED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, "tests")
+import numpy as np
+import common, distributed, proc_mnist
+from conftest import tiny_options
+
+data = common.split_validation(common.load_dataset(sys.argv[1]), 100)
+silent = {"progress": lambda line: None}
+
+def options(steps, distribute):
+    config = tiny_options(steps)
+    # Shifts are drawn for the global batch, so they are the same on one device and on two.
+    config["train"].update(distribute=distribute, shift_pixels=1, log_every=10)
+    return config
+
+def largest_difference(first, second):
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(first.get_weights(), second.get_weights()))
+
+single, _ = proc_mnist.train(data, options(20, "none"), **silent)
+strategy = distributed.make_strategy("mirrored")
+mirrored, metrics = proc_mnist.train(data, options(20, "mirrored"), strategy=strategy, **silent)
+half, _ = proc_mnist.train(data, options(10, "mirrored"), strategy=strategy, **silent)
+proc_mnist.save_model(half, sys.argv[2])
+with strategy.scope():
+    reloaded = common.load_trained_model(sys.argv[2], compile=True)
+resumed, resumed_metrics = proc_mnist.train(data, options(20, "mirrored"), model=reloaded, strategy=strategy, **silent)
+untrained = proc_mnist.build_model(options(1, "none")["model"])
+print(json.dumps({"replicas": metrics["replicas"], "steps": resumed_metrics["steps"],
+                  "mirrored_vs_single": largest_difference(mirrored, single),
+                  "resumed_vs_straight": largest_difference(resumed, mirrored),
+                  "trained_vs_untrained": largest_difference(single, untrained),
+                  "mirrored_variable": type(mirrored.trainable_variables[0].value).__name__}))
+"""
+
+
+def run_python(arguments, timeout=300, env=None):
+    return subprocess.run([sys.executable, *arguments], cwd=PROJECT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_mirrored_over_two_cpus_equals_one_device_and_resumes(tiny_npz, tmp_path):
+    result = run_python(["-c", MIRRORED_SCRIPT, str(tiny_npz), str(tmp_path / "model.keras")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert numbers["replicas"] == 2 and numbers["mirrored_variable"] == "MirroredVariable"
+    assert numbers["steps"] == 20
+    assert numbers["trained_vs_untrained"] > 0.05  # Training moved the weights: the comparisons mean something.
+    assert numbers["mirrored_vs_single"] < 1e-4
+    assert numbers["resumed_vs_straight"] < 1e-4
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for each in sockets:
+        each.bind(("localhost", 0))
+    ports = [each.getsockname()[1] for each in sockets]
+    for each in sockets:
+        each.close()
+    return ports
+
+
+def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, tmp_path):
+    config = tmp_path / "cluster.toml"
+    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 12\nlog_every = 6\nbatch_size = 20\n'
+                      'learning_rate = 0.01\nschedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
+                      + common.dump_toml({"model": tiny_options()["model"]}))
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        environment = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                               "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen(
+            [sys.executable, "proc_mnist.py", str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")],
+            cwd=PROJECT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
+    assert "saved" in outputs[0][0] and "the chief saves the run" in outputs[1][0]
+    written = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert written == ["config.toml", "logs", "metrics.json", "model.keras", "training_curve.png"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["replicas"] == 2 and not metrics["interrupted"]
+    assert metrics["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.distribute=ring", "train.distribute 'ring' is unknown; use one of none, mirrored, multi_worker"),
+    ("train.xla=yes", "train.xla 'yes' is unknown; use one of auto, on, off"),
+    ("train.mixed_precision=mixed_float16", "train.mixed_precision 'mixed_float16' is unknown"),
+    ("train.distribute=multi_worker", "needs the TF_CONFIG environment variable"),
+])
+def test_scaling_mistakes_end_in_one_line(tiny_npz, tmp_path, setting, message):
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    result = run_python(["proc_mnist.py", "--data", str(tiny_npz), "--out", str(tmp_path / "run"), "--set", setting],
+                        env=environment, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "TF_CONFIG is not a valid cluster description"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "task index 3 is outside"),
+    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG is not a valid cluster description"),
+])
+def test_a_bad_tf_config_is_refused_in_one_line(monkeypatch, text, message):
+    monkeypatch.setenv("TF_CONFIG", text)
+    with pytest.raises(common.UserError, match=message):
+        distributed.cluster_from_environment()
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
+    section = common.default_config()["train"]
+    section["batch_size"] = 125
+    with pytest.raises(common.UserError, match="does not split evenly over 2 replicas; use a multiple of 2"):
+        proc_mnist.check_train_section(section, replicas=2)
+
+
+def test_xla_trains_as_the_plain_loop_does(tiny_data):
+    options = tiny_options(30)
+    plain, plain_metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    options["train"]["xla"] = "on"
+    compiled, compiled_metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    assert compiled_metrics["xla"] and not plain_metrics["xla"]  # "auto" is off on a CPU.
+    for expected, actual in zip(plain.get_weights(), compiled.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
+    options = tiny_options(150)
+    options["train"]["mixed_precision"] = "mixed_bfloat16"
+    model, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    assert metrics["mixed_precision"] == "mixed_bfloat16" and metrics["test_accuracy"] > 0.8
+    assert model.get_layer("conv1_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("logits").compute_dtype == "float32" and model.output.dtype == "float32"
+    proc_mnist.save_model(model, tmp_path / "model.keras")
+    resumable = common.load_trained_model(tmp_path / "model.keras", compile=True)
+    assert distributed.precision_of(resumable) == "mixed_bfloat16"  # Training goes on as it began.
+    analysed = common.load_trained_model(tmp_path / "model.keras")
+    assert distributed.precision_of(analysed) == "none"
+    for expected, actual in zip(model.get_weights(), analysed.get_weights()):
+        np.testing.assert_array_equal(actual, expected)
+    images = tiny_data["x_test"][:50]
+    float32_probabilities, bf16_probabilities = common.predict(analysed, images), common.predict(model, images)
+    assert np.array_equal(float32_probabilities.argmax(1), bf16_probabilities.argmax(1)) or \
+        np.mean(float32_probabilities.argmax(1) == bf16_probabilities.argmax(1)) > 0.95
+    assert not np.allclose(float32_probabilities, bf16_probabilities, atol=1e-6)  # bf16 rounds: a real change.
