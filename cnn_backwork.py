@@ -2,6 +2,7 @@
 
     python cnn_backwork.py --model runs/default/model.keras [CONFIG] [--data PATH]
                            [--labels 3 | 0-9 | 1,4,7] [--num-examples 8] [--out DIR] [--seed N]
+                           [--worker I/N]
     python cnn_backwork.py --evaluate runs/default/backwork --model MODEL [MODEL ...]
 
 For a label l, a batch of images x (pixels in [0, 1]) is optimised with Adam on
@@ -64,8 +65,19 @@ saved for a label that diverged.
 Each label writes results_{label}.pkl (read them with common.load_results) to the output
 folder (default: backwork/ beside the model) as it stops, plus backwork.png and
 worst_training.png (drawn from every results_{label}.pkl in the folder).
+
+On several machines, each process takes its share of the labels into the same folder (on
+a shared filesystem): with --worker I/N (I from 0), or where TensorFlow's TF_CONFIG is set,
+from its chief and worker tasks (the chief first). Worker I takes every N-th of the sorted
+labels from the I-th, so no two workers take the same label and none needs to talk to
+another; a label's images are the same whichever worker runs it, as they are for a batch.
+Each worker writes its TensorBoard logs to logs/worker_I, and draws the figures from every
+results file in the folder when it ends, saying which of the model's labels are still
+missing (preprocess_data.py needs all of them).
 """
 import argparse
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -831,6 +843,107 @@ def load_label_results(out_dir, skip_unreadable=False, warn=print):
     return results
 
 
+def results_signature(out_dir):
+    """Each results file of a folder as (name, inode, size, modification time): any new write changes it."""
+    signature = []
+    for path in Path(out_dir).iterdir():
+        if RESULTS_NAME.fullmatch(path.name):
+            # A write renames a new file (a new inode) over the old one, so even a same-sized rewrite shows.
+            status = path.stat()
+            signature.append((path.name, status.st_ino, status.st_size, status.st_mtime_ns))
+    return sorted(signature)
+
+
+def draw_figures(out_dir):
+    """backwork.png and worst_training.png from every results file in out_dir; returns those results.
+
+    Other workers may write results files while this one draws, and the last figure renamed
+    into place wins; so the figures are drawn again until no results file changed during a
+    draw. Then whichever worker renames last drew every label written before it finished.
+    """
+    while True:
+        before = results_signature(out_dir)
+        # Labels that other processes wrote too; a damaged neighbour must not fail this run.
+        every_label = load_label_results(out_dir, skip_unreadable=True)
+        plot_results(every_label, out_dir / "backwork.png")
+        plot_worst_training(every_label, out_dir / "worst_training.png")
+        if results_signature(out_dir) == before:
+            return every_label
+
+
+def folder_status(every_label, num_classes, out_dir):
+    """The closing line: how many of the model's labels out_dir holds, and which are still missing."""
+    missing = sorted(set(range(num_classes)) - set(every_label))
+    if not missing:
+        return (f"results and figures in {out_dir}: all {num_classes} labels of the model; "
+                "preprocess_data.py can go on")
+    return (f"results and figures in {out_dir}: {num_classes - len(missing)} of the model's {num_classes} labels; "
+            f"still missing {missing} (other workers may still be running; preprocess_data.py needs every label)")
+
+
+# ---------------------------------------------------------------------------- workers
+
+WORKER_TEXT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+TF_CONFIG_FIX = "fix TF_CONFIG, or unset it and give --worker I/N"
+
+
+def parse_worker(text):
+    """'I/N' (worker I of N, I counted from 0) -> (I, N)."""
+    match = WORKER_TEXT.fullmatch(text)
+    if match is None:
+        raise UserError(f"--worker {text!r} must look like 0/2: this worker's number from 0, a slash, "
+                        "the number of workers")
+    index, count = int(match[1]), int(match[2])
+    if not 0 <= index < count:
+        raise UserError(f"--worker {text!r}: the workers of N are numbered 0 to N - 1, with N at least 1; "
+                        "e.g. 0/2 on one machine and 1/2 on another")
+    return index, count
+
+
+def worker_from_tf_config(text):
+    """(I, N) from TensorFlow's TF_CONFIG JSON: N counts the chief and worker tasks, the chief first.
+
+    The ps and evaluator tasks of a TensorFlow cluster backwork no labels: they are refused.
+    """
+    try:
+        tf_config = json.loads(text)
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
+        task_type, index = task["type"], task["index"]
+    except (ValueError, KeyError, TypeError, AttributeError):  # Not JSON, or not dicts where dicts belong.
+        raise UserError('TF_CONFIG is not JSON of the form {"cluster": {"chief": [...], "worker": [...]}, '
+                        f'"task": {{"type": ..., "index": ...}}}}; {TF_CONFIG_FIX}') from None
+    if task_type in ("ps", "evaluator"):
+        raise UserError(f"TF_CONFIG gives this process the task type {task_type!r}, which backworks no "
+                        "labels; start cnn_backwork.py only on the chief and worker tasks, or give --worker I/N")
+    tasks = {"chief": chiefs, "worker": workers}.get(task_type) if isinstance(task_type, str) else None
+    if (not isinstance(chiefs, list) or not isinstance(workers, list) or tasks is None
+            or type(index) is not int or not 0 <= index < len(tasks)):
+        raise UserError(f"TF_CONFIG's task {json.dumps(task)} is not one of the chief or worker tasks "
+                        f"of its cluster; {TF_CONFIG_FIX}")
+    return (index if task_type == "chief" else len(chiefs) + index), len(chiefs) + len(workers)
+
+
+def resolve_worker(text, environ=os.environ, note=print):
+    """This process's (I, N): from --worker I/N (text), else from TF_CONFIG, else (0, 1), every label."""
+    tf_config = environ.get("TF_CONFIG", "").strip()
+    if text is not None:
+        worker = parse_worker(text)
+        if tf_config:
+            note(f"note: --worker {text} wins over TF_CONFIG, which is ignored")
+        return worker
+    return worker_from_tf_config(tf_config) if tf_config else (0, 1)
+
+
+def worker_share(labels, index, count):
+    """Worker index's labels: every count-th of the sorted labels, from the index-th.
+
+    Round robin: the shares differ in size by one at most, and every worker computes the
+    same split from its own I/N, with no talk between them.
+    """
+    return sorted(labels)[index::count]
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Backwork strongly classified spurious inputs.")
     proc_mnist.add_common_arguments(parser, "backwork")
@@ -842,6 +955,10 @@ def parse_arguments(argv):
     parser.add_argument("--labels", help="labels to backwork: 3, 0-9 or 1,4,7 (default: all)")
     parser.add_argument("--num-examples", type=int, help="images per label (overrides backwork.num_examples)")
     parser.add_argument("--out", help="output folder (default: backwork/ beside the model)")
+    parser.add_argument("--worker", metavar="I/N",
+                        help="backwork only worker I's share of the labels (I from 0, N workers: every N-th "
+                             "label from the I-th), into the same --out as the others on a shared filesystem "
+                             "(default: from TF_CONFIG's chief and worker tasks if it is set, else every label)")
     return parser.parse_args(argv)
 
 
@@ -855,31 +972,24 @@ def evaluate_command(args):
     return 0
 
 
-def main(argv=None):
-    args = parse_arguments(argv)
-    if args.num_examples is not None:
-        args.set.append(f"backwork.num_examples={args.num_examples}")
-    base = common.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
-    config = proc_mnist.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
-    for path in args.model:
-        common.check_model_file(path)
-    if args.evaluate:
-        return evaluate_command(args)
-    if len(args.model) != 1:
-        raise UserError("backwork takes one --model; several models are for --evaluate RESULTS_DIR")
-    args.model = args.model[0]
-    out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
-    data = common.load_dataset(args.data, config["data"]["dataset"])
-    model = common.load_trained_model(args.model, data["x_train"])
-    labels = parse_labels(args.labels or f"0-{model.output_shape[-1] - 1}", model.output_shape[-1])
+def choose_labels(args, num_classes, worker):
+    """The labels this process backworks: its worker's share of --labels (default: every class)."""
+    index, count = worker
+    requested = parse_labels(args.labels or f"0-{num_classes - 1}", num_classes)
+    labels = worker_share(requested, index, count)
+    if count > 1 and labels:
+        print(f"worker {index} of {count} (numbered from 0) takes labels {labels} of {requested}")
+    elif count > 1:
+        print(f"worker {index} of {count} takes none of labels {requested}: there are more workers than "
+              "labels; nothing to do")
+    return labels
 
-    for label in labels:
-        if (out_dir / f"results_{label}.pkl").exists():
-            print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
 
-    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
+def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path):
+    """Backwork labels, saving each label's results file and logging to log_dir as it goes; return the results."""
+    with common.summary_writer(log_dir) as writer:  # Closed on Ctrl-C and SIGTERM too.
         def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
-            common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(args.model)})
+            common.save_results(out_dir / f"results_{label}.pkl", {**result, "model": str(model_path)})
             common.write_images(writer, result["steps"], f"label_{label}/images", result["images"])
 
         def log(label, step, cost, probabilities):
@@ -887,13 +997,46 @@ def main(argv=None):
                                                 f"label_{label}/p_min": probabilities.min(),
                                                 f"label_{label}/p_mean": probabilities.mean()})
 
-        results = get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
+        return get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    if args.num_examples is not None:
+        args.set.append(f"backwork.num_examples={args.num_examples}")
+    base = common.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
+    config = proc_mnist.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
+    if args.evaluate and args.worker:
+        raise UserError("--worker shares out the labels to backwork; --evaluate backworks none, so leave it out")
+    worker = None if args.evaluate else resolve_worker(args.worker)  # Also before loading.
+    for path in args.model:
+        common.check_model_file(path)
+    if args.evaluate:
+        return evaluate_command(args)
+    if len(args.model) != 1:
+        raise UserError("backwork takes one --model; several models are for --evaluate RESULTS_DIR")
+    args.model = args.model[0]
+    data = common.load_dataset(args.data, config["data"]["dataset"])
+    model = common.load_trained_model(args.model, data["x_train"])
+    num_classes = model.output_shape[-1]
+    labels = choose_labels(args, num_classes, worker)
+    if not labels:
+        return 0
+    # Made only once this process has labels, so that a worker with none leaves no folder; an
+    # unwritable --out is still found in seconds, before the backwork.
+    out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
+    for label in labels:
+        if (out_dir / f"results_{label}.pkl").exists():
+            print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
+    index, count = worker
+    log_dir = out_dir / "logs"
+    if count > 1:  # Workers sharing a folder log to their own subfolders: no two write to the same one.
+        # Made here so that a failed start removes it like out_dir (summary_writer removes only worker_I).
+        log_dir = common.ensure_writable_dir(log_dir) / f"worker_{index}"
+    results = backwork_and_save(data, config, model, labels, out_dir, log_dir, args.model)
     print(summary_table(results))
-    # Labels that other processes wrote too; a damaged neighbour must not fail this run.
-    every_label = load_label_results(out_dir, skip_unreadable=True)
-    plot_results(every_label, out_dir / "backwork.png")
-    plot_worst_training(every_label, out_dir / "worst_training.png")
-    print(f"results and figures in {out_dir}")
+    every_label = draw_figures(out_dir)
+    print(folder_status(every_label, num_classes, out_dir))
     return 0
 
 

@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A cluster's TF_CONFIG in the shell would give every backwork command only a share of its labels.
+os.environ.pop("TF_CONFIG", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
