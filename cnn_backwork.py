@@ -76,7 +76,6 @@ results file in the folder when it ends, saying which of the model's labels are 
 missing (preprocess_data.py needs all of them).
 """
 import argparse
-import json
 import os
 import re
 import time
@@ -85,6 +84,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import distributed
 import proc_mnist
 from common import UserError
 
@@ -905,23 +905,11 @@ def worker_from_tf_config(text):
 
     The ps and evaluator tasks of a TensorFlow cluster backwork no labels: they are refused.
     """
-    try:
-        tf_config = json.loads(text)
-        cluster, task = tf_config["cluster"], tf_config["task"]
-        chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
-        task_type, index = task["type"], task["index"]
-    except (ValueError, KeyError, TypeError, AttributeError):  # Not JSON, or not dicts where dicts belong.
-        raise UserError('TF_CONFIG is not JSON of the form {"cluster": {"chief": [...], "worker": [...]}, '
-                        f'"task": {{"type": ..., "index": ...}}}}; {TF_CONFIG_FIX}') from None
-    if task_type in ("ps", "evaluator"):
+    cluster, task_type, index = distributed.read_tf_config(text, TF_CONFIG_FIX)
+    if task_type not in ("chief", "worker"):
         raise UserError(f"TF_CONFIG gives this process the task type {task_type!r}, which backworks no "
                         "labels; start cnn_backwork.py only on the chief and worker tasks, or give --worker I/N")
-    tasks = {"chief": chiefs, "worker": workers}.get(task_type) if isinstance(task_type, str) else None
-    if (not isinstance(chiefs, list) or not isinstance(workers, list) or tasks is None
-            or type(index) is not int or not 0 <= index < len(tasks)):
-        raise UserError(f"TF_CONFIG's task {json.dumps(task)} is not one of the chief or worker tasks "
-                        f"of its cluster; {TF_CONFIG_FIX}")
-    return (index if task_type == "chief" else len(chiefs) + index), len(chiefs) + len(workers)
+    return distributed.worker_position(cluster, task_type, index)
 
 
 def resolve_worker(text, environ=os.environ, note=print):

@@ -38,27 +38,31 @@ def check_settings(section):
             raise UserError(f"train.{key} {value!r} is unknown; use one of {', '.join(choices)}")
 
 
-def cluster_from_environment():
-    """TF_CONFIG's cluster and task as (cluster dict, task type, task index); None when it is unset.
-
-    A TF_CONFIG that is not JSON or lacks cluster/task gives one line naming the fix.
-    """
-    text = os.environ.get("TF_CONFIG", "").strip()
-    if not text:
-        return None
+def read_tf_config(text, fix="fix TF_CONFIG, or unset it"):
+    """(cluster dict, task type, task index) from TF_CONFIG's JSON; one line naming fix if it is not one."""
     try:
         config = json.loads(text)
         cluster, task = config["cluster"], config["task"]
-        task_type, task_index = task["type"], int(task["index"])
-        if not isinstance(cluster, dict) or not isinstance(cluster.get(task_type), list):
-            raise ValueError(f"the cluster has no {task_type!r} list")
-        if not 0 <= task_index < len(cluster[task_type]):
-            raise ValueError(f"task index {task_index} is outside the {len(cluster[task_type])} {task_type} tasks")
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"TF_CONFIG is not a valid cluster description ({error}); set it to JSON like "
-                        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
-                        '"index": 0}} or unset it') from None
-    return cluster, task_type, task_index
+        task_type, index = task["type"], task["index"]
+        tasks = cluster.get(task_type) if isinstance(task_type, str) else None
+    except (ValueError, KeyError, TypeError, AttributeError):  # Not JSON, or not dicts where dicts belong.
+        raise UserError('TF_CONFIG is not JSON of the form {"cluster": {"chief": [...], "worker": [...]}, '
+                        f'"task": {{"type": ..., "index": ...}}}}; {fix}') from None
+    if not isinstance(tasks, list) or type(index) is not int or not 0 <= index < len(tasks):
+        raise UserError(f"TF_CONFIG's task {json.dumps(task)} is not one of the tasks of its cluster; {fix}")
+    return cluster, task_type, index
+
+
+def cluster_from_environment():
+    """TF_CONFIG's (cluster, task type, task index), or None where it is unset."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    return read_tf_config(text) if text else None
+
+
+def worker_position(cluster, task_type, index):
+    """(I, N) of a chief or worker task among the chief and worker tasks, the chief first."""
+    chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
+    return (index if task_type == "chief" else len(chiefs) + index), len(chiefs) + len(workers)
 
 
 def make_strategy(name):

@@ -128,9 +128,10 @@ def test_scaling_mistakes_end_in_one_line(tiny_npz, tmp_path, setting, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{not json", "TF_CONFIG is not a valid cluster description"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "task index 3 is outside"),
-    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG is not a valid cluster description"),
+    ("{not json", "TF_CONFIG is not JSON of the form"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+     'task {"type": "worker", "index": 3} is not one of the tasks of its cluster; fix TF_CONFIG, or unset it'),
+    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG is not JSON of the form"),
 ])
 def test_a_bad_tf_config_is_refused_in_one_line(monkeypatch, text, message):
     monkeypatch.setenv("TF_CONFIG", text)
