@@ -162,6 +162,35 @@ def float32_model(model):
     return copy
 
 
+class replica_random_stream:
+    """Within the block (in a replica), the model's random layers draw from this replica's own stream.
+
+    Keras' dropout draws from a seed state that every replica holds a copy of and advances
+    alike, so without this each replica would drop the same units at the same rows of its
+    share of the batch. Each replica's copy (updated per replica: the state's aggregation
+    is "none") gets its replica id added to its seed for the block, and taken off again
+    after it, so the copies stay equal; replica 0 draws exactly what one device would.
+    """
+
+    def __init__(self, model, replica_id):
+        self.states = [layer.seed_generator.state for layer in model.layers if hasattr(layer, "seed_generator")]
+        self.replica_id = replica_id
+
+    def _shift(self, sign):
+        import tensorflow as tf
+
+        for state in self.states:
+            offset = tf.cast(tf.stack([self.replica_id * 7919, 0]), state.dtype)  # A prime: far-apart seeds.
+            state.assign(state.value + offset if sign > 0 else state.value - offset)
+
+    def __enter__(self):
+        self._shift(+1)
+
+    def __exit__(self, *exception):
+        self._shift(-1)
+        return False
+
+
 def make_agreement(strategy):
     """agree(steps, stop) -> (steps, stop), the same on every worker of a cluster.
 

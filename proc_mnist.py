@@ -315,10 +315,11 @@ def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixel
     def replica_gradients(batch_images, batch_targets):
         """In one replica: the gradients of its share of the global batch (rows replica*k to (replica+1)*k)."""
         context = tf.distribute.get_replica_context()
-        global_batch_size = tf.shape(batch_images)[0]
+        replica, global_batch_size = context.replica_id_in_sync_group, tf.shape(batch_images)[0]
         share = global_batch_size // context.num_replicas_in_sync
-        rows = slice(context.replica_id_in_sync_group * share, (context.replica_id_in_sync_group + 1) * share)
-        return loss_and_gradients(batch_images[rows], batch_targets[rows], tf.cast(global_batch_size, tf.float32))
+        rows = slice(replica * share, (replica + 1) * share)
+        with distributed.replica_random_stream(model, replica):  # Its own dropout masks.
+            return loss_and_gradients(batch_images[rows], batch_targets[rows], tf.cast(global_batch_size, tf.float32))
 
     def step_gradients(batch_images, batch_targets):
         if strategy is None:

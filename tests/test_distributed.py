@@ -54,11 +54,30 @@ with strategy.scope():
     reloaded = common.load_trained_model(sys.argv[2], compile=True)
 resumed, resumed_metrics = proc_mnist.train(data, options(20, "mirrored"), model=reloaded, strategy=strategy, **silent)
 untrained = proc_mnist.build_model(options(1, "none")["model"])
+
+# Dropout: each replica its own masks, and the seed states still equal afterwards.
+import keras
+with strategy.scope():
+    dropped = proc_mnist.build_model(tiny_options(1, dropout=0.5)["model"])
+dropout_output = keras.Model(dropped.input, dropped.get_layer("fc1_dropout").output)
+images = tf.ones((4, 12, 12, 1))
+
+def replica_masks():
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    with distributed.replica_random_stream(dropped, replica):
+        return dropout_output(images, training=True)
+
+masks = [value.numpy() == 0 for value in strategy.experimental_local_results(tf.function(
+    lambda: strategy.run(replica_masks))())]
+state = dropped.get_layer("fc1_dropout").seed_generator.state.value
+states = [value.numpy().tolist() for value in strategy.experimental_local_results(state)]
 print(json.dumps({"replicas": metrics["replicas"], "steps": resumed_metrics["steps"],
                   "mirrored_vs_single": largest_difference(mirrored, single),
                   "resumed_vs_straight": largest_difference(resumed, mirrored),
                   "trained_vs_untrained": largest_difference(single, untrained),
-                  "mirrored_variable": type(mirrored.trainable_variables[0].value).__name__}))
+                  "mirrored_variable": type(mirrored.trainable_variables[0].value).__name__,
+                  "masks_differ": bool(np.any(masks[0] != masks[1])), "some_dropped": bool(masks[0].any()),
+                  "states": states}))
 """
 
 
@@ -76,6 +95,9 @@ def test_mirrored_over_two_cpus_equals_one_device_and_resumes(tiny_npz, tmp_path
     assert numbers["trained_vs_untrained"] > 0.05  # Training moved the weights: the comparisons mean something.
     assert numbers["mirrored_vs_single"] < 1e-4
     assert numbers["resumed_vs_straight"] < 1e-4
+    # Dropout: the replicas drop different units, and their seed states stay equal (advanced once).
+    assert numbers["some_dropped"] and numbers["masks_differ"]
+    assert numbers["states"][0] == numbers["states"][1] and numbers["states"][0][1] == 1
 
 
 def free_ports(count):
