@@ -6,7 +6,8 @@
 Both train the same topology (the config's) with the same batch size and Adam for the
 same number of steps, in this one process, at each batch size (by default 50, the
 original recipe's, and the config's train.batch_size); a third line times our loop with
-the config's label smoothing and shifts as well. Each is run --repeats times, alternating,
+the config's label smoothing and shifts as well, a fourth with train.mixed_precision =
+"mixed_bfloat16" (bf16 arithmetic, float32 weights). Each is run --repeats times, alternating,
 and its best run counts (other jobs on a shared machine slow whichever runs beside them).
 The FLOP rate counts the multiply-adds of the convolutions and dense layers (forward, plus
 the two backward products, less the input gradient of the first layer, which nobody
@@ -25,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+import distributed  # noqa: E402
 import proc_mnist  # noqa: E402
 
 
@@ -58,11 +60,13 @@ def numpy_matmul_rate(size=1024, repeats=10):
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
-def time_ours(config, images, targets, steps, block, batch_size, recipe=False):
+def time_ours(config, images, targets, steps, block, batch_size, recipe=False, precision="none"):
     """Our loop, block steps per call: the same work as fit, or with recipe=True as train() runs
-    the config (its label smoothing and shifts too)."""
+    the config (its label smoothing and shifts too); precision is a train.mixed_precision value."""
     section = config["train"]
-    model = proc_mnist.compile_for_training(proc_mnist.build_model(config["model"]), section["learning_rate"])
+    with distributed.precision_policy(precision):
+        model = proc_mnist.build_model(config["model"])
+    proc_mnist.compile_for_training(model, section["learning_rate"])
     smoothing, shifts = (section["label_smoothing"], section["shift_pixels"]) if recipe else (0.0, 0)
     run_steps = proc_mnist.make_train_function(model, images, targets, smoothing, shifts, section["seed"])
     run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, 0, block))  # Traces once.
@@ -113,19 +117,23 @@ def main():
           f"{arguments.repeats}; recipe: label_smoothing {section['label_smoothing']}, "
           f"shift_pixels {section['shift_pixels']}")
     for batch_size in batch_sizes:
-        ours, recipe, reference, matmul_rate = 0.0, 0.0, 0.0, numpy_matmul_rate()
+        ours, recipe, reference, bfloat16, matmul_rate = 0.0, 0.0, 0.0, 0.0, numpy_matmul_rate()
         for _ in range(arguments.repeats):
             rate, model = time_ours(config, images, targets, arguments.steps, arguments.block, batch_size)
             ours = max(ours, rate)
             reference = max(reference, time_fit(config, images, targets, arguments.steps, batch_size))
             recipe = max(recipe, time_ours(config, images, targets, arguments.steps, arguments.block, batch_size,
                                            recipe=True)[0])
+            bfloat16 = max(bfloat16, time_ours(config, images, targets, arguments.steps, arguments.block, batch_size,
+                                               precision="mixed_bfloat16")[0])
             matmul_rate = max(matmul_rate, numpy_matmul_rate())
         flops = training_flops_per_example(model)
         print(f"batch {batch_size}: {flops / 1e6:.1f} MFLOP per training example")
         print(f"  ours (compiled multi-step loop): {ours:8.0f} examples/s  {ours * flops / 1e9:6.1f} GFLOP/s")
         print(f"  keras fit (jit_compile=False):   {reference:8.0f} examples/s  {reference * flops / 1e9:6.1f} GFLOP/s")
         print(f"  ours with the [train] recipe:    {recipe:8.0f} examples/s  (label smoothing, shifts)")
+        print(f"  ours, mixed_bfloat16:            {bfloat16:8.0f} examples/s  ({bfloat16 / ours:.2f} x float32; "
+              "fast only with bf16 arithmetic in the CPU or GPU)")
         print(f"  numpy float32 matmul:            {matmul_rate / 1e9:23.1f} GFLOP/s")
         print(f"  ratio ours / fit: {ours / reference:.2f} (goal >= 1.1)")
         print(f"  ratio ours FLOP rate / numpy matmul: {ours * flops / matmul_rate:.2f} (goal >= 0.6)")
