@@ -469,12 +469,21 @@ class Backworker:
         on_label(label, results) is called as each label stops, on_record(label, step, cost,
         probabilities) at each of its records.
         """
-        import tensorflow as tf
-
-        options, start = self.options, time.perf_counter()
         if len(images_by_label) != self.num_labels:
             raise ValueError(f"this Backworker runs {self.num_labels} labels at a time, not {len(images_by_label)}")
-        states = [LabelState(label, label_images, self, options) for label, label_images in images_by_label.items()]
+        # A first Ctrl-C or SIGTERM is noted and acted on between compiled calls (after saving
+        # the labels that stopped in the block under way), never raised inside TensorFlow.
+        with common.InterruptsDeferred("interrupted: stopping after the block under way (again to stop now)") \
+                as deferred:
+            return self._run(images_by_label, progress, on_label, on_record, deferred)
+
+    def _run(self, images_by_label, progress, on_label, on_record, deferred):
+        import tensorflow as tf
+
+        options, start, states = self.options, time.perf_counter(), []
+        for label, label_images in images_by_label.items():
+            _stop_if(deferred)
+            states.append(LabelState(label, label_images, self, options))
         progress(f"training activations of {len(states)} labels in {time.perf_counter() - start:.1f} s")
         self.optimizer.reset(np.arange(self.num_labels * self.count),
                              np.concatenate([state.next_images(self.count) for state in states]))
@@ -502,6 +511,7 @@ class Backworker:
                     self._finish(group, state, step, start, results, on_label)
                 else:
                     self._reinitialise_stuck(group, state)
+            _stop_if(deferred)
         for group, state in enumerate(states):  # Labels cut off by max_num_steps with others.
             if not state.done:
                 self._finish(group, state, step, start, results, on_label)
@@ -556,6 +566,11 @@ class Backworker:
         self.optimizer.reset(indices, state.next_images(len(stuck)))
         self.first_reached.scatter_nd_update(indices[:, None], tf.fill([len(stuck)], -1))
         state.search_due = True
+
+
+def _stop_if(deferred):
+    if deferred.interrupted:
+        raise KeyboardInterrupt
 
 
 class LabelState:
@@ -934,7 +949,7 @@ def worker_share(labels, index, count):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Backwork strongly classified spurious inputs.")
-    proc_mnist.add_common_arguments(parser, "backwork")
+    common.add_common_arguments(parser, "backwork")
     parser.add_argument("--model", nargs="+", default=["runs/default/model.keras"],
                         help="model trained by proc_mnist.py (with --evaluate: one or more models)")
     parser.add_argument("--evaluate", metavar="RESULTS_DIR",
@@ -993,7 +1008,7 @@ def main(argv=None):
     if args.num_examples is not None:
         args.set.append(f"backwork.num_examples={args.num_examples}")
     base = common.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
-    config = proc_mnist.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
+    config = common.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
     if args.evaluate and args.worker:
         raise UserError("--worker shares out the labels to backwork; --evaluate backworks none, so leave it out")
     worker = None if args.evaluate else resolve_worker(args.worker)  # Also before loading.

@@ -16,6 +16,7 @@ import pickletools
 import signal
 import sys
 import tempfile
+import threading
 import tomllib
 import weakref
 import zipfile
@@ -44,6 +45,35 @@ _CREATED_DIRS = []
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+class InterruptsDeferred:
+    """Within the block, a first Ctrl-C or SIGTERM is only noted (and message printed); a second aborts.
+
+    Outside the main thread (where Python cannot set signal handlers) it changes nothing.
+    """
+
+    def __init__(self, message="interrupted: finishing the save (interrupt again to abort it; "
+                               "no file is left half-written)"):
+        self.message, self.interrupted, self.previous = message, False, {}
+
+    def __enter__(self):
+        self.interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._note) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print(self.message)
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+        return False
 
 
 def run_cli(main):
@@ -297,6 +327,24 @@ def load_config(path=None, overrides=(), base=None):
     for override in overrides:
         merge_config(config, parse_override(override), source=f"--set {override}")
     return config
+
+
+def add_common_arguments(parser, section):
+    """Arguments every script takes: a config, overrides, the data and the seed."""
+    parser.add_argument("config", nargs="?", help="TOML config listing what differs from configs/default.toml")
+    parser.add_argument("--data", help="local .npz in the Keras layout (default: $DATA_PATH, $MNIST_PATH for MNIST, "
+                                       "else download [data] dataset)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; may be repeated")
+    parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
+
+
+def resolve_cli_config(args, section, base=None):
+    """The config a script runs with: defaults (or base), the config file, --set and --seed."""
+    overrides = list(args.set)
+    if args.seed is not None:
+        overrides.append(f"{section}.seed={args.seed}")
+    return load_config(args.config, overrides, base=base)
 
 
 def model_data_config(model_path):

@@ -313,7 +313,7 @@ def plot_saliency(path, images, maps, row_titles, feature_options, title):
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Saliency maps (input gradient, guided backpropagation) "
                                                  "of a model trained by proc_mnist.py.")
-    proc_mnist.add_common_arguments(parser, "saliency")
+    common.add_common_arguments(parser, "saliency")
     parser.add_argument("--model", required=True, help="model.keras written by proc_mnist.py")
     parser.add_argument("--images", help='"test" for test images, or a backwork results .pkl (saliency.images)')
     parser.add_argument("--num", type=int, help="how many images to explain (saliency.num)")
@@ -329,7 +329,7 @@ def parse_arguments(argv):
 def resolve_config(args):
     """Defaults (the model's [data]), then the config file and --set, then the flags; [saliency] is checked."""
     base = common.model_data_config(args.model) if args.config is None else None
-    config = proc_mnist.resolve_cli_config(args, "saliency", base=base)
+    config = common.resolve_cli_config(args, "saliency", base=base)
     flags = {"images": args.images, "num": args.num, "label": args.label, "method": args.method,
              "smooth_samples": args.smooth}
     common.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},

@@ -351,7 +351,7 @@ def plot_report(rounds, target, path):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Augment with backworked images and retrain, in rounds.")
-    proc_mnist.add_common_arguments(parser, "augment")
+    common.add_common_arguments(parser, "augment")
     parser.add_argument("--results", required=True, help="folder of results_{label}.pkl from cnn_backwork.py")
     parser.add_argument("--model", required=True, help="the model those results were backworked from")
     parser.add_argument("--out", help="output folder (default: <model folder>-aug-<target>)")
@@ -371,7 +371,7 @@ def resolve_config(args):
         print(f"starting from {trained_with}, the config the model was trained with")
     flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target}
     args.set.extend(f"augment.{key}={value}" for key, value in flags.items() if value is not None)
-    config = proc_mnist.resolve_cli_config(args, "augment", base=base)
+    config = common.resolve_cli_config(args, "augment", base=base)
     if args.steps is not None:
         key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
         config = common.merge_config(config, common.parse_override(f"{key}={args.steps}"), "--steps")

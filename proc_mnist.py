@@ -19,9 +19,7 @@ import argparse
 import contextlib
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -439,7 +437,7 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=No
     # A first Ctrl-C or SIGTERM is noted and honoured between calls (within about a second),
     # never raised inside TensorFlow's own Python code, which it can leave broken (a SIGTERM
     # there once crashed the process at exit, exit code -11). A second one raises at once.
-    deferred = _InterruptsDeferred("interrupted: stopping after the call under way (again to stop now)")
+    deferred = common.InterruptsDeferred("interrupted: stopping after the call under way (again to stop now)")
     agree = agree or (lambda steps, stop: (steps, stop))
     try:
         with deferred:
@@ -602,26 +600,9 @@ def save_run(out_dir, model, config, metrics):
 # ------------------------------------------------------------------------------- main
 
 
-def add_common_arguments(parser, section):
-    """Arguments every script takes: a config, overrides, the data and the seed."""
-    parser.add_argument("config", nargs="?", help="TOML config listing what differs from configs/default.toml")
-    parser.add_argument("--data", help="local .npz in the Keras layout (default: $DATA_PATH, $MNIST_PATH for MNIST, "
-                                       "else download [data] dataset)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; may be repeated")
-    parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
-
-
-def resolve_cli_config(args, section, base=None):
-    overrides = list(args.set)
-    if args.seed is not None:
-        overrides.append(f"{section}.seed={args.seed}")
-    return common.load_config(args.config, overrides, base=base)
-
-
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Train a CNN on an image dataset from a topology config.")
-    add_common_arguments(parser, "train")
+    common.add_common_arguments(parser, "train")
     parser.add_argument("--out", help="output folder (default: runs/<config name>, after the dataset if not MNIST)")
     parser.add_argument("--steps", type=int, help="total optimisation steps (overrides train.num_steps)")
     parser.add_argument("--resume", action="store_true",
@@ -694,40 +675,11 @@ def _merge_sessions(earlier, metrics):
             "sessions": earlier.get("sessions", 1) + 1, "history": history}
 
 
-class _InterruptsDeferred:
-    """Within the block, a first Ctrl-C or SIGTERM is only noted (and message printed); a second aborts.
-
-    Outside the main thread (where Python cannot set signal handlers) it changes nothing.
-    """
-
-    def __init__(self, message="interrupted: finishing the save (interrupt again to abort it; "
-                               "no file is left half-written)"):
-        self.message, self.interrupted, self.previous = message, False, {}
-
-    def __enter__(self):
-        self.interrupted = False
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {number: signal.signal(number, self._note) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _note(self, signum, frame):
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
-        print(self.message)
-
-    def __exit__(self, *exception):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-        self.previous = {}
-        return False
-
-
 def main(argv=None):
     args = parse_arguments(argv)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
-    out_dir = Path(args.out) if args.out else default_out_dir(args.config, resolve_cli_config(args, "train"))
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config, common.resolve_cli_config(args, "train"))
     base, model, earlier = None, None, None
     if args.resume:
         if not (out_dir / "model.keras").is_file():
@@ -736,7 +688,7 @@ def main(argv=None):
         earlier = _read_earlier_metrics(out_dir)
     if args.steps is not None:
         args.set.append(f"train.num_steps={args.steps}")
-    config = resolve_cli_config(args, "train", base=base)
+    config = common.resolve_cli_config(args, "train", base=base)
     check_train_section(config["train"])
     # First of all TensorFlow work: a cluster's collective ops are set up as the strategy is made.
     strategy = distributed.make_strategy(config["train"]["distribute"])
@@ -756,7 +708,7 @@ def main(argv=None):
     # Closed on Ctrl-C and SIGTERM too; only the chief writes files.
     with common.summary_writer(out_dir / "logs") if chief else contextlib.nullcontext() as writer:
         model, metrics = train(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
-    with _InterruptsDeferred() as deferred:
+    with common.InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
 
 

@@ -450,3 +450,24 @@ def test_reinitialised_images_leave_the_recorded_history_finite():
                  progress=lambda line: None)
     assert list(state.stuck()) == [1, 2]
     assert np.isfinite(state.history[0]["probs"]).all() and state.previous[1] == -np.inf
+
+
+def test_an_interrupt_is_honoured_after_the_block_under_way(trained_tiny, tiny_data):
+    import os
+    import signal
+
+    records, finished = [], []
+
+    def on_record(label, step, cost, probabilities):
+        records.append((label, step))
+        if len(records) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # As Ctrl-C would, in the middle of the first block's records.
+
+    # Probability caps of 1 are never reached: without the interrupt this would run 100,000 steps.
+    options = {"backwork": backwork_options(max_num_steps=100_000, save_freq=5, prob_cap_min=1.0, prob_cap_mean=1.0)}
+    with pytest.raises(KeyboardInterrupt):
+        cnn_backwork.get_faulty_input_layer(tiny_data, options, trained_tiny[0], [0, 1], progress=lambda line: None,
+                                            on_label=lambda label, result: finished.append(label), on_record=on_record)
+    # Noted, not raised inside the callback: both labels' records of that block were made, then it stopped.
+    assert records == [(0, 5), (1, 5)] and finished == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # The usual Ctrl-C is back.
