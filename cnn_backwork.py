@@ -76,7 +76,6 @@ results file in the folder when it ends, saying which of the model's labels are 
 missing (preprocess_data.py needs all of them).
 """
 import argparse
-import os
 import re
 import time
 from pathlib import Path
@@ -896,57 +895,6 @@ def folder_status(every_label, num_classes, out_dir):
             f"still missing {missing} (other workers may still be running; preprocess_data.py needs every label)")
 
 
-# ---------------------------------------------------------------------------- workers
-
-WORKER_TEXT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
-TF_CONFIG_FIX = "fix TF_CONFIG, or unset it and give --worker I/N"
-
-
-def parse_worker(text):
-    """'I/N' (worker I of N, I counted from 0) -> (I, N)."""
-    match = WORKER_TEXT.fullmatch(text)
-    if match is None:
-        raise UserError(f"--worker {text!r} must look like 0/2: this worker's number from 0, a slash, "
-                        "the number of workers")
-    index, count = int(match[1]), int(match[2])
-    if not 0 <= index < count:
-        raise UserError(f"--worker {text!r}: the workers of N are numbered 0 to N - 1, with N at least 1; "
-                        "e.g. 0/2 on one machine and 1/2 on another")
-    return index, count
-
-
-def worker_from_tf_config(text):
-    """(I, N) from TensorFlow's TF_CONFIG JSON: N counts the chief and worker tasks, the chief first.
-
-    The ps and evaluator tasks of a TensorFlow cluster backwork no labels: they are refused.
-    """
-    cluster, task_type, index = distributed.read_tf_config(text, TF_CONFIG_FIX)
-    if task_type not in ("chief", "worker"):
-        raise UserError(f"TF_CONFIG gives this process the task type {task_type!r}, which backworks no "
-                        "labels; start cnn_backwork.py only on the chief and worker tasks, or give --worker I/N")
-    return distributed.worker_position(cluster, task_type, index)
-
-
-def resolve_worker(text, environ=os.environ, note=print):
-    """This process's (I, N): from --worker I/N (text), else from TF_CONFIG, else (0, 1), every label."""
-    tf_config = environ.get("TF_CONFIG", "").strip()
-    if text is not None:
-        worker = parse_worker(text)
-        if tf_config:
-            note(f"note: --worker {text} wins over TF_CONFIG, which is ignored")
-        return worker
-    return worker_from_tf_config(tf_config) if tf_config else (0, 1)
-
-
-def worker_share(labels, index, count):
-    """Worker index's labels: every count-th of the sorted labels, from the index-th.
-
-    Round robin: the shares differ in size by one at most, and every worker computes the
-    same split from its own I/N, with no talk between them.
-    """
-    return sorted(labels)[index::count]
-
-
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Backwork strongly classified spurious inputs.")
     common.add_common_arguments(parser, "backwork")
@@ -979,7 +927,7 @@ def choose_labels(args, num_classes, worker):
     """The labels this process backworks: its worker's share of --labels (default: every class)."""
     index, count = worker
     requested = parse_labels(args.labels or f"0-{num_classes - 1}", num_classes)
-    labels = worker_share(requested, index, count)
+    labels = distributed.worker_share(requested, index, count)
     if count > 1 and labels:
         print(f"worker {index} of {count} (numbered from 0) takes labels {labels} of {requested}")
     elif count > 1:
@@ -1011,7 +959,7 @@ def main(argv=None):
     config = common.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
     if args.evaluate and args.worker:
         raise UserError("--worker shares out the labels to backwork; --evaluate backworks none, so leave it out")
-    worker = None if args.evaluate else resolve_worker(args.worker)  # Also before loading.
+    worker = None if args.evaluate else distributed.resolve_worker(args.worker)  # Also before loading.
     for path in args.model:
         common.check_model_file(path)
     if args.evaluate:

@@ -1,4 +1,4 @@
-"""Training beyond one CPU process: tf.distribute strategies, the chief, XLA and mixed precision.
+"""Beyond one CPU process: tf.distribute strategies, the chief, XLA, mixed precision, backwork workers.
 
 proc_mnist.py's [train] keys choose them:
 
@@ -20,6 +20,7 @@ files; every worker computes the same weights.
 """
 import json
 import os
+import re
 
 from common import UserError
 
@@ -217,3 +218,54 @@ def make_agreement(strategy):
         return max(1, int(round(total_steps))), stops > 0.5
 
     return agree
+
+
+# ------------------------------------------------- backwork labels shared by workers
+
+WORKER_TEXT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+TF_CONFIG_FIX = "fix TF_CONFIG, or unset it and give --worker I/N"
+
+
+def parse_worker(text):
+    """'I/N' (worker I of N, I counted from 0) -> (I, N)."""
+    match = WORKER_TEXT.fullmatch(text)
+    if match is None:
+        raise UserError(f"--worker {text!r} must look like 0/2: this worker's number from 0, a slash, "
+                        "the number of workers")
+    index, count = int(match[1]), int(match[2])
+    if not 0 <= index < count:
+        raise UserError(f"--worker {text!r}: the workers of N are numbered 0 to N - 1, with N at least 1; "
+                        "e.g. 0/2 on one machine and 1/2 on another")
+    return index, count
+
+
+def worker_from_tf_config(text):
+    """(I, N) from TensorFlow's TF_CONFIG JSON: N counts the chief and worker tasks, the chief first.
+
+    The ps and evaluator tasks of a TensorFlow cluster backwork no labels: they are refused.
+    """
+    cluster, task_type, index = read_tf_config(text, TF_CONFIG_FIX)
+    if task_type not in ("chief", "worker"):
+        raise UserError(f"TF_CONFIG gives this process the task type {task_type!r}, which backworks no "
+                        "labels; start cnn_backwork.py only on the chief and worker tasks, or give --worker I/N")
+    return worker_position(cluster, task_type, index)
+
+
+def resolve_worker(text, environ=os.environ, note=print):
+    """This process's (I, N): from --worker I/N (text), else from TF_CONFIG, else (0, 1), every label."""
+    tf_config = environ.get("TF_CONFIG", "").strip()
+    if text is not None:
+        worker = parse_worker(text)
+        if tf_config:
+            note(f"note: --worker {text} wins over TF_CONFIG, which is ignored")
+        return worker
+    return worker_from_tf_config(tf_config) if tf_config else (0, 1)
+
+
+def worker_share(labels, index, count):
+    """Worker index's labels: every count-th of the sorted labels, from the index-th.
+
+    Round robin: the shares differ in size by one at most, and every worker computes the
+    same split from its own I/N, with no talk between them.
+    """
+    return sorted(labels)[index::count]

@@ -8,6 +8,7 @@ import pytest
 
 import cnn_backwork
 import common
+import distributed
 from common import UserError
 from conftest import fake_backwork_results, read_image_tags, read_scalars
 
@@ -25,7 +26,7 @@ def tf_config(task_type, index, chiefs=1, workers=2, **extra_jobs):
 
 @pytest.mark.parametrize("text,expected", [("0/1", (0, 1)), ("0/2", (0, 2)), ("1/2", (1, 2)), (" 3 / 4 ", (3, 4))])
 def test_parse_worker(text, expected):
-    assert cnn_backwork.parse_worker(text) == expected
+    assert distributed.parse_worker(text) == expected
 
 
 @pytest.mark.parametrize("text,problem", [("1", "must look like 0/2"), ("a/2", "must look like 0/2"),
@@ -33,7 +34,7 @@ def test_parse_worker(text, expected):
                                           ("2/2", "numbered 0 to N - 1"), ("0/0", "numbered 0 to N - 1")])
 def test_bad_worker_text_is_refused(text, problem):
     with pytest.raises(UserError, match=problem):
-        cnn_backwork.parse_worker(text)
+        distributed.parse_worker(text)
 
 
 @pytest.mark.parametrize("task_type,index,chiefs,expected", [
@@ -42,14 +43,14 @@ def test_bad_worker_text_is_refused(text, problem):
 def test_tf_config_puts_the_chief_first_then_the_workers(task_type, index, chiefs, expected):
     # The ps and evaluator jobs in the cluster take no labels and are not counted.
     text = tf_config(task_type, index, chiefs=chiefs, ps=1, evaluator=1)
-    assert cnn_backwork.worker_from_tf_config(text) == expected
+    assert distributed.worker_from_tf_config(text) == expected
 
 
 @pytest.mark.parametrize("task_type", ["evaluator", "ps"])
 def test_tf_config_evaluator_and_ps_tasks_are_refused(task_type):
     with pytest.raises(UserError, match=f"the task type '{task_type}', which backworks no labels; start "
                                         "cnn_backwork.py only on the chief and worker tasks"):
-        cnn_backwork.worker_from_tf_config(tf_config(task_type, 0, ps=1, evaluator=1))
+        distributed.worker_from_tf_config(tf_config(task_type, 0, ps=1, evaluator=1))
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", "3", '{"cluster": {"worker": ["a:1"]}}',
@@ -57,7 +58,7 @@ def test_tf_config_evaluator_and_ps_tasks_are_refused(task_type):
                                   '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}}'])
 def test_malformed_tf_config_is_refused(text):
     with pytest.raises(UserError, match=r"^TF_CONFIG is not JSON of the form .*; fix TF_CONFIG, or unset it"):
-        cnn_backwork.worker_from_tf_config(text)
+        distributed.worker_from_tf_config(text)
 
 
 @pytest.mark.parametrize("task", [{"type": "worker", "index": 2}, {"type": "chief", "index": 1},
@@ -66,17 +67,17 @@ def test_malformed_tf_config_is_refused(text):
 def test_a_task_outside_the_cluster_is_refused(task):
     text = json.dumps({"cluster": {"chief": ["c:1"], "worker": ["a:1", "b:1"]}, "task": task})
     with pytest.raises(UserError, match="is not one of the tasks of its cluster; fix TF_CONFIG"):
-        cnn_backwork.worker_from_tf_config(text)
+        distributed.worker_from_tf_config(text)
 
 
 def test_worker_option_wins_over_tf_config_and_says_so():
     notes = []
     environ = {"TF_CONFIG": "{malformed, but --worker wins"}
-    assert cnn_backwork.resolve_worker("1/3", environ, note=notes.append) == (1, 3)
+    assert distributed.resolve_worker("1/3", environ, note=notes.append) == (1, 3)
     assert notes == ["note: --worker 1/3 wins over TF_CONFIG, which is ignored"]
-    assert cnn_backwork.resolve_worker(None, {"TF_CONFIG": tf_config("worker", 1)}) == (2, 3)
-    assert cnn_backwork.resolve_worker(None, {"TF_CONFIG": "  "}) == (0, 1)
-    assert cnn_backwork.resolve_worker(None, {}, note=notes.append) == (0, 1) and len(notes) == 1
+    assert distributed.resolve_worker(None, {"TF_CONFIG": tf_config("worker", 1)}) == (2, 3)
+    assert distributed.resolve_worker(None, {"TF_CONFIG": "  "}) == (0, 1)
+    assert distributed.resolve_worker(None, {}, note=notes.append) == (0, 1) and len(notes) == 1
 
 
 def test_bad_worker_is_one_line_before_anything_is_loaded(tmp_path, capsys):
@@ -102,11 +103,11 @@ def test_an_evaluator_task_is_refused_before_anything_is_loaded(tmp_path, monkey
 
 def test_shares_are_round_robin_over_the_sorted_labels():
     labels = [9, 0, 3, 1, 4, 7, 2]
-    shares = [cnn_backwork.worker_share(labels, index, 3) for index in range(3)]
+    shares = [distributed.worker_share(labels, index, 3) for index in range(3)]
     assert shares == [[0, 3, 9], [1, 4], [2, 7]]
     assert sorted(sum(shares, [])) == sorted(labels)  # Every label once, by exactly one worker.
-    assert cnn_backwork.worker_share(labels, 0, 1) == sorted(labels)
-    assert cnn_backwork.worker_share([5], 1, 2) == []
+    assert distributed.worker_share(labels, 0, 1) == sorted(labels)
+    assert distributed.worker_share([5], 1, 2) == []
 
 
 def test_a_worker_with_an_empty_share_writes_nothing(trained_tiny, tiny_npz, tmp_path, monkeypatch, capsys):
