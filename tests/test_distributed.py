@@ -115,23 +115,33 @@ def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, 
     config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 12\nlog_every = 6\nbatch_size = 20\n'
                       'learning_rate = 0.01\nschedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
                       + common.dump_toml({"model": tiny_options()["model"]}))
-    workers = [f"localhost:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        environment = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                                               "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen(
-            [sys.executable, "proc_mnist.py", str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")],
-            cwd=PROJECT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
-    assert "saved" in outputs[0][0] and "the chief saves the run" in outputs[1][0]
+    outputs = run_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
+    assert "saved" in outputs[0] and "the chief saves the run" in outputs[1]
     written = sorted(path.name for path in (tmp_path / "run").iterdir())
     assert written == ["config.toml", "logs", "metrics.json", "model.keras", "training_curve.png"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["replicas"] == 2 and not metrics["interrupted"]
     assert metrics["test_accuracy"] is not None
+    # Both workers resume from the chief's files (a shared folder) and go on together.
+    outputs = run_two_workers(["--data", str(tiny_npz), "--out", str(tmp_path / "run"), "--resume", "--steps", "18"])
+    assert all("resuming" in output and "at step 12" in output for output in outputs)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 18 and metrics["sessions"] == 2 and metrics["history"][-1]["step"] == 18
+
+
+def run_two_workers(arguments):
+    """proc_mnist.py with arguments as two workers of a localhost cluster; their outputs, once both exit 0."""
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        environment = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                               "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "proc_mnist.py", *arguments], cwd=PROJECT,
+                                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
+    return [stdout for stdout, _ in outputs]
 
 
 @pytest.mark.parametrize("setting, message", [
