@@ -173,7 +173,7 @@ def build_model(topology):
     # The class scores and probabilities stay float32 under mixed precision (train.mixed_precision).
     logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     outputs = layers.Activation("softmax", name="softmax", dtype="float32")(logits)
-    return keras.Model(inputs, outputs, name="mnist_cnn")
+    return keras.Model(inputs, outputs, name="cnn")
 
 
 def logits_model(model):
