@@ -74,6 +74,7 @@ def make_strategy(name):
     """
     import tensorflow as tf
 
+    check_settings({"distribute": name})
     if name == "none":
         return None
     if name == "mirrored":
@@ -109,6 +110,14 @@ def scope(strategy):
 
 def replica_count(strategy):
     return 1 if strategy is None else strategy.num_replicas_in_sync
+
+
+def check_batch_split(batch_size, strategy):
+    """Refuse a global batch that the strategy's replicas cannot share evenly, naming a size that works."""
+    replicas = replica_count(strategy)
+    if batch_size % replicas:
+        raise UserError(f"train.batch_size {batch_size} does not split evenly over {replicas} replicas; "
+                        f"use a multiple of {replicas}")
 
 
 def use_xla(setting):

@@ -361,14 +361,11 @@ ONE_CYCLE_DIVISOR = 25.0  # one_cycle warms up from learning_rate / 25 (Smith's 
 ONE_CYCLE_FINAL_DIVISOR = 1e4  # ... and ends at that / 1e4.
 
 
-def check_train_section(section, replicas=1):
+def check_train_section(section):
     """Refuse [train] values of the keys this script added that cannot work, naming the key."""
     if section["schedule"] not in SCHEDULES:
         raise UserError(f"train.schedule {section['schedule']!r} is unknown; use one of {', '.join(SCHEDULES)}")
     distributed.check_settings(section)
-    if section["batch_size"] % replicas:
-        raise UserError(f"train.batch_size {section['batch_size']} does not split evenly over {replicas} "
-                        f"replicas; use a multiple of {replicas}")
     common.check_section("train", section, source="train options")  # The ranges of single values.
     if not section["warmup_steps"] < section["num_steps"]:
         raise UserError(f"train.warmup_steps {section['warmup_steps']} must be below "
@@ -517,7 +514,7 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
     check_train_section(section)
     if strategy is None and section["distribute"] != "none":
         strategy = distributed.make_strategy(section["distribute"])
-    check_train_section(section, distributed.replica_count(strategy))
+    distributed.check_batch_split(section["batch_size"], strategy)
     keras.utils.set_random_seed(section["seed"])
     # Variables are made in the strategy's scope (mirrored); the loop runs outside it, where
     # Keras' optimizer updates every replica's copy with the gradients summed over replicas.
@@ -692,7 +689,7 @@ def main(argv=None):
     check_train_section(config["train"])
     # First of all TensorFlow work: a cluster's collective ops are set up as the strategy is made.
     strategy = distributed.make_strategy(config["train"]["distribute"])
-    check_train_section(config["train"], distributed.replica_count(strategy))
+    distributed.check_batch_split(config["train"]["batch_size"], strategy)
     chief = distributed.is_chief(strategy)
     data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
                                    config["data"]["validation_size"])

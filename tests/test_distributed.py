@@ -172,10 +172,13 @@ def test_a_bad_tf_config_is_refused_in_one_line(monkeypatch, text, message):
 
 
 def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
-    section = common.default_config()["train"]
-    section["batch_size"] = 125
-    with pytest.raises(common.UserError, match="does not split evenly over 2 replicas; use a multiple of 2"):
-        proc_mnist.check_train_section(section, replicas=2)
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    distributed.check_batch_split(128, TwoReplicas())
+    with pytest.raises(common.UserError, match="train.batch_size 125 does not split evenly over 2 replicas; "
+                                               "use a multiple of 2"):
+        distributed.check_batch_split(125, TwoReplicas())
 
 
 def test_xla_trains_as_the_plain_loop_does(tiny_data):
