@@ -439,8 +439,10 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=No
     try:
         with deferred:
             while step < total_steps:
-                steps_per_call, deferred.interrupted = agree(steps_per_call, deferred.interrupted)
-                if deferred.interrupted:
+                # Never assigned from agree's answer: a signal noted while agree waits stays noted.
+                steps_per_call, any_worker_stopped = agree(steps_per_call, deferred.interrupted)
+                if any_worker_stopped:
+                    deferred.interrupted = True
                     break
                 # Progress lines fall on multiples of log_every, so a resumed run logs the same steps.
                 next_log = min((step // log_every + 1) * log_every, total_steps)

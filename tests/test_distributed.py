@@ -5,6 +5,8 @@ checks run in a fresh process; the cluster test runs two real worker processes.
 """
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -129,15 +131,41 @@ def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, 
     assert metrics["steps"] == 18 and metrics["sessions"] == 2 and metrics["history"][-1]["step"] == 18
 
 
+def test_a_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_chief_saves(tiny_npz, tmp_path):
+    config = tmp_path / "cluster.toml"
+    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 1000000\nlog_every = 20\nbatch_size = 20\n'
+                      'schedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
+                      + common.dump_toml({"model": tiny_options()["model"]}))
+    processes = start_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
+    try:
+        for line in processes[0].stdout:
+            if line.startswith("step 40/"):  # Both workers are training (they go in step).
+                # Not the chief, and while the chief logs: the signal lands as worker 1 waits to agree.
+                processes[1].send_signal(signal.SIGTERM)
+                break
+        outputs = [process.communicate(timeout=60)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [130, 130], outputs
+    steps = [int(re.search(r"interrupted at step (\d+)", output)[1]) for output in outputs]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert steps[0] == steps[1] == metrics["steps"] >= 40 and metrics["interrupted"]
+
+
+def start_two_workers(arguments):
+    """proc_mnist.py with arguments as the two workers of a localhost cluster, started (stdout piped)."""
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    return [subprocess.Popen([sys.executable, "proc_mnist.py", *arguments], cwd=PROJECT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                                          "task": {"type": "worker", "index": index}})})
+            for index in range(2)]
+
+
 def run_two_workers(arguments):
     """proc_mnist.py with arguments as two workers of a localhost cluster; their outputs, once both exit 0."""
-    workers = [f"localhost:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        environment = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                                               "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "proc_mnist.py", *arguments], cwd=PROJECT,
-                                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    processes = start_two_workers(arguments)
     outputs = [process.communicate(timeout=300) for process in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
