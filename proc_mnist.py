@@ -697,7 +697,7 @@ def main(argv=None):
                                    config["data"]["validation_size"])
     if args.resume:
         with distributed.scope(strategy):  # Its variables mirrored, as a new model's would be.
-            model, earlier = _resumed(out_dir, data, config["train"]["num_steps"], earlier)
+            model, earlier = _resumed(out_dir, data, config["train"], earlier)
         if model is None:
             return 0
     if chief:  # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
@@ -711,9 +711,12 @@ def main(argv=None):
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
 
 
-def _resumed(out_dir, data, total_steps, earlier):
+def _resumed(out_dir, data, section, earlier):
     """The saved model to go on training and the earlier metrics; (None, earlier) if it is done already."""
-    model = _resumable_model(out_dir / "model.keras", data["x_train"])
+    model, total_steps = _resumable_model(out_dir / "model.keras", data["x_train"]), section["num_steps"]
+    if distributed.precision_of(model) != section["mixed_precision"]:
+        print(f"note: the saved model computes in {distributed.precision_of(model)!r}, and goes on in it; "
+              f"train.mixed_precision = {section['mixed_precision']!r} applies to new models")
     step = int(model.optimizer.iterations.numpy())
     if step >= total_steps:
         print(f"nothing to do: {out_dir} is already at step {step} >= {total_steps}; "

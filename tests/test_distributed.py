@@ -238,3 +238,14 @@ def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
     assert np.array_equal(float32_probabilities.argmax(1), bf16_probabilities.argmax(1)) or \
         np.mean(float32_probabilities.argmax(1) == bf16_probabilities.argmax(1)) > 0.95
     assert not np.allclose(float32_probabilities, bf16_probabilities, atol=1e-6)  # bf16 rounds: a real change.
+
+
+def test_resuming_in_another_precision_says_the_model_keeps_its_own(tiny_npz, tmp_path, capsys):
+    out, config = tmp_path / "run", tmp_path / "tiny.toml"
+    config.write_text(common.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
+    arguments = [str(config), "--data", str(tiny_npz), "--out", str(out)]
+    assert proc_mnist.main([*arguments, "--steps", "10"]) == 0
+    code = proc_mnist.main([*arguments, "--steps", "20", "--resume", "--set", "train.mixed_precision=mixed_bfloat16"])
+    assert code == 0
+    assert "the saved model computes in 'none', and goes on in it" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == "none"
