@@ -417,6 +417,12 @@ def resolve_options(options):
 TARGET_CALL_SECONDS = 1.0  # Length of one compiled call: Ctrl-C and SIGTERM take effect between calls.
 
 
+def _cluster_failure(error):
+    """The line of a collective op's error that says which worker failed, or its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "aborted by" in line or "unhealthy" in line), lines[0] if lines else "")
+
+
 def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=None):
     """Train to section['num_steps'] in calls of about TARGET_CALL_SECONDS; log every log_every steps.
 
@@ -424,9 +430,11 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=No
     (distributed.make_agreement) makes every worker of a cluster run calls of the same
     length and stop at the same step.
 
-    Returns (history, stop_reason) with stop_reason 'finished', 'interrupted' or
-    'diverged at step N (loss nan)'.
+    Returns (history, stop_reason) with stop_reason 'finished', 'interrupted',
+    'diverged at step N (loss nan)' or 'stopped: a worker of the cluster failed (...)'.
     """
+    import tensorflow as tf
+
     batch_size, total_steps, log_every = section["batch_size"], section["num_steps"], section["log_every"]
     step = first_step = int(model.optimizer.iterations.numpy())
     history, stop, start = [], "finished", time.perf_counter()
@@ -477,10 +485,13 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=No
                         "train/examples_per_second": examples_per_second})
     except KeyboardInterrupt:
         deferred.interrupted = True
-    if deferred.interrupted:
-        stop = "interrupted"
-        step = int(model.optimizer.iterations.numpy())  # The call under way ran to its end.
-        progress(f"interrupted at step {step}")
+    except tf.errors.UnavailableError as error:  # Only collective ops raise it: a cluster's worker is gone.
+        stop = f"stopped: a worker of the cluster failed ({_cluster_failure(error)})"
+    if deferred.interrupted or stop.startswith("stopped"):
+        stop = stop if stop.startswith("stopped") else "interrupted"
+        # Updates follow the all-reduce, so the weights are those of a whole step: this one.
+        step = int(model.optimizer.iterations.numpy())
+        progress(f"{'interrupted' if stop == 'interrupted' else stop} at step {step}")
     if block_steps and step > (history[-1]["step"] if history else first_step):
         # The steps since the last progress line, without a validation pass (stopping should be quick).
         history.append({"step": step, "loss": block_loss / block_steps,
@@ -543,6 +554,7 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
     metrics = {"steps": steps, "seconds": seconds, "examples": examples,
                "examples_per_second": examples / seconds if seconds else 0.0,
                "interrupted": stop == "interrupted", "diverged": stop.startswith("diverged"),
+               "worker_failed": stop.startswith("stopped: a worker"),
                "stop_reason": stop, "test_accuracy": None, "history": history, "data": data.get("provenance"),
                # What the run actually used: train.xla "auto" resolved, the replicas of train.distribute.
                "replicas": distributed.replica_count(strategy), "xla": xla,
@@ -764,6 +776,11 @@ def _finish(out_dir, model, config, metrics, earlier, deferred, chief=True):
         print(f"error: training {metrics['stop_reason']}; lower train.learning_rate "
               f"(now {config['train']['learning_rate']:g}) or raise train.warmup_steps and train afresh ({kept})",
               file=sys.stderr)
+        return 2
+    if metrics["worker_failed"]:
+        kept = f"the weights of step {metrics['steps']} are in {out_dir / 'model.keras'}" if saved else "nothing saved"
+        print(f"error: training {metrics['stop_reason']} ({kept}); restart every worker with the same "
+              f"TF_CONFIG and: python proc_mnist.py --out {out_dir} --resume", file=sys.stderr)
         return 2
     if metrics["interrupted"] or deferred.interrupted:
         print(f"stopped early; continue with: python proc_mnist.py --out {out_dir} --resume")

@@ -153,6 +153,30 @@ def test_a_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_chief_saves
     assert steps[0] == steps[1] == metrics["steps"] >= 40 and metrics["interrupted"]
 
 
+def test_a_worker_that_dies_stops_the_chief_which_saves_and_says_how_to_resume(tiny_npz, tmp_path):
+    config = tmp_path / "cluster.toml"
+    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 1000000\nlog_every = 20\nbatch_size = 20\n'
+                      'schedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
+                      + common.dump_toml({"model": tiny_options()["model"]}))
+    processes = start_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
+    try:
+        for line in processes[0].stdout:
+            if line.startswith("step 40/"):
+                processes[1].kill()  # As a machine that goes down would: no signal handler runs.
+                break
+        stdout, stderr = processes[0].communicate(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[0].returncode == 2
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: training stopped: a worker of the cluster failed") and "--resume" in last_line
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["worker_failed"] and metrics["steps"] >= 40
+    model = common.load_trained_model(tmp_path / "run" / "model.keras", compile=True)
+    assert int(model.optimizer.iterations.numpy()) == metrics["steps"]  # The weights of a whole step.
+
+
 def start_two_workers(arguments):
     """proc_mnist.py with arguments as the two workers of a localhost cluster, started (stdout piped)."""
     workers = [f"localhost:{port}" for port in free_ports(2)]
