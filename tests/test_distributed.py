@@ -112,12 +112,32 @@ def free_ports(count):
     return ports
 
 
-def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, tmp_path):
+def cluster_arguments(tmp_path, tiny_npz, num_steps, log_every):
+    """proc_mnist.py's arguments for the tiny model trained by a cluster (train.distribute = multi_worker)."""
     config = tmp_path / "cluster.toml"
-    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 12\nlog_every = 6\nbatch_size = 20\n'
-                      'learning_rate = 0.01\nschedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
-                      + common.dump_toml({"model": tiny_options()["model"]}))
-    outputs = run_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
+    options = tiny_options(num_steps)
+    options["train"].update(distribute="multi_worker", log_every=log_every)
+    config.write_text(common.dump_toml({**options, "data": {"validation_size": 100}}))
+    return [str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")]
+
+
+def stop_one_of_two_workers(arguments, stop):
+    """Start two workers; once the chief logs step 40, stop(worker 1); return both (returncode, stdout, stderr)."""
+    processes = start_two_workers(arguments)
+    try:
+        for line in processes[0].stdout:
+            if line.startswith("step 40/"):  # Both workers are training (they go in step).
+                stop(processes[1])
+                break
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [(process.returncode, *output) for process, output in zip(processes, outputs)]
+
+
+def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, tmp_path):
+    outputs = run_two_workers(cluster_arguments(tmp_path, tiny_npz, num_steps=12, log_every=6))
     assert "saved" in outputs[0] and "the chief saves the run" in outputs[1]
     written = sorted(path.name for path in (tmp_path / "run").iterdir())
     assert written == ["config.toml", "logs", "metrics.json", "model.keras", "training_curve.png"]
@@ -132,43 +152,20 @@ def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, 
 
 
 def test_a_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_chief_saves(tiny_npz, tmp_path):
-    config = tmp_path / "cluster.toml"
-    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 1000000\nlog_every = 20\nbatch_size = 20\n'
-                      'schedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
-                      + common.dump_toml({"model": tiny_options()["model"]}))
-    processes = start_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
-    try:
-        for line in processes[0].stdout:
-            if line.startswith("step 40/"):  # Both workers are training (they go in step).
-                # Not the chief, and while the chief logs: the signal lands as worker 1 waits to agree.
-                processes[1].send_signal(signal.SIGTERM)
-                break
-        outputs = [process.communicate(timeout=60)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [process.returncode for process in processes] == [130, 130], outputs
-    steps = [int(re.search(r"interrupted at step (\d+)", output)[1]) for output in outputs]
+    # Not the chief, and while the chief logs: the signal lands as worker 1 waits to agree.
+    results = stop_one_of_two_workers(cluster_arguments(tmp_path, tiny_npz, num_steps=1_000_000, log_every=20),
+                                      lambda worker: worker.send_signal(signal.SIGTERM))
+    assert [code for code, _, _ in results] == [130, 130], results
+    steps = [int(re.search(r"interrupted at step (\d+)", stdout)[1]) for _, stdout, _ in results]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert steps[0] == steps[1] == metrics["steps"] >= 40 and metrics["interrupted"]
 
 
 def test_a_worker_that_dies_stops_the_chief_which_saves_and_says_how_to_resume(tiny_npz, tmp_path):
-    config = tmp_path / "cluster.toml"
-    config.write_text('[train]\ndistribute = "multi_worker"\nnum_steps = 1000000\nlog_every = 20\nbatch_size = 20\n'
-                      'schedule = "constant"\nshift_pixels = 0\n[data]\nvalidation_size = 100\n'
-                      + common.dump_toml({"model": tiny_options()["model"]}))
-    processes = start_two_workers([str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
-    try:
-        for line in processes[0].stdout:
-            if line.startswith("step 40/"):
-                processes[1].kill()  # As a machine that goes down would: no signal handler runs.
-                break
-        stdout, stderr = processes[0].communicate(timeout=120)
-    finally:
-        for process in processes:
-            process.kill()
-    assert processes[0].returncode == 2
+    # Killed as a machine that goes down would be: no signal handler runs.
+    (code, _, stderr), _ = stop_one_of_two_workers(
+        cluster_arguments(tmp_path, tiny_npz, num_steps=1_000_000, log_every=20), lambda worker: worker.kill())
+    assert code == 2
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: training stopped: a worker of the cluster failed") and "--resume" in last_line
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
