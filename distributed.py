@@ -18,6 +18,7 @@ arithmetic as one device, up to float rounding. Only the chief (the one process 
 mirrored run; in a cluster, the "chief" task, or worker 0 where there is none) writes
 files; every worker computes the same weights.
 """
+import contextlib
 import json
 import os
 import re
@@ -90,11 +91,12 @@ def make_strategy(name):
 def is_chief(strategy):
     """Whether this process writes the run's files: always, except on a cluster's non-chief workers."""
     resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    # The first of the chief and worker tasks: the chief task, or worker 0 where there is none.
+    return (resolver.task_type in ("chief", "worker")
+            and worker_position(cluster, resolver.task_type, resolver.task_id)[0] == 0)
 
 
 def is_multi_worker(strategy):
@@ -103,8 +105,6 @@ def is_multi_worker(strategy):
 
 def scope(strategy):
     """strategy's scope (variables made in it are mirrored), or a block that changes nothing."""
-    import contextlib
-
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
@@ -161,7 +161,7 @@ def float32_model(model):
     """
     import keras
 
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+    if precision_of(model) == "none":
         return model
     config = model.get_config()
     for layer in config["layers"]:

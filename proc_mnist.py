@@ -487,11 +487,13 @@ def _run_blocks(run_steps, model, data, section, progress, writer=None, agree=No
         deferred.interrupted = True
     except tf.errors.UnavailableError as error:  # Only collective ops raise it: a cluster's worker is gone.
         stop = f"stopped: a worker of the cluster failed ({_cluster_failure(error)})"
-    if deferred.interrupted or stop.startswith("stopped"):
-        stop = stop if stop.startswith("stopped") else "interrupted"
-        # Updates follow the all-reduce, so the weights are those of a whole step: this one.
+    if deferred.interrupted and not stop.startswith("stopped"):
+        stop = "interrupted"
+    if stop == "interrupted" or stop.startswith("stopped"):
+        # The call under way ran to its end, or failed at an all-reduce, which every update
+        # follows: either way the weights are those of a whole step, this one.
         step = int(model.optimizer.iterations.numpy())
-        progress(f"{'interrupted' if stop == 'interrupted' else stop} at step {step}")
+        progress(f"{stop} at step {step}")
     if block_steps and step > (history[-1]["step"] if history else first_step):
         # The steps since the last progress line, without a validation pass (stopping should be quick).
         history.append({"step": step, "loss": block_loss / block_steps,
