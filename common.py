@@ -3,7 +3,9 @@
 Each script keeps its own method; this module only holds what would otherwise be
 copied between them, so that there is one place to read for each of these.
 """
+import atexit
 import contextlib
+import gc
 import hashlib
 import importlib.abc
 import importlib.util
@@ -96,6 +98,10 @@ def run_cli(main):
     finally:
         if code:
             _remove_empty_created_dirs()
+    # Python's last garbage collections walk every object TensorFlow and Keras made: 0.9 s
+    # at every exit. Frozen objects are skipped; whatever was not closed by now is still
+    # closed as its module goes (reference counting), and atexit handlers still run.
+    atexit.register(gc.freeze)
     sys.exit(code)
 
 
@@ -870,7 +876,8 @@ def _validate_split(arrays, split, source):
                         f"not {images.dtype} and {labels.dtype}")
     if len(labels) and labels.min() < 0:
         raise UserError(f"{source}: y_{split} holds negative labels; classes are numbered from 0")
-    images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    images /= 255.0  # In place: a second 190 MB array would cost a fresh page fault per 4 KB.
     return with_channel(images), labels.astype(np.int64)
 
 

@@ -17,6 +17,7 @@ gradient that is not finite stops training: the last finite weights are saved, e
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -181,6 +182,94 @@ def logits_model(model):
     import keras
 
     return keras.Model(model.input, model.get_layer("logits").output)
+
+
+def input_gradient_model(model):
+    """model with the same weights and outputs, faster to differentiate with respect to its input.
+
+    Backwork and saliency take the gradient of the network with respect to the image.
+    TensorFlow's input gradient of a convolution over one channel (Conv2DBackpropInput) is
+    slow on CPU: 8.6 ms for 80 MNIST images through the default 5x5x1x32 layer, four
+    times its forward pass and a fifth of a whole backwork step. Such layers become
+    SingleChannelConv2D, whose input gradient is one depthwise convolution (2.0 ms, equal
+    to float rounding); every other layer is shared with model.
+    """
+    import keras
+
+    replaced = {}
+
+    def share_or_replace(layer):
+        if not _is_single_channel_conv(layer):
+            return layer
+        replaced[layer.name] = copy = input_gradient_layer(layer)
+        return copy
+
+    clone = keras.models.clone_model(model, clone_function=share_or_replace)
+    for name, copy in replaced.items():
+        copy.set_weights(model.get_layer(name).get_weights())
+    return clone
+
+
+def input_gradient_layer(layer):
+    """A new layer of layer's config (without weights), a SingleChannelConv2D where that is faster."""
+    kind = single_channel_conv_class() if _is_single_channel_conv(layer) else layer.__class__
+    return kind.from_config(layer.get_config())
+
+
+def _is_single_channel_conv(layer):
+    """A Conv2D over one input channel with unit strides and dilation: SingleChannelConv2D's case."""
+    from keras import layers
+
+    return (type(layer) is layers.Conv2D and layer.kernel.shape[2] == 1 and layer.groups == 1
+            and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1)
+            and layer.data_format == "channels_last")
+
+
+@functools.cache
+def single_channel_conv_class():
+    """keras.layers.Conv2D whose input gradient is a depthwise convolution (built on first use)."""
+    import keras
+    import tensorflow as tf
+
+    class SingleChannelConv2D(keras.layers.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            padding = self.padding.upper()
+
+            @tf.custom_gradient
+            def convolution(inputs, kernel):
+                def backward(upstream):
+                    kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
+                        input=inputs, filter_sizes=tf.shape(kernel), out_backprop=upstream,
+                        strides=[1, 1, 1, 1], padding=padding)
+                    return single_channel_input_gradient(upstream, kernel, padding), kernel_gradient
+
+                return tf.nn.conv2d(inputs, kernel, 1, padding), backward
+
+            return convolution(inputs, tf.convert_to_tensor(kernel))
+
+    return SingleChannelConv2D
+
+
+def single_channel_input_gradient(upstream, kernel, padding):
+    """The gradient reaching a one-channel input (N, H, W, 1) of a unit-stride convolution.
+
+    Each input pixel collects upstream (N, H', W', C) through the flipped kernel
+    (kh, kw, 1, C): a correlation of every channel with its own flipped filter (one
+    depthwise convolution over upstream, padded so that the output is H x W), summed
+    over the channels.
+    """
+    import tensorflow as tf
+
+    rows, columns = kernel.shape[:2]
+    # "SAME" pads the forward pass (k - 1) // 2 before and the rest after; the gradient
+    # pads the other way round. "VALID" padded nothing, so the gradient pads k - 1 both sides.
+    top, left = ((rows - 1) // 2, (columns - 1) // 2) if padding == "SAME" else (0, 0)
+    bottom, right = ((rows - 1 - top, columns - 1 - left) if padding == "SAME" else (0, 0))
+    padded = tf.pad(upstream, [[0, 0], [rows - 1 - top, rows - 1 - bottom],
+                               [columns - 1 - left, columns - 1 - right], [0, 0]])
+    flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])  # (kh, kw, C, 1)
+    spread = tf.nn.depthwise_conv2d(padded, flipped, [1, 1, 1, 1], "VALID")  # (N, H, W, C)
+    return tf.reduce_sum(spread, axis=3, keepdims=True)
 
 
 # --------------------------------------------------------------------------- training

@@ -134,12 +134,14 @@ def backwork_options(**changes):
 def test_backwork_reaches_the_label_and_records_history(trained_tiny, tiny_data):
     model = common.load_trained_model(trained_tiny[0])
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 7]
-    results = cnn_backwork.backwork_label(model, label_images, 7, backwork_options(), progress=lambda line: None)
+    options = backwork_options()
+    results = cnn_backwork.backwork_label(model, label_images, 7, options, progress=lambda line: None)
     assert results["images"].shape == (4, 12, 12) and results["images"].dtype == np.float32
     assert 0.0 <= results["images"].min() and results["images"].max() <= 1.0
     assert results["probs"].shape == (4, 10) and results["probs"][:, 7].min() >= 0.99
     np.testing.assert_allclose(results["probs"], np.asarray(model(results["images"][..., None])), rtol=1e-5)
-    assert [record["step"] for record in results["history"]] == list(range(25, results["steps"] + 1, 25))
+    every = options["save_freq"]
+    assert [record["step"] for record in results["history"]] == list(range(every, results["steps"] + 1, every))
     assert np.all((results["steps_to_reach"] > 0) & (results["steps_to_reach"] <= results["steps"]))
     # The images stay away from the label's training examples (those sit at distance 0).
     assert results["nearest_training_distance"].min() > 0.01

@@ -77,6 +77,74 @@ def test_conv_layer_matches_numpy_im2col(padding, stride):
     np.testing.assert_allclose(np.asarray(block(images)), expected, rtol=1e-4, atol=1e-4)
 
 
+def numpy_input_gradient(upstream, kernel, padding):
+    """A NumPy reference: every output position sends upstream x kernel back to the pixels it read."""
+    batch, out_h, out_w, _ = upstream.shape
+    window_h, window_w, channels, _ = kernel.shape
+    top, left = ((window_h - 1) // 2, (window_w - 1) // 2) if padding == "SAME" else (0, 0)
+    in_h, in_w = (out_h, out_w) if padding == "SAME" else (out_h + window_h - 1, out_w + window_w - 1)
+    padded = np.zeros((batch, in_h + window_h - 1, in_w + window_w - 1, channels))
+    for y in range(out_h):
+        for x in range(out_w):  # Output (y, x) read padded rows y.. and columns x.. of one window.
+            padded[:, y:y + window_h, x:x + window_w, :] += np.einsum("bo,hwio->bhwi", upstream[:, y, x, :], kernel)
+    return padded[:, top:top + in_h, left:left + in_w, :]
+
+
+@pytest.mark.parametrize("padding,window", [("SAME", (5, 5)), ("SAME", (4, 3)), ("VALID", (5, 5)), ("VALID", (2, 3))])
+def test_single_channel_input_gradient_matches_numpy(padding, window):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(size=(*window, 1, 6))
+    out_h, out_w = (7, 8) if padding == "SAME" else (7 - window[0] + 1, 8 - window[1] + 1)
+    upstream = rng.normal(size=(3, out_h, out_w, 6))
+    ours = proc_mnist.single_channel_input_gradient(tf.constant(upstream), tf.constant(kernel), padding)
+    assert ours.shape == (3, 7, 8, 1)
+    np.testing.assert_allclose(ours.numpy(), numpy_input_gradient(upstream, kernel, padding), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding,window", [("SAME", 3), ("VALID", 4)])
+def test_input_gradient_model_gives_the_models_outputs_and_gradients(padding, window):
+    import tensorflow as tf
+
+    topology = tiny_topology()
+    topology["conv_layers"][0] = {"filter": [window, window, 1, 4], "strides": [1, 1, 1, 1], "padding": padding,
+                                  "act_fn": "relu"}
+    model = proc_mnist.logits_model(proc_mnist.build_model(topology))
+    fast = proc_mnist.input_gradient_model(model)
+    assert type(fast.get_layer("conv1_conv")).__name__ == "SingleChannelConv2D"
+    assert fast.get_layer("conv2_conv") is model.get_layer("conv2_conv")  # The rest is shared, not copied.
+    rng = np.random.default_rng(2)
+    images = tf.constant(rng.uniform(size=(4, *model.input_shape[1:])).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(4, 10)).astype(np.float32))
+
+    def gradients(network):
+        kernel = network.get_layer("conv1_conv").kernel
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = network(images, training=False)
+            total = tf.reduce_sum(weights * outputs)
+        return [outputs, *tape.gradient(total, [images, kernel])]
+
+    (outputs, image_gradient, kernel_gradient), expected = gradients(fast), gradients(model)
+    np.testing.assert_array_equal(outputs.numpy(), expected[0].numpy())
+    np.testing.assert_allclose(image_gradient.numpy(), expected[1].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernel_gradient.numpy(), expected[2].numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(expected[1].numpy()).max() > 1e-3  # A gradient that means something.
+
+
+@pytest.mark.parametrize("changes", [
+    {"image_dim_size": [12, 12, 3], "conv_layers": [{"filter": [3, 3, 3, 4], "strides": [1, 1, 1, 1],
+                                                     "padding": "SAME", "act_fn": "relu"}], "pool_layers": [None]},
+    {"conv_layers": [{"filter": [3, 3, 1, 4], "strides": [1, 2, 2, 1], "padding": "SAME", "act_fn": "relu"}],
+     "pool_layers": [None]},
+])
+def test_input_gradient_model_keeps_other_convolutions(changes):
+    model = proc_mnist.build_model(tiny_topology(**changes))
+    fast = proc_mnist.input_gradient_model(model)
+    assert fast.get_layer("conv1_conv") is model.get_layer("conv1_conv")
+
+
 def test_names_reach_every_cost_layer():
     model = proc_mnist.build_model(tiny_topology(batch_norm=True, dropout=0.5))
     names = {layer.name for layer in model.layers}
