@@ -44,13 +44,22 @@ comparison, not speed: each search is its own call with its own forward pass, so
 slower than a search fused into the step; 67 s for the whole command against 28.5 s with
 the default, back to back at load 2.2-2.5.)
 
-Where the time of the whole command goes (same machine, load 3.3-3.8, 46 s in all):
-about 4 s starting up, 23.5 s computing the training activations of the 60,000 training
-images (a forward pass of the network, bound by the convolutions' arithmetic, which
-neither batching nor nearest_every changes), about 14 s optimising, about 4 s for the
-figures. backwork.max_reference_examples = 2000 cuts the activations to 6.6 s (26 s in
-all) with the same probabilities, steps and pixel distances (within 0.0005); it also
-draws worst_training.png from those 2,000 examples per label instead of all of them.
+Where the time of the whole command goes (the default model, 10 labels, 2 cores, about
+28 s in all; README "Results" has the measurements): about 3.5 s starting up; 11.5-13 s
+computing the training activations of the 60,000 training images (a forward pass bound
+by the convolutions' arithmetic, plus the first touch of the 2.7 GB they fill), while a
+second thread traces the step loop and the search; about 10 s optimising; 1 s for the
+figures. backwork.max_reference_examples = 2000 cuts the activations by about three
+quarters with the same probabilities, steps and pixel distances (within 0.0005, measured
+on an earlier model); it also draws worst_training.png from those 2,000 examples per
+label instead of all of them.
+
+Re-initialisation is what the slowest labels wait for: an image that starts far from its
+label (p near 0, where the softmax gives the probability term no gradient) does not move
+towards it, and is restarted once its probability fell at num_mono_dec_saves records in
+a row. With a record every save_freq = 10 steps that is 40 steps (100 with the earlier 25),
+and a label stops within 10 steps of reaching the cap: the optimisation took 10.0 s
+instead of 15.0 s with the same images' quality (bench: README "Results").
 
 steps_to_reach[i] is the first step (counted from the start of the label's run, checked
 after every step inside the compiled loop) at which image i's label probability was at
@@ -153,8 +162,9 @@ def squared_distances(rows, references, reference_norms):
     import tensorflow as tf
 
     row_norms = tf.reduce_sum(tf.square(rows), axis=1, keepdims=True)  # (N, 1)
-    # references x rows, not rows x references: a quarter faster where N is a few images
-    # and R thousands of training examples (the search), the same product.
+    # references x rows, not rows x references: the same product, faster where N is a few
+    # images and R thousands of training examples (the search: 13.7 against 18.4 ms for
+    # 8 images and 6,000 references of 6,272 values).
     products = tf.transpose(tf.matmul(references, rows, transpose_b=True))  # (N, R)
     distances = row_norms + reference_norms[tf.newaxis, :] - 2.0 * products
     # Rounding can leave a tiny negative value where the true distance is zero.

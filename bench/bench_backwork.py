@@ -1,8 +1,9 @@
 """Time and memory of one backwork step: our matmul distances against the direct formula.
 
     python bench/bench_backwork.py [--model runs/default/model.keras] [--references 1000 2000 4000]
-    python bench/bench_backwork.py --model runs/default/model.keras --data MNIST.npz --batched
+    python bench/bench_backwork.py --model runs/default/model.keras [--data MNIST.npz] --batched
                                    [--labels 0-9] [--nearest-every 1 5 10]
+    python bench/bench_backwork.py --gradient [--model runs/default/model.keras] [--examples 80]
 
 Both variants compute the same cost on the same images and references; only the
 distance to the nearest training example differs: ours expands |a-b|^2 into one matrix
@@ -17,6 +18,12 @@ training activations are computed once and reused, so the rows time the optimisa
 only; the first row says what computing them costs). One row per nearest_every value
 shows what searching the nearest reference less often saves and whether the images
 stay as good: lowest label probability and pixel distance to the nearest training image.
+
+--gradient times the network's part of a backwork step, the gradient of every cost
+layer's activations with respect to a batch of images (--examples; 80 is 10 labels x 8),
+through Keras' own layers and through proc_mnist.input_gradient_model (the first
+convolution's input gradient as a depthwise convolution), alternated in one process,
+and prints the ratio and the largest difference between the two gradients.
 """
 import argparse
 import json
@@ -144,6 +151,48 @@ def batched_rows(arguments):
                   f"{lowest:.5f}  {distances.min():.3f} to {distances.max():.3f}      {min(steps)}-{max(steps)}")
 
 
+def gradient_rows(arguments):
+    """Seconds per network gradient of a backwork batch: Keras' layers against input_gradient_model."""
+    import numpy as np
+    import tensorflow as tf
+
+    import cnn_backwork
+    import common
+    import proc_mnist
+
+    model = common.load_trained_model(arguments.model) if arguments.model else proc_mnist.build_model({})
+    plain = cnn_backwork.feature_model(model)
+    networks = {"Keras layers": plain, "input_gradient_model": proc_mnist.input_gradient_model(plain)}
+    images = tf.constant(np.random.default_rng(0).uniform(size=(arguments.examples, *model.input_shape[1:]))
+                         .astype(np.float32))
+
+    def compiled(network):
+        @tf.function
+        def gradient(images):
+            with tf.GradientTape() as tape:
+                tape.watch(images)
+                # Every output weighted, as the cost weighs every layer: all of the network is differentiated.
+                total = tf.add_n([tf.reduce_sum(tf.sin(output)) for output in network(images, training=False)])
+            return tape.gradient(total, images)
+        return gradient
+
+    functions = {name: compiled(network) for name, network in networks.items()}
+    gradients = {name: function(images).numpy() for name, function in functions.items()}  # Traced here.
+    seconds = {name: [] for name in functions}
+    for _ in range(arguments.repeats):
+        for name, function in functions.items():  # Alternated: background load hits both alike.
+            start = time.perf_counter()
+            for _ in range(10):
+                function(images)
+            seconds[name].append((time.perf_counter() - start) / 10)
+    keras_ms, ours_ms = (1e3 * min(seconds[name]) for name in networks)
+    difference = np.abs(gradients["input_gradient_model"] - gradients["Keras layers"]).max()
+    print(f"network gradient of {arguments.examples} images, best of {arguments.repeats} x 10 calls")
+    print("Keras layers ms  input_gradient_model ms  speed-up  largest difference (largest gradient)")
+    print(f"{keras_ms:>15.1f}  {ours_ms:>23.1f}  {keras_ms / ours_ms:>7.2f}x  "
+          f"{difference:.2e} ({np.abs(gradients['Keras layers']).max():.2e})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model (default: the default topology, random weights)")
@@ -152,14 +201,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "REFERENCES"), help=argparse.SUPPRESS)
     parser.add_argument("--batched", action="store_true", help="all labels batched vs one at a time (needs --data)")
-    parser.add_argument("--data", help="Keras-layout .npz (the model's data) for --batched")
+    parser.add_argument("--data", help="Keras-layout .npz (the model's data) for --batched; default: $DATA_PATH, "
+                        "$MNIST_PATH or the Keras download")
     parser.add_argument("--labels", default="0-9", help="labels for --batched")
+    parser.add_argument("--gradient", action="store_true",
+                        help="time the network gradient of --examples images: Keras layers vs input_gradient_model")
     parser.add_argument("--nearest-every", type=int, nargs="+", default=[1, 5, 10],
                         help="backwork.nearest_every values for --batched, each batched and one at a time")
     arguments = parser.parse_args()
+    if arguments.gradient:
+        gradient_rows(arguments)
+        return
     if arguments.batched:
-        if not arguments.model or not arguments.data:
-            parser.error("--batched needs --model (a trained model) and --data")
+        if not arguments.model:
+            parser.error("--batched needs --model (a trained model)")
         batched_rows(arguments)
         return
     if arguments.child:
