@@ -44,8 +44,8 @@ comparison, not speed: each search is its own call with its own forward pass, so
 slower than a search fused into the step; 67 s for the whole command against 28.5 s with
 the default, back to back at load 2.2-2.5.)
 
-Where the time of the whole command goes (the default model, 10 labels, 2 cores, about
-28 s in all; README "Results" has the measurements): about 3.5 s starting up; 11.5-13 s
+Where the time of the whole command goes (the default model, 10 labels, 2 cores, 28.4 s
+in the middle of 9 runs; README "Results" has the measurements): about 3.5 s starting up; 11.5-13 s
 computing the training activations of the 60,000 training images (a forward pass bound
 by the convolutions' arithmetic, plus the first touch of the 2.7 GB they fill), while a
 second thread traces the step loop and the search; about 10 s optimising; 1 s for the
