@@ -45,14 +45,14 @@ slower than a search fused into the step; 67 s for the whole command against 28.
 the default, back to back at load 2.2-2.5.)
 
 Where the time of the whole command goes (the default model, 10 labels, 2 cores, 28.4 s
-in the middle of 9 runs; README "Results" has the measurements): about 3.5 s starting up; 11.5-13 s
-computing the training activations of the 60,000 training images (a forward pass bound
-by the convolutions' arithmetic, plus the first touch of the 2.7 GB they fill), while a
-second thread traces the step loop and the search; about 10 s optimising; 1 s for the
-figures. backwork.max_reference_examples = 2000 cuts the activations by about three
-quarters with the same probabilities, steps and pixel distances (within 0.0005, measured
-on an earlier model); it also draws worst_training.png from those 2,000 examples per
-label instead of all of them.
+in the middle of 9 runs; README "Results" has the measurements): about 3.5 s starting
+up; 11.5-13 s computing the training activations of the 60,000 training images (a
+forward pass bound by the convolutions' arithmetic, plus the first touch of the 2.7 GB
+they fill), while a second thread traces the step loop and the search; about 10 s
+optimising; 1 s for the figures. backwork.max_reference_examples = 2000 cuts the
+activations by about three quarters with the same probabilities, steps and pixel
+distances (within 0.0005, measured on an earlier model); it also draws
+worst_training.png from those 2,000 examples per label instead of all of them.
 
 Re-initialisation is what the slowest labels wait for: an image that starts far from its
 label (p near 0, where the softmax gives the probability term no gradient) does not move
