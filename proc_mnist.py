@@ -192,7 +192,8 @@ def input_gradient_model(model):
     slow on CPU: 8.6 ms for 80 MNIST images through the default 5x5x1x32 layer, four
     times its forward pass and a fifth of a whole backwork step. Such layers become
     SingleChannelConv2D, whose input gradient is one depthwise convolution (2.0 ms, equal
-    to float rounding); every other layer is shared with model.
+    to float rounding); every other layer is shared with model. The result is for taking
+    gradients, not for saving: SingleChannelConv2D is not a registered Keras class.
     """
     import keras
 

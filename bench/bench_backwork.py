@@ -200,7 +200,7 @@ def main():
     parser.add_argument("--examples", type=int, default=8, help="images in the batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "REFERENCES"), help=argparse.SUPPRESS)
-    parser.add_argument("--batched", action="store_true", help="all labels batched vs one at a time (needs --data)")
+    parser.add_argument("--batched", action="store_true", help="all labels batched vs one at a time (needs --model)")
     parser.add_argument("--data", help="Keras-layout .npz (the model's data) for --batched; default: $DATA_PATH, "
                         "$MNIST_PATH or the Keras download")
     parser.add_argument("--labels", default="0-9", help="labels for --batched")
