@@ -10,7 +10,11 @@ For a label l, a batch of images x (pixels in [0, 1]) is optimised with Adam on
     cost = sum over cost layers k (the input, each conv block, each fc pre-activation) of
              layer_cost_coeffs[k] * (reference_cost_coeff / reference_distance_k
                                    + batch_cost_coeff / batch_distance_k)
-         + layer_cost_coeffs[-1] * mean(1 - p(l | x))
+         + layer_cost_coeffs[-1] * mean(loss(l, x))
+
+loss(l, x) is backwork.loss (label_loss): "probability", the original 1 - p(l | x), whose
+gradient vanishes where p(l) is near 0; "log_probability", -log p(l | x); or "margin",
+the largest other logit minus l's, clamped below at -margin_kappa (Carlini and Wagner).
 
 reference_distance_k is the mean squared distance of each image's layer-k activations to
 those of its nearest training example of label l (averaged over the batch), and
@@ -223,6 +227,31 @@ def worst_classified(images, logits, label, count=8):
     return images[order], probabilities[order]
 
 
+def label_loss(logits, labels, options):
+    """Each image's label term (N,) from its logits (N, classes): backwork.loss, lower is better.
+
+    - "probability": 1 - p(l), the original method's term. Its gradient through the softmax
+      is p(l) (1 - p(l)) times the logits' gradient, so it vanishes where p(l) is near 0:
+      an image the network gives p(l) = 1e-6 (noise on a retrained model) cannot move.
+    - "log_probability": -log p(l), computed from the logits as logsumexp - z_l so that it
+      stays finite however small p(l) is; its logits gradient is softmax - onehot(l),
+      never smaller than 1 - p(l) in size.
+    - "margin": Carlini and Wagner's loss, the largest other logit (an extra "none" output
+      included) minus the label's, clamped below at -margin_kappa: its logits gradient is
+      +1 and -1 until the label leads by kappa, whatever the probabilities.
+    """
+    import tensorflow as tf
+
+    label_logits = tf.gather(logits, labels, batch_dims=1)  # (N,)
+    loss = options.get("loss", "probability")
+    if loss == "probability":
+        return 1.0 - tf.gather(tf.nn.softmax(logits), labels, batch_dims=1)
+    if loss == "log_probability":
+        return tf.reduce_logsumexp(logits, axis=1) - label_logits
+    others = tf.where(tf.one_hot(labels, tf.shape(logits)[1]) > 0, tf.constant(-np.inf, logits.dtype), logits)
+    return tf.maximum(tf.reduce_max(others, axis=1) - label_logits, -options["margin_kappa"])
+
+
 def make_cost_function(features_model, references, label, coefficients, options, distance=None):
     """cost(images) -> (cost, label probabilities), the formula in the module docstring.
 
@@ -237,7 +266,8 @@ def make_cost_function(features_model, references, label, coefficients, options,
     def cost(images):
         flat, logits = flat_features(features_model, images)
         probabilities = tf.nn.softmax(logits)[:, label]  # (N,)
-        total = coefficients[-1] * tf.reduce_mean(1.0 - probabilities)
+        labels = tf.fill(tf.shape(logits)[:1], label)
+        total = coefficients[-1] * tf.reduce_mean(label_loss(logits, labels, options))
         for weight, rows, (layer_references, norms) in zip(coefficients, flat, references):
             layer_cost = reference_weight / (distance(rows, layer_references, norms) + DISTANCE_EPSILON)
             if images.shape[0] > 1:  # One image has no batch to keep away from.
@@ -277,7 +307,8 @@ def grouped_cost(flat, logits, nearest, image_labels, count, coefficients, optio
     import tensorflow as tf
 
     probabilities = tf.gather(tf.nn.softmax(logits), image_labels, batch_dims=1)  # (N,)
-    total = coefficients[-1] * tf.reduce_mean(tf.reshape(1.0 - probabilities, (-1, count)), axis=1)  # (L,)
+    losses = label_loss(logits, image_labels, options)  # (N,)
+    total = coefficients[-1] * tf.reduce_mean(tf.reshape(losses, (-1, count)), axis=1)  # (L,)
     for weight, rows, nearest_rows in zip(coefficients, flat, nearest):
         grouped = tf.reshape(rows, (-1, count, rows.shape[1]))  # (L, n, D)
         reference = tf.reduce_mean(tf.square(grouped - tf.reshape(nearest_rows, (-1, count, rows.shape[1]))),
@@ -361,13 +392,17 @@ class Backworker:
     re-initialisations, step count and stopping; a label that has stopped is frozen.
     """
 
-    def __init__(self, model, options, num_labels=1):
+    def __init__(self, model, options, num_labels=1, reference_cache=None):
+        """reference_cache, a dict, keeps each label's training activations for the next
+        Backworker of the same model (the attack suite runs several): they depend only on
+        the model and the training images, and computing them is a large part of a run."""
         import tensorflow as tf
 
         check_options(options)
         if num_labels < 1:
             raise UserError("backwork needs at least one label; choose some with --labels")
         self.model, self.options, self.num_labels = model, options, num_labels
+        self.reference_cache = {} if reference_cache is None else reference_cache
         # The same network, its first convolution's input gradient taken faster (a fifth of a step).
         self.features_model = proc_mnist.input_gradient_model(feature_model(model))
         self.cost_layers = cost_layer_names(model)
@@ -613,9 +648,13 @@ class LabelState:
         self.search_due = True  # Search the nearest references before the first step.
         seed = [options["seed"], self.label]  # Independent of which other labels a process runs.
         self.rng = np.random.default_rng(seed)
-        self.references, self.reference_images, self.training_logits = reference_features(
-            backworker.features_model, label_images, options["max_reference_examples"], seed,
-            compiled=backworker.compiled_features)
+        # Subsampled references depend on the seed too; all of them only on the label.
+        key = (self.label, options["max_reference_examples"], options["seed"] if options["max_reference_examples"] else 0)
+        if key not in backworker.reference_cache:
+            backworker.reference_cache[key] = reference_features(
+                backworker.features_model, label_images, options["max_reference_examples"], seed,
+                compiled=backworker.compiled_features)
+        self.references, self.reference_images, self.training_logits = backworker.reference_cache[key]
         count = options["num_examples"]
         self.history, self.reinitialised = [], 0
         self.falls, self.previous, self.probabilities = np.zeros(count, int), np.full(count, -np.inf), None
@@ -698,13 +737,14 @@ def nearest_distances(images, label_images):
 
 
 def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
-                           progress=print, on_label=None, on_record=None):
+                           progress=print, on_label=None, on_record=None, reference_cache=None):
     """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
 
     data is a dict as from common.load_dataset; model_options a config dict whose
     'backwork' section overrides the defaults; model a Keras model or the path of one.
     on_label(label, results) is called as each label stops (the script saves there), and
-    on_record(label, step, cost, probabilities) at each record (the script logs there).
+    on_record(label, step, cost, probabilities) at each record (the script logs there);
+    reference_cache as Backworker's.
     """
     options = common.merge_config(common.default_config(), model_options or {}, "model_options")["backwork"]
     check_options(options)
@@ -726,7 +766,8 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
             on_label(label, result)
 
     images_by_label = {label: data["x_train"][data["y_train"] == label] for label in labels}
-    return Backworker(model, options, len(labels)).run(images_by_label, progress, finished, on_record)
+    return Backworker(model, options, len(labels), reference_cache).run(images_by_label, progress, finished,
+                                                                        on_record)
 
 
 def check_options(options):

@@ -33,6 +33,9 @@ DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # Keys whose value may be one number or a list of them (build_model normalises them).
+BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # cnn_backwork.label_loss
+ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # attacks.py, the suite of preprocess_data.py
+DEFENCES = ("uniform", "extra_class", "control")  # augment.target (preprocess_data.py)
 SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
 
 
@@ -263,6 +266,8 @@ VALUE_RULES = {
         lambda values: all(isinstance(value, (int, float)) and math.isfinite(value) for value in values),
         "a list of finite numbers ([] for the default)"),
     "backwork.seed": _SEED,
+    "backwork.loss": _rule(lambda name: name in BACKWORK_LOSSES, f"one of {', '.join(BACKWORK_LOSSES)}"),
+    "backwork.margin_kappa": _POSITIVE,
     "augment.num_blank": _between(0, 1_000_000),
     "augment.num_noise": _between(0, 1_000_000),
     "augment.retrain_steps": _COUNT,
@@ -270,6 +275,15 @@ VALUE_RULES = {
     "augment.num_eval_noise": _between(1, 1_000_000),
     "augment.seed": _SEED,
     "augment.heldout_seed": _SEED,
+    "augment.target": _rule(lambda name: name in DEFENCES, f"one of {', '.join(DEFENCES)}"),
+    "augment.attacks": _rule(lambda names: 0 < len(names) and set(names) <= set(ATTACKS)
+                             and len(set(names)) == len(names), f"a list of distinct names from {', '.join(ATTACKS)}"),
+    "augment.train_on": _rule(lambda name: name in ("strongest",) + BACKWORK_LOSSES,
+                              f"\"strongest\" or one of {', '.join(BACKWORK_LOSSES)}"),
+    "augment.attack_examples": _between(1, 10_000),
+    "augment.pgd_steps": _COUNT,
+    "augment.pgd_step_size": _POSITIVE,
+    "augment.square_queries": _between(1, 10**7),
     "augment.difficulty_budgets": _rule(
         lambda budgets: 0 < len(budgets) <= 20 and all(isinstance(b, int) and b >= 1 for b in budgets)
         and budgets == sorted(set(budgets)), "an increasing list of 1 to 20 step counts, each at least 1"),
@@ -362,15 +376,15 @@ def model_data_config(model_path):
     return config
 
 
-def _toml_value(value):
+def toml_value(value):
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
         return json.dumps(value)  # JSON numbers and strings are valid TOML.
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
     if callable(value):
         return json.dumps(getattr(value, "__name__", repr(value)))
     if value is None:
@@ -383,7 +397,7 @@ def dump_toml(config):
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
 

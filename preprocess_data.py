@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+import attacks
 import cnn_backwork
 import common
 import proc_mnist
 from common import UserError
 
-TARGETS = ("uniform", "extra_class")
+TARGETS = common.DEFENCES
 
 # ----------------------------------------------------------------------- augmentation
 
@@ -229,25 +230,30 @@ def _check_training_finished(metrics, round_index):
 def backwork(model, data, config, labels, out_dir, progress=print):
     """Backwork labels of model into out_dir (results and backwork.png); returns results and seconds."""
     start = time.perf_counter()
-
-    def save(label, result):
-        common.save_results(out_dir / f"results_{label}.pkl", result)
-
-    results = cnn_backwork.get_faulty_input_layer(data, config, model, labels, progress=progress, on_label=save)
-    cnn_backwork.plot_results(results, out_dir / "backwork.png")
+    results = cnn_backwork.get_faulty_input_layer(data, config, model, labels, progress=progress)
+    save_backwork(results, out_dir)
     return results, time.perf_counter() - start
+
+
+def save_backwork(results, out_dir):
+    """Every class's results_{label}.pkl and backwork.png in out_dir."""
+    for label, result in results.items():
+        common.save_results(out_dir / f"results_{label}.pkl", result)
+    cnn_backwork.plot_results(results, out_dir / "backwork.png")
 
 
 class Study:
     """The rounds of one defence: what stays fixed across rounds, and what each round adds."""
 
-    def __init__(self, original, data, config, trained_results, heldout_results, out_dir, progress=print):
+    def __init__(self, original, data, config, trained_results, heldout_results, out_dir, progress=print,
+                 suite=None):
         self.original, self.data, self.config, self.out_dir = original, data, config, Path(out_dir)
         self.num_classes = original.output_shape[-1]
         self.cap = config["backwork"]["prob_cap_min"]
         self.sets = {"original_fooling": trained_results, "heldout": heldout_results}
         self.trained_images = final_images(trained_results)
         self.progress = progress
+        self.suite = suite or attacks.AttackSuite(data, config, self.num_classes, progress=progress)
 
     def measure(self, model, fresh_results=None):
         metrics = measure_model(model, self.data, self.sets, self.num_classes, self.cap)
@@ -257,31 +263,76 @@ class Study:
             metrics.update(fooling_numbers(self.original, fresh_results, self.cap, "fresh_on_original"))
         return metrics
 
-    def run_round(self, round_index, model):
-        """Augment with every fooling image so far, retrain, measure, backwork afresh; returns (model, metrics)."""
+    def attack(self, model, round_index):
+        """The attack suite on model: its rows, the none-score separation, and the images to train on next."""
+        start = time.perf_counter()
+        self.progress(f"round {round_index}: attack suite ({', '.join(self.suite.attacks)})")
+        rows, backworked, finals = self.suite.run(model)
+        if round_index == 0:
+            for name in self.suite.check_sanity(rows):
+                # Loud, and on stderr: a broken attack's zeros would read as robustness.
+                print(f"MISCONFIGURED ATTACK: {name} {self.suite.disabled[name]}; it is left out of every round "
+                      "and every conclusion (check its settings in [augment])", file=sys.stderr)
+        strongest = attacks.strongest_attack(rows)
+        metrics = {"attacks": rows, "attack_seconds": time.perf_counter() - start,
+                   "strongest_attack": None if strongest is None else
+                   {"attack": strongest[0], "fooled_fraction": strongest[1], "interval": strongest[2]},
+                   "none_separation": self.separation(model, finals)}
+        train_on = self.config["augment"]["train_on"]
+        if backworked:
+            train_on = attacks.strongest_loss(rows) if train_on == "strongest" else train_on
+            metrics["train_on"] = train_on
+        return metrics, backworked.get(train_on)
+
+    def separation(self, model, finals):
+        """How well the model's "none" score tells test digits from each kind of non-digit."""
+        digits = attacks.none_scores(common.predict(model, self.data["x_test"]), self.num_classes)
+        others = {f"attack_{name}": images for name, images in finals.items()}
+        others["heldout"] = final_images(self.sets["heldout"])
+        others["noise_and_blank"] = np.concatenate([self.data["noise"], self.data["blank"]])
+        if "ood" in self.data:
+            others["ood"] = self.data["ood"]
+        scores = {name: attacks.none_scores(common.predict(model, images), self.num_classes)
+                  for name, images in others.items()}
+        self.last_scores = (digits, scores)  # For the report's ROC panel.
+        return {name: attacks.separation(digits, values) for name, values in scores.items()}
+
+    def augmented_data(self, round_index):
+        """The training set of a round: the data plus every fooling image so far and blank and noise
+        images, labelled "none"; for the control, the data alone (the same steps, nothing added)."""
         augment, seed = self.config["augment"], self.config["augment"]["seed"] + round_index
+        if augment["target"] == "control":
+            self.progress(f"round {round_index}: control, training on the {len(self.data['x_train'])} "
+                          "original examples alone")
+            return self.data
         extra = blank_and_noise_images(self.data["x_train"].shape[1:], augment["num_blank"], augment["num_noise"],
                                        seed)
         augmented = add_none_examples(self.data, np.concatenate([self.trained_images, extra]), self.num_classes,
                                       seed, augment["target"])
         self.progress(f"round {round_index}: training on {len(augmented['x_train'])} examples "
                       f"({len(self.trained_images)} backworked, {len(extra)} blank and noise)")
+        return augmented
+
+    def run_round(self, round_index, model):
+        """Augment with every fooling image so far, retrain, measure, attack; returns (model, metrics)."""
+        augment = self.config["augment"]
+        augmented = self.augmented_data(round_index)
         if augment["target"] == "extra_class" and model.output_shape[-1] == self.num_classes:
             model = with_extra_class(model)
         model, train_metrics = retrain(model, augmented, self.config, round_index, self.progress)
         _check_training_finished(train_metrics, round_index)
         round_dir = self.out_dir / f"round{round_index}"
         proc_mnist.save_model(model, round_dir / "model.keras")
-        self.progress(f"round {round_index}: backworking the retrained model with the same budget")
-        fresh, backwork_seconds = backwork(model, self.data, self.config, range(self.num_classes),
-                                           round_dir / "backwork", self.progress)
+        attack_metrics, fresh = self.attack(model, round_index)
         start = time.perf_counter()
-        metrics = {"round": round_index, **self.measure(model, fresh),
-                   **difficulty(fresh, augment["difficulty_budgets"]),
+        metrics = {"round": round_index, **self.measure(model, fresh), **attack_metrics,
                    "num_fooling_images_trained": len(self.trained_images), "train_steps": train_metrics["steps"],
-                   "train_seconds": train_metrics["seconds"], "backwork_seconds": backwork_seconds}
+                   "train_seconds": train_metrics["seconds"]}
+        if fresh is not None:  # The images the next round adds: saved, measured for difficulty, kept.
+            save_backwork(fresh, round_dir / "backwork")
+            metrics.update(difficulty(fresh, augment["difficulty_budgets"]))
+            self.trained_images = np.concatenate([self.trained_images, final_images(fresh)])
         metrics["measure_seconds"] = time.perf_counter() - start
-        self.trained_images = np.concatenate([self.trained_images, final_images(fresh)])
         return model, metrics
 
 
@@ -289,61 +340,152 @@ class Study:
 
 
 def report_table(rounds):
+    """Per round: accuracy, confidence on non-digits, and the difficulty of the images trained on next."""
     budgets = list(rounds[0]["fooled_within"])
     lines = ["round  test acc  held-out p  at cap  trained p  blank p  noise p  fooled <= "
-             + "/".join(budgets) + " steps  median  seconds (train/backwork)"]
+             + "/".join(budgets) + " steps  median  seconds (train/attacks)"]
     for metrics in rounds:
-        within = " ".join(f"{metrics['fooled_within'][budget]:.2f}" for budget in budgets)
-        median = metrics["median_steps_to_fool"]
+        within = " ".join(f"{metrics['fooled_within'][budget]:.2f}" if budget in metrics.get("fooled_within", {})
+                          else "   -" for budget in budgets)
+        median = metrics.get("median_steps_to_fool")
         lines.append(f"{metrics['round']:>5}  {metrics['test_accuracy']:>7.2%}  {metrics['heldout_mean_p']:>10.3f}  "
                      f"{metrics['heldout_at_cap']:>6.2f}  {metrics['trained_fooling_top_prob']:>9.3f}  "
                      f"{metrics['blank_top_prob']:>7.3f}  {metrics['noise_top_prob']:>7.3f}  {within:>22}  "
                      f"{median if median is not None else 'never':>6}  "
-                     f"{metrics.get('train_seconds', 0):.0f}/{metrics['backwork_seconds']:.0f}")
+                     f"{metrics.get('train_seconds', 0):.0f}/{metrics.get('attack_seconds', 0):.0f}")
     return "\n".join(lines)
 
 
-def plot_report(rounds, target, path):
-    """Per round: test accuracy, fooling confidence (held-out and trained-on), and difficulty curves."""
+def attack_table(rounds):
+    """Per round and attack: fooled / count, the 95% interval, median steps, distance of the fooled."""
+    lines = ["round  attack                      fooled    95% interval    median  distance  converged"]
+    for metrics in rounds:
+        for name, row in metrics.get("attacks", {}).items():
+            if row.get("misconfigured"):
+                lines.append(f"{metrics['round']:>5}  {name:<26}  MISCONFIGURED (left out): fooled only "
+                             f"{row['fooled']}/{row['count']} of the undefended model's images")
+                continue
+            median = "-" if row["median_steps"] is None else f"{row['median_steps']:.0f}"
+            distance = "-" if row["distance"] is None else f"{row['distance']:.3f}"
+            converged = ""
+            if "convergence" in row:
+                convergence = row["convergence"]
+                within = "/".join(f"{value:.2f}" for value in convergence["fooled_within"].values())
+                converged = (f"{'yes' if convergence['converged'] else 'NO'} (x1/x2/x4 budget {within}, "
+                             f"any of {1 + len(convergence['restart_seeds'])} seeds "
+                             f"{convergence['any_seed_fraction']:.2f})")
+            low, high = row["interval"]
+            lines.append(f"{metrics['round']:>5}  {name:<26}  {row['fooled']:>3}/{row['count']:<4}  "
+                         f"[{low:.3f}, {high:.3f}]  {median:>6}  {distance:>8}  {converged}")
+    return "\n".join(lines)
+
+
+def plot_report(rounds, target, path, roc_scores=None):
+    """Top: test accuracy, fooling confidence, difficulty, the strongest attack. Bottom: each attack family's
+    fooled fraction with its 95% interval per round, and the last round's "none" ROC curves."""
     pyplot = common.pyplot()
+    figure, axes = pyplot.subplots(2, 4, figsize=(20, 8.4))
     indices = [metrics["round"] for metrics in rounds]
-    figure, (accuracy_axis, confidence_axis, difficulty_axis) = pyplot.subplots(1, 3, figsize=(15, 4.2))
+    _plot_accuracy(axes[0, 0], rounds, indices)
+    _plot_confidence(axes[0, 1], rounds, indices)
+    _plot_difficulty(axes[0, 2], pyplot, [metrics for metrics in rounds if "fooled_within" in metrics])
+    _plot_strongest(axes[0, 3], rounds, indices)
+    families = [("backwork", "backwork, by loss (round's budget)"), ("library", "ART: PGD and Square"),
+                ("transfer", "transfer from other models")]
+    for axis, (family, title) in zip(axes[1, :3], families):
+        _plot_family(axis, rounds, indices, family, title)
+    if roc_scores is not None:
+        plot_roc(axes[1, 3], *roc_scores)
+    axes[1, 3].set_title(f"round {indices[-1]}: the \"none\" score against test digits (ROC)", fontsize=10)
+    for axis in axes.ravel():
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"defence '{target}': does retraining on backworked images remove the artifacts? "
+                    "(round 0 is the original model; bars are 95% Wilson intervals)", fontsize=11)
+    figure.tight_layout()
+    common.save_figure(figure, path)
+
+
+def _plot_accuracy(axis, rounds, indices):
     accuracies = [100 * metrics["test_accuracy"] for metrics in rounds]
-    accuracy_axis.plot(indices, accuracies, marker="o")
+    axis.plot(indices, accuracies, marker="o")
     # A fixed scale around the original, so that a wobble of 0.05 points does not look like a fall.
-    accuracy_axis.axhline(accuracies[0] - 0.3, color="gray", linestyle=":", label="original - 0.3 points")
-    accuracy_axis.set(xlabel="round (0: original model)", ylabel="test accuracy (%)", xticks=indices,
-                      ylim=(min(accuracies + [accuracies[0] - 0.5]) - 0.05, max(accuracies) + 0.2),
-                      title="test accuracy (original classes)")
-    accuracy_axis.legend(fontsize=7)
+    axis.axhline(accuracies[0] - 0.3, color="gray", linestyle=":", label="original - 0.3 points")
+    axis.set(xlabel="round (0: original model)", ylabel="test accuracy (%)", xticks=indices,
+             ylim=(min(accuracies + [accuracies[0] - 0.5]) - 0.05, max(accuracies) + 0.2),
+             title="test accuracy (original classes)")
+    axis.legend(fontsize=7)
+
+
+def _plot_confidence(axis, rounds, indices):
     lines = [("heldout_mean_p", "held-out fooling images: p(target)", "-"),
              ("trained_fooling_top_prob", "trained-on fooling images: top p", "-"),
              ("blank_top_prob", "blank image: top p", ":"), ("noise_top_prob", "fresh noise: top p", ":")]
     if "heldout_none_prob" in rounds[-1]:
         lines.append(("heldout_none_prob", "held-out fooling images: p(none class)", "--"))
     for key, name, style in lines:
-        confidence_axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
-    confidence_axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
-                        title="how sure the model is of images that are no digit")
-    confidence_axis.legend(fontsize=7)
-    colours = pyplot.cm.viridis(np.linspace(0, 0.9, len(rounds)))
+        axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
+    axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
+             title="how sure the model is of images that are no digit")
+    axis.legend(fontsize=7)
+
+
+def _plot_difficulty(axis, pyplot, rounds):
+    colours = pyplot.cm.viridis(np.linspace(0, 0.9, max(len(rounds), 1)))
     for metrics, colour in zip(rounds, colours):
         budgets = [int(budget) for budget in metrics["fooled_within"]]
-        difficulty_axis.plot(budgets, list(metrics["fooled_within"].values()), marker="o", color=colour,
-                             label=f"round {metrics['round']}")
-    budgets = [int(budget) for budget in rounds[0]["fooled_within"]]
-    difficulty_axis.set(xscale="log", xlabel="backwork steps allowed", ylim=(0, 1.05),
-                        ylabel="fraction of fresh images fooled (p >= cap)",
-                        title="fresh backwork: fooled within a budget")
-    difficulty_axis.set_xticks(budgets, [str(budget) for budget in budgets])
-    difficulty_axis.minorticks_off()
-    difficulty_axis.legend(fontsize=7)
-    for axis in (accuracy_axis, confidence_axis, difficulty_axis):
-        axis.grid(alpha=0.3)
-    figure.suptitle(f"defence '{target}': does retraining on backworked images remove the artifacts? "
-                    "(round 0 is the original model; a curve moving right means fooling got harder)", fontsize=10)
-    figure.tight_layout()
-    common.save_figure(figure, path)
+        axis.plot(budgets, list(metrics["fooled_within"].values()), marker="o", color=colour,
+                  label=f"round {metrics['round']}")
+    axis.set(xscale="log", xlabel="backwork steps allowed", ylim=(0, 1.05),
+             ylabel="fraction fooled (p >= cap)", title="backwork images trained on next: fooled within a budget")
+    if rounds:
+        budgets = [int(budget) for budget in rounds[0]["fooled_within"]]
+        axis.set_xticks(budgets, [str(budget) for budget in budgets])
+        axis.legend(fontsize=7)
+    axis.minorticks_off()
+
+
+def _error_bars(axis, indices, fractions, intervals, label, marker="o"):
+    fractions = np.asarray(fractions, float)
+    low = fractions - np.asarray([interval[0] for interval in intervals])
+    high = np.asarray([interval[1] for interval in intervals]) - fractions
+    axis.errorbar(indices, fractions, yerr=[low, high], marker=marker, capsize=3, label=label)
+
+
+def _plot_strongest(axis, rounds, indices):
+    shown = [(metrics["round"], metrics["strongest_attack"]) for metrics in rounds if metrics.get("strongest_attack")]
+    if shown:
+        _error_bars(axis, [index for index, _ in shown], [best["fooled_fraction"] for _, best in shown],
+                    [best["interval"] for _, best in shown], "strongest attack (longer runs and restarts counted)")
+        for index, best in shown:
+            axis.annotate(best["attack"], (index, best["fooled_fraction"]), fontsize=7, textcoords="offset points",
+                          xytext=(0, 6), ha="center")
+        axis.legend(fontsize=7)
+    axis.set(xlabel="round", ylabel="fraction fooled", ylim=(-0.02, 1.05), xticks=indices,
+             title="the strongest attack of each round")
+
+
+def _plot_family(axis, rounds, indices, family, title):
+    names = sorted({name for metrics in rounds for name, row in metrics.get("attacks", {}).items()
+                    if row["family"].startswith(family)})
+    for name in names:
+        shown = [(metrics["round"], metrics["attacks"][name]) for metrics in rounds
+                 if name in metrics.get("attacks", {}) and not metrics["attacks"][name].get("misconfigured")]
+        if shown:
+            _error_bars(axis, [index for index, _ in shown], [row["fooled_fraction"] for _, row in shown],
+                        [row["interval"] for _, row in shown], name)
+    axis.set(xlabel="round", ylabel="fraction fooled (p >= cap)", ylim=(-0.02, 1.05), xticks=indices, title=title)
+    if names:
+        axis.legend(fontsize=7)
+
+
+def plot_roc(axis, digit_scores, others):
+    """The ROC curve of each non-digit set against the test digits, the AUC in the legend."""
+    for name, scores in others.items():
+        false, true = attacks.roc_curve(digit_scores, scores)
+        axis.plot(false, true, label=f"{name} (AUC {attacks.roc_auc(digit_scores, scores):.3f})")
+    axis.plot([0, 1], [0, 1], ":", color="gray")
+    axis.set(xlabel="test digits called \"none\"", ylabel="non-digits called \"none\"", xlim=(0, 1), ylim=(0, 1.02))
+    axis.legend(fontsize=7)
 
 
 # -------------------------------------------------------------------------------- main
@@ -358,7 +500,12 @@ def parse_arguments(argv):
     parser.add_argument("--steps", type=int, help="retraining steps per round")
     parser.add_argument("--from-scratch", action="store_true", help="train a fresh model on the augmented set")
     parser.add_argument("--rounds", type=int, help="backwork -> augment -> retrain rounds (augment.rounds)")
-    parser.add_argument("--target", choices=TARGETS, help="the defence: uniform soft label or an extra class")
+    parser.add_argument("--target", choices=TARGETS, help="the defence: uniform soft label, an extra class, or "
+                                                          "control (the same retraining with nothing added)")
+    parser.add_argument("--ood", help="natural non-digits for the \"none\" ROC: a Keras-layout .npz of the same "
+                                      "image size, its test images used (augment.ood_data)")
+    parser.add_argument("--transfer-from", metavar="MODEL",
+                        help="an independently trained model whose fooling images are scored on every round's model")
     return parser.parse_args(argv)
 
 
@@ -369,7 +516,8 @@ def resolve_config(args):
     if args.config is None and trained_with.is_file():
         base = common.load_config(trained_with)
         print(f"starting from {trained_with}, the config the model was trained with")
-    flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target}
+    flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target,
+             "ood_data": None if args.ood is None else common.toml_value(args.ood)}
     args.set.extend(f"augment.{key}={value}" for key, value in flags.items() if value is not None)
     config = common.resolve_cli_config(args, "augment", base=base)
     if args.steps is not None:
@@ -378,9 +526,42 @@ def resolve_config(args):
     if config["augment"]["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
-    if config["augment"]["target"] not in TARGETS:
-        raise UserError(f"augment.target {config['augment']['target']!r} is unknown; use one of {', '.join(TARGETS)}")
+    return drop_unreachable_budgets(config)
+
+
+def drop_unreachable_budgets(config):
+    """Leave out, with a note, difficulty budgets above backwork.max_num_steps: no run reaches them, so
+    their fractions would only repeat the last one's as if measured. The config records what is kept."""
+    budgets, steps = config["augment"]["difficulty_budgets"], config["backwork"]["max_num_steps"]
+    kept = [budget for budget in budgets if budget <= steps]
+    if not kept:
+        raise UserError(f"every augment.difficulty_budgets {budgets} exceeds backwork.max_num_steps = {steps}; "
+                        "give budgets up to it or raise backwork.max_num_steps")
+    if kept != budgets:
+        print(f"note: difficulty budgets {[budget for budget in budgets if budget > steps]} are left out: "
+              f"above backwork.max_num_steps = {steps}, no backwork reaches them")
+        config["augment"]["difficulty_budgets"] = kept
     return config
+
+
+# Backwork keys that may differ between image sets of one study: which images, not how they are made.
+PER_SET_KEYS = {"seed", "num_examples"}
+
+
+def check_one_backwork_setting(results, results_dir, backwork):
+    """Refuse fooling images made with another [backwork] setting than the study's: every image of a
+    study comes from one setting (a results file made before backwork.loss existed used "probability")."""
+    differing = {}
+    for result in results.values():
+        recorded = {"loss": "probability", **result.get("options", {})}
+        differing.update({key: value for key, value in recorded.items()
+                          if key in backwork and key not in PER_SET_KEYS and value != backwork[key]})
+    if differing:
+        pairs = ", ".join(f"backwork.{key} = {value!r} (the study's: {backwork[key]!r})"
+                          for key, value in sorted(differing.items()))
+        fixes = " ".join(f"--set backwork.{key}={common.toml_value(value)}" for key, value in sorted(differing.items()))
+        raise UserError(f"the fooling images in {results_dir} were made with {pairs}; one setting for every image "
+                        f"of a study: give {fixes}, or backwork them again with the study's config")
 
 
 def write_round_summary(writer, metrics):
@@ -389,10 +570,11 @@ def write_round_summary(writer, metrics):
               if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round"}
     within = metrics.get("fooled_within", {})
     values.update({f"round/fooled_within_{budget}": value for budget, value in within.items()})
+    values.update({f"attack/{name}": row["fooled_fraction"] for name, row in metrics.get("attacks", {}).items()})
     common.write_scalars(writer, metrics["round"], values)
 
 
-def write_report(out_dir, model, config, report):
+def write_report(out_dir, model, config, report, roc_scores=None):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
         proc_mnist.save_model(model, out_dir / "model.keras")
@@ -400,7 +582,7 @@ def write_report(out_dir, model, config, report):
     common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
-        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png")
+        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores)
 
 
 def heldout_backwork(model, data, config, out_dir):
@@ -413,52 +595,94 @@ def heldout_backwork(model, data, config, out_dir):
 def main(argv=None):
     args = parse_arguments(argv)
     model_path = common.check_model_file(args.model)
+    transfer_path = None if args.transfer_from is None else common.check_model_file(args.transfer_from)
     config = resolve_config(args)
     augment = config["augment"]
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
     trained_results = load_results_folder(args.results)  # Refuse a bad file before anything slow.
-    out_dir = common.ensure_writable_dir(args.out or default_out)
+    check_one_backwork_setting(trained_results, args.results, config["backwork"])
     data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
                                    config["data"]["validation_size"])
-    original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
-    check_fooling_results(trained_results, args.results, data["x_train"].shape[1:], original.output_shape[-1])
     shape = data["x_train"].shape[1:]
+    if augment["ood_data"]:
+        data["ood"] = read_ood_images(augment["ood_data"], shape)
+    out_dir = common.ensure_writable_dir(args.out or default_out)
+    original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
+    check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])
     data["blank"] = np.zeros((1,) + shape, np.float32)
     data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(
         0, 1, (augment["num_eval_noise"],) + shape).astype(np.float32)
     report = {"model": str(model_path), "results": str(args.results), "target": augment["target"],
-              "data": data["provenance"], "complete": False, "rounds": []}
+              "data": data["provenance"], "backwork": config["backwork"], "attacks": augment["attacks"],
+              "transfer_from": None if transfer_path is None else str(transfer_path),
+              "ood_data": augment["ood_data"] or None, "complete": False, "rounds": []}
     with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
-        _run_study(data, config, original, trained_results, out_dir, report, writer)
+        _run_study(data, config, original, trained_results, out_dir, report, writer, transfer_path)
     print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
     return 0
 
 
-def _run_study(data, config, original, trained_results, out_dir, report, writer):
+def read_ood_images(path, shape):
+    """The test images of a Keras-layout .npz of natural non-digits (Fashion-MNIST for MNIST)."""
+    images = common.load_dataset(path)["x_test"]
+    if images.shape[1:] != tuple(shape):
+        raise UserError(f"--ood {path} holds images of shape {images.shape[1:]}, the data {tuple(shape)}; "
+                        "give a data set of the same image size")
+    return images
+
+
+def transfer_sets(data, config, heldout, transfer_path, num_classes):
+    """Fooling images made on other models, scored on every round's: (images, targets, distances) by name."""
+    sets = {"original_heldout": _as_transfer_set(heldout)}
+    if transfer_path is not None:
+        other = common.load_trained_model(transfer_path, data["x_train"], num_classes=num_classes)
+        backwork_section = {**config["backwork"], "num_examples": config["augment"]["attack_examples"]}
+        print(f"backworking {transfer_path} for the transfer attack")
+        results = cnn_backwork.get_faulty_input_layer(data, {"backwork": backwork_section}, other,
+                                                      range(num_classes), progress=lambda line: None)
+        sets["independent_model"] = _as_transfer_set(results)
+    return sets
+
+
+def _as_transfer_set(results):
+    _, distances = attacks.steps_and_distances(results)
+    targets = np.concatenate([np.full(len(results[label]["images"]), label) for label in sorted(results)])
+    return attacks.final_images(results), targets, distances
+
+
+def _run_study(data, config, original, trained_results, out_dir, report, writer, transfer_path=None):
     """Round 0 (the original model) and every retraining round, each logged and reported as it ends."""
-    augment, model, last_model = config["augment"], original, None
+    augment, model, last_model, study = config["augment"], original, None, None
     try:
         heldout, heldout_seconds = heldout_backwork(original, data, config, out_dir)
-        study = Study(original, data, config, trained_results, heldout, out_dir)
-        budgets = augment["difficulty_budgets"]
-        report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, budgets),
-                                 "backwork_seconds": heldout_seconds})
-        write_round_summary(writer, report["rounds"][-1])
-        print(report_table(report["rounds"]))
+        num_classes = original.output_shape[-1]
+        suite = attacks.AttackSuite(data, config, num_classes,
+                                    transfer_sets(data, config, heldout, transfer_path, num_classes))
+        study = Study(original, data, config, trained_results, heldout, out_dir, suite=suite)
+        attack_metrics, _ = study.attack(original, 0)
+        report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, augment["difficulty_budgets"]),
+                                 **attack_metrics, "backwork_seconds": heldout_seconds})
+        report["misconfigured_attacks"] = dict(suite.disabled)
+        _round_done(report, writer)
         for round_index in range(1, augment["rounds"] + 1):
             model, metrics = study.run_round(round_index, model)
             report["rounds"].append(metrics)
-            write_round_summary(writer, metrics)
             last_model = model
-            print(report_table(report["rounds"]))
+            _round_done(report, writer)
         report["complete"] = True
     finally:
         # Whatever stopped the study (Ctrl-C, SIGTERM, a diverged retraining), the rounds that
         # finished are reported, marked incomplete, with the last finished round's model.
-        write_report(out_dir, last_model, config, report)
+        write_report(out_dir, last_model, config, report, getattr(study, "last_scores", None))
         if not report["complete"]:
             print(f"stopped after {max(len(report['rounds']) - 1, 0)} of {augment['rounds']} rounds; the report "
                   f"in {out_dir} covers those and says complete: false", file=sys.stderr)
+
+
+def _round_done(report, writer):
+    write_round_summary(writer, report["rounds"][-1])
+    print(report_table(report["rounds"]))
+    print(attack_table(report["rounds"]))
 
 
 if __name__ == "__main__":

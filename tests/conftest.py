@@ -11,6 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# The Adversarial Robustness Toolbox reconfigures logging when first imported (logging.config.dictConfig
+# closes every handler there is and binds a new one to the sys.stderr of that moment). Imported inside a
+# test, that closes pytest's capture of the test and writes to it after it is gone; imported here, once,
+# before any capture of a test exists, it does neither.
+import art  # noqa: E402, F401
+
 IMAGE_SIZE = 12
 
 
@@ -93,7 +99,7 @@ def fake_backwork_results(label, shape=(3, IMAGE_SIZE, IMAGE_SIZE), num_classes=
             "steps_to_reach": np.array([25, 50, -1] * shape[0])[:shape[0]],
             "history": [{"step": 25, "images": images.copy(), "probs": probs[:, label % num_classes].copy(),
                          "cost": 1.5}],
-            "options": {"prob_cap_min": 0.999}, "model": "model.keras"}
+            "options": {"prob_cap_min": 0.999, "loss": "margin"}, "model": "model.keras"}
 
 
 COLOUR_SHAPE = (10, 14, 3)  # Not square, three channels: what the code must not assume away.

@@ -101,13 +101,13 @@ def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(traine
                               "--out", str(backwork_dir)]) == 0
     out = tmp_path / "aug"
     assert preprocess_data.main([str(config), "--results", str(backwork_dir), "--model", model_path,
-                                 "--data", str(tiny_npz), "--out", str(out), "--steps", "100"]) == 0
+                                 "--data", str(tiny_npz), "--out", str(out), "--steps", "100", *QUICK_ATTACKS]) == 0
     report = json.loads((out / "report.json").read_text())
     original, retrained = report["rounds"]
     assert retrained["train_steps"] == 100 and retrained["num_fooling_images_trained"] == 20
     assert retrained["trained_fooling_top_prob"] < original["trained_fooling_top_prob"]
     assert retrained["noise_top_prob"] < 0.5
-    assert 0 <= retrained["fooled_fraction"] <= 1 and set(retrained["fooled_within"]) == {"25", "50", "100", "200", "400"}
+    assert 0 <= retrained["fooled_fraction"] <= 1 and set(retrained["fooled_within"]) == {"25", "50"}
     assert 0 <= retrained["heldout_mean_p"] <= 1 and 0 <= retrained["fresh_on_original_mean_p"] <= 1
     assert report["complete"] is True and report["target"] == "uniform"
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
@@ -132,13 +132,19 @@ def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_d
     assert metrics["steps"] == 15 and continued is original
 
 
+# The attack suite with tiny budgets: every attack runs, in seconds.
+QUICK_ATTACKS = ["--set", "augment.attack_examples=2", "--set", "augment.pgd_steps=30",
+                 "--set", "augment.square_queries=30"]
+
+
 def quick_study_arguments(trained_tiny, tiny_npz, tmp_path):
     results = write_results(tmp_path / "results")
     return ["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
             "--out", str(tmp_path / "aug"), "--set", "data.validation_size=100", "--set", "augment.num_blank=5",
             "--set", "augment.num_noise=5", "--set", "augment.num_eval_noise=5", "--steps", "5",
             "--set", "backwork.max_num_steps=20", "--set", "backwork.min_num_steps=10",
-            "--set", "backwork.num_examples=2", "--set", "backwork.learning_rate=0.05"]
+            "--set", "augment.difficulty_budgets=[10, 20]",
+            "--set", "backwork.num_examples=2", "--set", "backwork.learning_rate=0.05", *QUICK_ATTACKS]
 
 
 @pytest.mark.parametrize("stop,expected", [("interrupted", KeyboardInterrupt), ("diverged", UserError)])
