@@ -580,7 +580,8 @@ def save_figure(figure, path):
 # A results file is a pickle that holds nothing but dicts, lists, tuples, str, int, float,
 # bool, None and bytes. Each NumPy array is stored as a small record
 #     {"__ndarray__": dtype name, "shape": [...], "data": raw little-endian bytes}
-# and rebuilt with np.frombuffer after its byte count has been checked against its shape.
+# and rebuilt with np.frombuffer after its shape has been bounded (each size, and what the
+# sizes span with a zero counted as one) and its byte count checked against that shape.
 # So reading one constructs no class at all: the opcodes are checked before anything is
 # built, and the unpickler's find_class refuses every name. A file can then neither run
 # code nor make the reader build an array over memory that is not its own, and every
@@ -591,6 +592,7 @@ MAX_RESULTS_BYTES = 1 << 30  # 1 GiB: far above any backwork or saliency file.
 MAX_RESULTS_VALUES = 5_000_000  # containers and values in one file
 MAX_RESULTS_DEPTH = 16
 MAX_ARRAY_DIMENSIONS = 8
+MAX_ARRAY_SIZE = MAX_RESULTS_BYTES  # any one size of an array: no file holds more elements
 ARRAY_MARKER = "__ndarray__"
 ARRAY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -633,15 +635,41 @@ def _encode(value, where):
     raise ResultsFormatError(f"{where}: {type(value).__name__} cannot be saved in a results file")
 
 
+def _shown(value, limit=60):
+    """value as an error message shows it, in at most about limit characters whatever a file holds.
+
+    A crafted file's int may have a million digits (repr refuses those) and its string a
+    billion characters; containers are described, not printed.
+    """
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return repr(value)
+
+
 def _array_from_record(record, where):
     dtype_name, shape, data = record.get(ARRAY_MARKER), record.get("shape"), record.get("data")
-    if set(record) != {ARRAY_MARKER, "shape", "data"} or dtype_name not in ARRAY_DTYPES:
-        raise ResultsFormatError(f"{where} is an array record with dtype {dtype_name!r} or keys "
-                                 f"{sorted(map(str, record))} that this format does not have")
+    if set(record) != {ARRAY_MARKER, "shape", "data"} or not isinstance(dtype_name, str) \
+            or dtype_name not in ARRAY_DTYPES:
+        raise ResultsFormatError(f"{where} is an array record with dtype {_shown(dtype_name)} or keys "
+                                 f"{sorted(_shown(key) for key in record)[:5]} that this format does not have")
+    # Every size bounded before any arithmetic: no bools, floats or million-digit ints.
     if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMENSIONS
-            or not all(type(size) is int and size >= 0 for size in shape) or not isinstance(data, bytes)):
-        raise ResultsFormatError(f"{where} has a malformed shape or data")
+            or not all(type(size) is int and 0 <= size <= MAX_ARRAY_SIZE for size in shape)
+            or not isinstance(data, bytes)):
+        raise ResultsFormatError(f"{where} has a malformed shape or data (at most {MAX_ARRAY_DIMENSIONS} sizes, "
+                                 f"each an int from 0 to {MAX_ARRAY_SIZE}, and bytes)")
     dtype = ARRAY_DTYPES[dtype_name]
+    # A zero size makes any shape's byte count 0, but numpy still refuses to make a shape whose
+    # other sizes overflow: so the sizes, each zero counted as one, must fit in a file too.
+    if math.prod(max(size, 1) for size in shape) * dtype.itemsize > MAX_RESULTS_BYTES:
+        raise ResultsFormatError(f"{where} claims shape {tuple(shape)} of {dtype_name}, more than "
+                                 f"a results file holds ({MAX_RESULTS_BYTES} bytes)")
     if math.prod(shape) * dtype.itemsize != len(data):
         raise ResultsFormatError(f"{where} claims shape {tuple(shape)} of {dtype_name} "
                                  f"({math.prod(shape) * dtype.itemsize} bytes) but holds {len(data)} bytes")
@@ -660,7 +688,7 @@ def _decode(value, where, budget, seen, depth=0):
     if isinstance(value, dict):
         if ARRAY_MARKER in value:
             return _array_from_record(value, where)
-        return {key: _decode(item, f"{where}[{key!r}]", budget, seen, depth + 1) for key, item in value.items()}
+        return {key: _decode(item, f"{where}[{_shown(key)}]", budget, seen, depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_decode(item, f"{where}[{index}]", budget, seen, depth + 1) for index, item in enumerate(value)]
     return value
@@ -728,7 +756,13 @@ def load_results(path):
     try:
         data = path.read_bytes()
         _check_opcodes(data)
-        loaded = _NoClassUnpickler(io.BytesIO(data)).load()
+        try:
+            loaded = _NoClassUnpickler(io.BytesIO(data)).load()
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as error:
+            # Plain opcodes in an order no pickler writes: a list as a dict key, a byte string
+            # that is not ASCII, an item set on a list. Nothing was built but plain values.
+            raise ResultsFormatError(f"it is not a pickle of plain values ({type(error).__name__}: "
+                                     f"{_shown(str(error), 100)})") from None
         results = _decode(loaded, "results", [MAX_RESULTS_VALUES], set())
         return check_results(results)
     except OSError as error:
@@ -754,8 +788,8 @@ def _checked_array(results, field, dtype_kind, ndim=None, rows=None, finite=Fals
         raise _field_error(field, f"is not {expected}")
     if ndim is not None and array.ndim not in ndim:
         raise _field_error(field, f"has shape {array.shape}, not {' or '.join(f'{n}-d' for n in ndim)}")
-    if rows is not None and len(array) != rows:
-        raise _field_error(field, f"has {len(array)} rows but images has {rows}")
+    if rows is not None and (array.ndim == 0 or len(array) != rows):
+        raise _field_error(field, f"has {len(array) if array.ndim else 'no'} rows but images has {rows}")
     if finite and not np.isfinite(array).all():
         raise _field_error(field, "holds NaN or infinite values")
     if unit_range and array.size and (array.min() < 0 or array.max() > 1):
@@ -769,7 +803,7 @@ def _checked_scalar(results, field, types, minimum=None, where=""):
             isinstance(value, float) and not math.isfinite(value)):
         names = " or ".join(kind.__name__ for kind in types)
         raise _field_error(field, f"must be a finite {names}{f' >= {minimum}' if minimum is not None else ''}, "
-                                  f"not {value!r}")
+                                  f"not {_shown(value)}")
     return value
 
 
@@ -781,10 +815,14 @@ def _check_backwork_results(results):
         raise _field_error("images", "is empty")
     probs = _checked_array(results, "probs", "f", ndim=(2,), rows=count, finite=True)
     if not label < probs.shape[1]:
-        raise _field_error("label", f"{label} is not one of the {probs.shape[1]} classes of 'probs'")
+        raise _field_error("label", f"{_shown(label)} is not one of the {probs.shape[1]} classes of 'probs'")
     _checked_array(results, "steps_to_reach", "i", ndim=(1,), rows=count)
     _checked_scalar(results, "steps", (int,), minimum=0)
     _checked_scalar(results, "seconds", (int, float), minimum=0)
+    if not isinstance(results.get("options", {}), dict) or not isinstance(results.get("history", []), list):
+        raise _field_error("options' or 'history", "has the wrong type")
+    if "prob_cap_min" in results.get("options", {}):  # cnn_backwork.py --evaluate counts images at this cap.
+        _checked_scalar(results["options"], "prob_cap_min", (int, float), minimum=0, where="options")
     for record_index, record in enumerate(results.get("history", [])):
         where = f"history[{record_index}]"
         if not isinstance(record, dict):
@@ -793,12 +831,15 @@ def _check_backwork_results(results):
         _checked_array(record, "images", "f", ndim=(images.ndim,), finite=True, unit_range=True, where=where)
         _checked_array(record, "probs", "f", ndim=(1, 2), finite=True, where=where)
         _checked_scalar(record, "cost", (int, float), where=where)
-    for field, rows in [("nearest_training_distance", count), ("worst_training_images", None),
-                        ("worst_training_probs", None), ("layer_cost_coeffs", None)]:
+    for field, rows in [("nearest_training_distance", count), ("layer_cost_coeffs", None)]:
         if field in results:
             _checked_array(results, field, "f", rows=rows, finite=True)
-    if not isinstance(results.get("options", {}), dict) or not isinstance(results.get("history", []), list):
-        raise _field_error("options' or 'history", "has the wrong type")
+    if "worst_training_images" in results or "worst_training_probs" in results:  # Drawn as a figure's row.
+        worst = _checked_array(results, "worst_training_images", "f", ndim=(images.ndim,), finite=True)
+        _checked_array(results, "worst_training_probs", "f", ndim=(2,), rows=len(worst), finite=True)
+        if results["worst_training_probs"].shape[1] != probs.shape[1]:
+            raise _field_error("worst_training_probs", f"has {results['worst_training_probs'].shape[1]} classes, "
+                                                       f"'probs' {probs.shape[1]}")
 
 
 def _check_saliency_results(results):
@@ -823,12 +864,12 @@ def check_results(results):
     if not isinstance(results, dict):
         raise ResultsFormatError("it does not hold a dict")
     version = results.get("format_version")
-    if version != RESULTS_FORMAT_VERSION:
-        raise ResultsFormatError(f"it has format_version {version!r}, not {RESULTS_FORMAT_VERSION}: written by "
+    if type(version) is not int or version != RESULTS_FORMAT_VERSION:
+        raise ResultsFormatError(f"it has format_version {_shown(version)}, not {RESULTS_FORMAT_VERSION}: written by "
                                  "another version of these scripts; run cnn_backwork.py again")
     kind = results.get("kind")
-    if kind not in _RESULTS_CHECKS:
-        raise ResultsFormatError(f"its kind {kind!r} is not one of {', '.join(_RESULTS_CHECKS)}")
+    if not isinstance(kind, str) or kind not in _RESULTS_CHECKS:
+        raise ResultsFormatError(f"its kind {_shown(kind)} is not one of {', '.join(_RESULTS_CHECKS)}")
     _RESULTS_CHECKS[kind](results)
     return results
 

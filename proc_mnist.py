@@ -606,7 +606,9 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
 
     strategy is the tf.distribute strategy to train under (main makes it first, from
     train.distribute; by default train makes it here). A given model must have been made
-    or loaded in its scope. A new model computes in train.mixed_precision's policy.
+    or loaded in its scope. A new model computes in train.mixed_precision's policy ("auto"
+    resolved here); a model in mixed_bfloat16 where that is slow is refused unless
+    train.mixed_precision_force (distributed.check_precision_speed).
 
     metrics: steps (the optimizer's step count), seconds, examples and examples_per_second
     (this call), interrupted, diverged, stop_reason, test_accuracy (None if not measured),
@@ -620,6 +622,9 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
     if strategy is None and section["distribute"] != "none":
         strategy = distributed.make_strategy(section["distribute"])
     distributed.check_batch_split(section["batch_size"], strategy)
+    section["mixed_precision"] = distributed.resolve_precision(section["mixed_precision"])
+    distributed.check_precision_speed(section["mixed_precision"] if model is None else distributed.precision_of(model),
+                                      section["mixed_precision_force"])
     keras.utils.set_random_seed(section["seed"])
     # Variables are made in the strategy's scope (mirrored); the loop runs outside it, where
     # Keras' optimizer updates every replica's copy with the gradients summed over replicas.
@@ -796,6 +801,8 @@ def main(argv=None):
     # First of all TensorFlow work: a cluster's collective ops are set up as the strategy is made.
     strategy = distributed.make_strategy(config["train"]["distribute"])
     distributed.check_batch_split(config["train"]["batch_size"], strategy)
+    # "auto" resolved once, here (it may ask TensorFlow for a GPU), so the saved config.toml says what ran.
+    config["train"]["mixed_precision"] = distributed.resolve_precision(config["train"]["mixed_precision"])
     chief = distributed.is_chief(strategy)
     data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
                                    config["data"]["validation_size"])

@@ -1,14 +1,19 @@
 """Training speed: our training loop against keras.Model.fit, and against a NumPy matmul.
 
-    python bench/bench_train.py [--steps 300] [--config configs/default.toml] [--data PATH]
-                                [--batch-sizes 50,128]
+    python bench/bench_train.py [--steps 200] [--config configs/default.toml] [--data PATH]
+                                [--batch-sizes 50,128] [--bfloat16]
 
 Both train the same topology (the config's) with the same batch size and Adam for the
 same number of steps, in this one process, at each batch size (by default 50, the
 original recipe's, and the config's train.batch_size); a third line times our loop with
 the config's label smoothing and shifts as well, a fourth with train.mixed_precision =
-"mixed_bfloat16" (bf16 arithmetic, float32 weights). Each is run --repeats times, alternating,
-and its best run counts (other jobs on a shared machine slow whichever runs beside them).
+"mixed_bfloat16" (bf16 arithmetic, float32 weights) where that is fast (a GPU, or a CPU with
+avx512_bf16 or amx_bf16: distributed.bfloat16_slowness); elsewhere it is skipped with a note,
+as it would run several times slower, unless --bfloat16 asks for it (then with a short
+budget). Each is run --repeats times, alternating, and its best run counts (other jobs on a
+shared machine slow whichever runs beside them). The output starts with the CPU's model and
+vector extensions. The defaults (200 steps, calls of 50 steps, two runs, two batch sizes)
+are sized to end within 8 minutes on 2 cores.
 The FLOP rate counts the multiply-adds of the convolutions and dense layers (forward, plus
 the two backward products, less the input gradient of the first layer, which nobody
 needs) and is compared with a float32 NumPy matrix multiply timed in the same run: the
@@ -16,6 +21,7 @@ best rate this machine's BLAS reaches.
 """
 import argparse
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +34,44 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 import distributed  # noqa: E402
 import proc_mnist  # noqa: E402
+
+
+# The vector extensions worth naming in a speed measurement, as /proc/cpuinfo spells them.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "amx_tile", "amx_bf16", "amx_int8")
+FORCED_BFLOAT16_STEPS = 20  # --bfloat16 where it is slow: this many timed steps, one run (0.13x float32's speed).
+
+
+def cpu_line(cpuinfo_text=None):
+    """'CPU: <model>, <n> cores; vector extensions: avx2 fma ...' from /proc/cpuinfo (read by default)."""
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text()
+        except OSError:  # Not Linux.
+            cpuinfo_text = ""
+    fields = {}
+    for line in cpuinfo_text.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())  # The first core's.
+    model = fields.get("model name") or platform.processor() or "unknown model"
+    flags = fields.get("flags", "").split()
+    extensions = " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "unknown (no CPU flags in /proc/cpuinfo)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {model}, {cores} cores for this process; vector extensions: {extensions}"
+
+
+def bfloat16_budget(steps, block, repeats, force, slowness):
+    """(steps, block, repeats) for the mixed_bfloat16 rows, or None to skip them.
+
+    slowness is distributed.bfloat16_slowness(): None where bf16 arithmetic is fast, and the
+    rows get the full budget; else they run only when forced, with a short fixed budget.
+    """
+    if slowness is None:
+        return steps, block, repeats
+    if not force:
+        return None
+    short = min(steps, FORCED_BFLOAT16_STEPS)
+    return short, min(block, short), 1
 
 
 def forward_flops_per_example(model):
@@ -89,15 +133,25 @@ def time_fit(config, images, targets, steps, batch_size):
     return count / (time.perf_counter() - start)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config whose [model] and [train] to use (default: the defaults)")
-    parser.add_argument("--steps", type=int, default=300, help="timed steps of each")
-    parser.add_argument("--block", type=int, default=100, help="steps per call of our compiled loop")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps of each")
+    parser.add_argument("--block", type=int, default=50, help="steps per call of our compiled loop")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 50 and train.batch_size)")
     parser.add_argument("--data", help="Keras-layout .npz; default: random images (speed does not depend on them)")
-    arguments = parser.parse_args()
+    parser.add_argument("--bfloat16", action="store_true",
+                        help=f"time mixed_bfloat16 even where it is slow (no GPU, no avx512_bf16 or amx_bf16), "
+                             f"with {FORCED_BFLOAT16_STEPS} steps and one run")
+    arguments = parser.parse_args(argv)
+    print(cpu_line())
+    slowness = distributed.bfloat16_slowness()
+    bfloat16 = bfloat16_budget(arguments.steps, arguments.block, arguments.repeats, arguments.bfloat16, slowness)
+    if slowness is not None:
+        print(f"note: mixed_bfloat16 {'is timed with a short budget' if bfloat16 else 'rows skipped'}: {slowness}, "
+              "so it runs several times slower than float32 (0.13x on an AVX2-only AMD EPYC)"
+              + ("" if bfloat16 else "; --bfloat16 times it anyway, briefly"))
     config = common.load_config(arguments.config)
     batch_sizes = ([int(size) for size in arguments.batch_sizes.split(",")] if arguments.batch_sizes
                    else sorted({50, config["train"]["batch_size"]}))
@@ -117,23 +171,25 @@ def main():
           f"{arguments.repeats}; recipe: label_smoothing {section['label_smoothing']}, "
           f"shift_pixels {section['shift_pixels']}")
     for batch_size in batch_sizes:
-        ours, recipe, reference, bfloat16, matmul_rate = 0.0, 0.0, 0.0, 0.0, numpy_matmul_rate()
-        for _ in range(arguments.repeats):
+        ours, recipe, reference, bfloat16_rate, matmul_rate = 0.0, 0.0, 0.0, 0.0, numpy_matmul_rate()
+        for repeat in range(arguments.repeats):
             rate, model = time_ours(config, images, targets, arguments.steps, arguments.block, batch_size)
             ours = max(ours, rate)
             reference = max(reference, time_fit(config, images, targets, arguments.steps, batch_size))
             recipe = max(recipe, time_ours(config, images, targets, arguments.steps, arguments.block, batch_size,
                                            recipe=True)[0])
-            bfloat16 = max(bfloat16, time_ours(config, images, targets, arguments.steps, arguments.block, batch_size,
-                                               precision="mixed_bfloat16")[0])
+            if bfloat16 is not None and repeat < bfloat16[2]:
+                bfloat16_rate = max(bfloat16_rate, time_ours(config, images, targets, *bfloat16[:2], batch_size,
+                                                             precision="mixed_bfloat16")[0])
             matmul_rate = max(matmul_rate, numpy_matmul_rate())
         flops = training_flops_per_example(model)
         print(f"batch {batch_size}: {flops / 1e6:.1f} MFLOP per training example")
         print(f"  ours (compiled multi-step loop): {ours:8.0f} examples/s  {ours * flops / 1e9:6.1f} GFLOP/s")
         print(f"  keras fit (jit_compile=False):   {reference:8.0f} examples/s  {reference * flops / 1e9:6.1f} GFLOP/s")
         print(f"  ours with the [train] recipe:    {recipe:8.0f} examples/s  (label smoothing, shifts)")
-        print(f"  ours, mixed_bfloat16:            {bfloat16:8.0f} examples/s  ({bfloat16 / ours:.2f} x float32; "
-              "fast only with bf16 arithmetic in the CPU or GPU)")
+        if bfloat16 is not None:
+            print(f"  ours, mixed_bfloat16:            {bfloat16_rate:8.0f} examples/s  "
+                  f"({bfloat16_rate / ours:.2f} x float32; {bfloat16[0]} steps, best of {bfloat16[2]})")
         print(f"  numpy float32 matmul:            {matmul_rate / 1e9:23.1f} GFLOP/s")
         print(f"  ratio ours / fit: {ours / reference:.2f} (goal >= 1.1)")
         print(f"  ratio ours FLOP rate / numpy matmul: {ours * flops / matmul_rate:.2f} (goal >= 0.6)")

@@ -242,7 +242,7 @@ def test_xla_trains_as_the_plain_loop_does(tiny_data):
 
 def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
     options = tiny_options(150)
-    options["train"]["mixed_precision"] = "mixed_bfloat16"
+    options["train"].update(mixed_precision="mixed_bfloat16", mixed_precision_force=True)  # On any CPU.
     model, metrics = proc_mnist.train(tiny_data, options, **SILENT)
     assert metrics["mixed_precision"] == "mixed_bfloat16" and metrics["test_accuracy"] > 0.8
     assert model.get_layer("conv1_conv").compute_dtype == "bfloat16"
@@ -266,7 +266,85 @@ def test_resuming_in_another_precision_says_the_model_keeps_its_own(tiny_npz, tm
     config.write_text(common.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
     arguments = [str(config), "--data", str(tiny_npz), "--out", str(out)]
     assert proc_mnist.main([*arguments, "--steps", "10"]) == 0
-    code = proc_mnist.main([*arguments, "--steps", "20", "--resume", "--set", "train.mixed_precision=mixed_bfloat16"])
+    code = proc_mnist.main([*arguments, "--steps", "20", "--resume", "--set", "train.mixed_precision=mixed_bfloat16",
+                            "--set", "train.mixed_precision_force=true"])
     assert code == 0
     assert "the saved model computes in 'none', and goes on in it" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == "none"
+
+
+def test_cpu_bfloat16_is_read_from_the_flags_of_every_core():
+    def cpuinfo(*flag_lines):
+        return "".join(f"processor\t: {index}\nflags\t\t: {flags}\n\n" for index, flags in enumerate(flag_lines))
+
+    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512_bf16", "fpu avx2 avx512_bf16")) is True
+    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 amx_bf16 amx_tile")) is True
+    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512bw")) is False
+    assert distributed.cpu_has_bfloat16(cpuinfo("avx512_bf16", "avx2")) is False  # One core without: slow.
+    assert distributed.cpu_has_bfloat16("processor\t: 0\nFeatures\t: fp asimd\n") is None  # No x86 flags.
+    assert distributed.cpu_has_bfloat16() in (True, False, None)  # This machine's /proc/cpuinfo, if any.
+
+
+def fake_hardware(monkeypatch, cpu_bfloat16, gpu=False):
+    monkeypatch.setattr(distributed, "cpu_has_bfloat16", lambda cpuinfo_text=None: cpu_bfloat16)
+    monkeypatch.setattr(distributed, "gpu_visible", lambda: gpu)
+
+
+@pytest.mark.parametrize("cpu_bfloat16, gpu, fast", [
+    (True, False, True), (False, True, True), (None, True, True), (False, False, False), (None, False, False)])
+def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch, cpu_bfloat16, gpu, fast):
+    fake_hardware(monkeypatch, cpu_bfloat16, gpu)
+    assert distributed.resolve_precision("auto") == ("mixed_bfloat16" if fast else "none")
+    assert distributed.resolve_precision("none") == "none"
+    assert distributed.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("cpu_bfloat16, reason", [
+    (False, "the CPU has no bfloat16 arithmetic (neither avx512_bf16 nor amx_bf16)"),
+    (None, "the CPU flags cannot be read (/proc/cpuinfo), so bfloat16 arithmetic is taken to be absent")])
+def test_slow_mixed_bfloat16_stops_in_one_line_unless_forced(tiny_data, monkeypatch, cpu_bfloat16, reason):
+    fake_hardware(monkeypatch, cpu_bfloat16)
+    options = tiny_options(2)
+    options["train"]["mixed_precision"] = "mixed_bfloat16"
+    with pytest.raises(common.UserError) as error:
+        proc_mnist.train(tiny_data, options, **SILENT)
+    message = str(error.value)
+    assert "would train several times slower than float32 here (0.13x" in message and reason in message
+    assert "--set train.mixed_precision_force=true" in message and "\n" not in message
+    options["train"]["mixed_precision_force"] = True
+    _, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    assert metrics["mixed_precision"] == "mixed_bfloat16" and metrics["steps"] == 2
+
+
+def test_mixed_bfloat16_goes_on_where_the_cpu_has_it(tiny_data, monkeypatch):
+    fake_hardware(monkeypatch, True)
+    options = tiny_options(2)
+    options["train"]["mixed_precision"] = "mixed_bfloat16"
+    _, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    assert metrics["mixed_precision"] == "mixed_bfloat16"
+
+
+def test_a_slow_saved_bfloat16_model_is_refused_whatever_the_config_says(tiny_data, monkeypatch):
+    options = tiny_options(2)
+    options["train"].update(mixed_precision="mixed_bfloat16", mixed_precision_force=True)
+    model, _ = proc_mnist.train(tiny_data, options, **SILENT)
+    fake_hardware(monkeypatch, False)
+    options["train"].update(mixed_precision="none", mixed_precision_force=False, num_steps=4)
+    with pytest.raises(common.UserError, match="mixed_bfloat16 would train several times slower"):
+        proc_mnist.train(tiny_data, options, model=model, **SILENT)
+
+
+@pytest.mark.parametrize("cpu_bfloat16, expected", [(True, "mixed_bfloat16"), (False, "none")])
+def test_auto_precision_is_resolved_once_and_recorded(tiny_npz, tmp_path, monkeypatch, capsys, cpu_bfloat16, expected):
+    fake_hardware(monkeypatch, cpu_bfloat16)
+    out, config = tmp_path / "run", tmp_path / "tiny.toml"
+    config.write_text(common.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
+    arguments = [str(config), "--data", str(tiny_npz), "--out", str(out)]
+    assert proc_mnist.main([*arguments, "--steps", "4", "--set", "train.mixed_precision=auto"]) == 0
+    assert common.load_config(out / "config.toml")["train"]["mixed_precision"] == expected  # Not "auto".
+    assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == expected
+    capsys.readouterr()
+    assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "8"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == expected and metrics["steps"] == 8

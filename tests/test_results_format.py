@@ -101,6 +101,41 @@ def hostile_files():
         "truncated": (pickle.dumps(plain)[:-40], "truncated"),
         "empty": (b"", "truncated"),
         "not_a_dict": (pickle.dumps([1, 2]), "does not hold a dict"),
+        # A zero size makes the byte count 0 whatever the other sizes; numpy then refused the shape.
+        "zero_beside_huge_sizes": (pickle.dumps({**plain, "images": array_record("float32", [2**32, 2**32, 0, 1],
+                                                                                 b"")}), "malformed shape"),
+        "zero_beside_sizes_too_many": (
+            pickle.dumps({**plain, "images": array_record("float32", [2**30] * 3 + [0], b"")}),
+            "claims shape (1073741824, 1073741824, 1073741824, 0) of float32, more than"),
+        "bool_size": (pickle.dumps({**plain, "images": array_record("float32", [True, 12, 12], b"\0" * 576)}),
+                      "malformed shape"),
+        "float_size": (pickle.dumps({**plain, "images": array_record("float32", [3.0, 12, 12], b"\0" * 1728)}),
+                       "malformed shape"),
+        "million_digit_size": (pickle.dumps({**plain, "images": array_record("float32", [10**5000], b"")}),
+                               "malformed shape"),
+        "million_digit_label": (pickle.dumps({**plain, "label": 10**5000}), "'label' an int of 16610 bits is not"),
+        "million_digit_version": (pickle.dumps({**plain, "format_version": 10**5000}),
+                                  "format_version an int of 16610 bits, not 2"),
+        "array_version": (pickle.dumps({**plain, "format_version": array_record("int64", [2], b"\0" * 16)}),
+                          "format_version an array of shape (2,), not 2"),
+        "list_dtype": (pickle.dumps({**plain, "images": array_record(["float32"], [1], b"\0" * 4)}),
+                       "dtype a list of 1 items"),
+        "list_kind": (pickle.dumps({**plain, "kind": ["backwork"]}), "kind a list of 1 items is not one of"),
+        "long_string_label": (pickle.dumps({**plain, "label": "x" * 10**6}), "... (1000000 long)"),
+        "long_string_key": (pickle.dumps({**plain, "history": [{"x" * 10**6: [1.0] * 100_000}]}),
+                            "'history[0].step' must be"),
+        "no_rows": (pickle.dumps({**plain, "nearest_training_distance": array_record("float32", [], b"\0" * 4)}),
+                    "'nearest_training_distance' has no rows but images has 3"),
+        "history_not_a_list": (pickle.dumps({**plain, "history": 5}), "has the wrong type"),
+        "worst_images_flat": (
+            pickle.dumps({**plain, "worst_training_images": array_record("float32", [3], b"\0" * 12)}),
+            "'worst_training_images' has shape (3,), not 3-d"),
+        "cap_not_a_number": (pickle.dumps({**plain, "options": {"prob_cap_min": "x"}}),
+                             "'options.prob_cap_min' must be a finite int or float >= 0, not 'x'"),
+        # Plain opcodes in orders no pickler writes: the unpickler itself fails.
+        "non_ascii_string": (b"\x80\x02U\x01\xff.", "not a pickle of plain values (UnicodeDecodeError"),
+        "list_as_key": (b"\x80\x02}]]s.", "not a pickle of plain values (TypeError"),
+        "item_set_on_list": (b"\x80\x02]KaKbs.", "not a pickle of plain values (IndexError"),
     }
     cycle = {**plain, "history": []}
     cycle["history"].append(cycle["history"])
@@ -117,6 +152,7 @@ def test_hostile_files_are_refused_in_one_line(tmp_path, name, capsys):
         common.load_results(path)
     message = str(refusal.value)
     assert phrase in message and str(path) in message and "\n" not in message
+    assert len(message) < len(str(path)) + 400  # Whatever the file holds, the line stays short.
     assert "this ran" not in capsys.readouterr().out
 
 
@@ -191,7 +227,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["format1_numpy", "object_dtype_from_bytes", "huge_shape", "terabyte_bytes",
-                                  "billion_references"])
+                                  "billion_references", "zero_beside_huge_sizes"])
 def test_the_scripts_refuse_hostile_files_in_one_line_and_write_nothing(name, tmp_path):
     """guided_backprop.py --images FILE and preprocess_data.py --results DIR, each in its own process."""
     data, phrase = hostile_files()[name]

@@ -521,3 +521,38 @@ def test_resuming_on_other_data_says_so(tiny_npz, tmp_path, capsys):
     assert proc_mnist.main(["--data", str(other), "--out", str(out), "--resume", "--steps", "40"]) == 0
     assert f"note: the run so far was trained on {{'dataset': None, 'file': '{tiny_npz}'" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["data"]["file"] == str(other)
+
+
+def test_tensorboard_reads_the_event_files(tiny_data, tmp_path):
+    """TensorBoard's own reader (the pinned tensorboard package) loads what training and write_images write."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    options = tiny_options(40)
+    options["train"]["log_every"] = 20
+    images = np.random.default_rng(0).uniform(0, 1, (2, 12, 9)).astype(np.float32)
+    with common.summary_writer(tmp_path / "logs") as writer:
+        _, metrics = proc_mnist.train(tiny_data, options, writer=writer, **SILENT)
+        common.write_images(writer, 7, "label_3/images", images)
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "logs"),
+                                                     size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    # tf.summary.write with the scalars plugin's metadata: TensorBoard files them as tensors of that plugin.
+    scalar_tags = {"train/loss", "train/val_accuracy", "train/learning_rate", "train/examples_per_second"}
+    assert set(accumulator.PluginTagToContent("scalars")) == scalar_tags
+    assert set(accumulator.PluginTagToContent("images")) == {"label_3/images"}
+    assert set(accumulator.Tags()["tensors"]) == scalar_tags | {"label_3/images"}
+
+    def values(tag):
+        return [(event.step, float(tensor_util.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+
+    history = metrics["history"]
+    assert [record["step"] for record in history] == [20, 40]
+    for tag, key in (("train/loss", "loss"), ("train/val_accuracy", "val_accuracy")):
+        np.testing.assert_allclose(values(tag), [(record["step"], record[key]) for record in history], rtol=1e-6)
+    assert values("train/learning_rate") == [(20, pytest.approx(1e-2)), (40, pytest.approx(1e-2))]
+    assert all(rate > 0 for _, rate in values("train/examples_per_second"))
+    [image_event] = accumulator.Tensors("label_3/images")
+    width, height, *encoded = tensor_util.make_ndarray(image_event.tensor_proto)
+    assert image_event.step == 7 and (width, height) == (b"9", b"12") and len(encoded) == 2
+    assert all(png.startswith(b"\x89PNG") for png in encoded)
