@@ -24,8 +24,8 @@ the class (real digits are 0.004-0.033 from theirs):
 
 On the undefended model every attack must fool at least SANITY_FRACTION of its images;
 one that does not is misconfigured (a wrong loss sign, a clipped step, a broken library
-call), so the run says so loudly and leaves it out of every later round instead of
-reporting its zeros as robustness.
+call), so the run says so loudly and marks its rows misconfigured in every round: the
+tables print that instead of its numbers, and no conclusion uses them.
 
 none_scores and separation measure the other half of a defence: how well its "none"
 score tells test digits from fooling images, noise and natural non-digits (ROC AUC and
@@ -180,7 +180,11 @@ def run_square(model, images, targets, cap, queries, seed, progress=print):
         return passed
 
     np.random.seed(seed)  # ART draws its squares from NumPy's global generator.
-    attack = SquareAttack(classifier, norm=np.inf, eps=1.0, max_iter=queries, nb_restarts=1,
+    # ART's first square covers p_init of the image (0.8 by default); on a small or narrow image that
+    # square is wider than its shorter side and ART fails to place it. 0.8 where it fits (MNIST).
+    height, width = images.shape[1:3]
+    p_init = min(0.8, (min(height, width) - 1) ** 2 / (height * width))
+    attack = SquareAttack(classifier, norm=np.inf, eps=1.0, max_iter=queries, nb_restarts=1, p_init=p_init,
                           batch_size=len(images), verbose=False, loss=margin, adv_criterion=reached)
     final = attack.generate(images.copy(), y=one_hot(targets, classes)).astype(np.float32)
     # The last iteration's candidate is accepted after the last check: count it here.
@@ -220,7 +224,7 @@ class AttackSuite:
         self.transfer_sets = transfer_sets or {}
 
     def enabled(self, attack):
-        return attack in self.attacks and attack not in self.disabled
+        return attack in self.attacks
 
     def run(self, model):
         """({attack: row}, {loss: backwork results}, {attack: final images}) for one model."""
@@ -228,7 +232,9 @@ class AttackSuite:
         for loss in filter(self.enabled, common.BACKWORK_LOSSES):
             backworked[loss], rows[loss] = self._backwork(model, loss, self.backwork["seed"], self.budget, cache)
             finals[loss] = final_images(backworked[loss])
-        if backworked:
+        for name in self.disabled.keys() & rows.keys():
+            rows[name]["misconfigured"] = True
+        if backworked and not rows[strongest_loss(rows)].get("misconfigured"):
             strongest = strongest_loss(rows)
             rows[strongest]["convergence"] = self._convergence(model, strongest, backworked[strongest], cache)
         del cache  # The training activations of every class: gigabytes for MNIST.
@@ -241,6 +247,8 @@ class AttackSuite:
                 fooled = class_probabilities(model, images, targets) >= self.cap
                 rows[f"transfer_{name}"] = {**attack_row(np.where(fooled, 0, -1), distances, 0, "none"),
                                             "family": "transfer"}
+        for name in self.disabled.keys() & rows.keys():
+            rows[name]["misconfigured"] = True
         return rows, backworked, finals
 
     def _backwork(self, model, loss, seed, max_steps, cache):
@@ -261,7 +269,8 @@ class AttackSuite:
         budgets = [self.budget * 2 ** doubling for doubling in range(BUDGET_DOUBLINGS + 1)]
         if np.all(steps >= 0):
             return {"fooled_within": {str(budget): 1.0 for budget in budgets}, "restart_seeds": [],
-                    "any_seed_fraction": 1.0, "best_fraction": 1.0, "best_interval": list(wilson_interval(1, 1)),
+                    "any_seed_fraction": 1.0, "best_fraction": 1.0,
+                    "best_interval": list(wilson_interval(len(steps), len(steps))),
                     "converged": True, "note": "every image was fooled within the round's budget"}
         longest, _ = self._backwork(model, loss, self.backwork["seed"], budgets[-1], cache)
         long_steps, _ = steps_and_distances(longest)
@@ -303,12 +312,15 @@ class AttackSuite:
             self.disabled[name] = (f"fooled {rows[name]['fooled_fraction']:.0%} of the undefended model's images, "
                                    f"below the {SANITY_FRACTION:.0%} any working attack reaches")
             rows[name]["misconfigured"] = True
+            rows[name].pop("convergence", None)
         return failed
 
 
 def strongest_loss(rows):
-    """The backwork loss that fooled most images, the fewer median steps breaking a tie."""
+    """The backwork loss that fooled most images, the fewer median steps breaking a tie; a misconfigured
+    one only where every loss is (its images are still what a round can train on)."""
     losses = [loss for loss in common.BACKWORK_LOSSES if loss in rows]
+    losses = [loss for loss in losses if not rows[loss].get("misconfigured")] or losses
     return max(losses, key=lambda loss: (rows[loss]["fooled_fraction"], -(rows[loss]["median_steps"] or math.inf)))
 
 

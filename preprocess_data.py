@@ -2,28 +2,41 @@
 
     python preprocess_data.py --results runs/default/backwork --model runs/default/model.keras
                               [CONFIG] [--data PATH] [--out DIR] [--steps N] [--from-scratch]
-                              [--rounds K] [--target uniform|extra_class] [--seed N]
+                              [--rounds K] [--target uniform|extra_class|control] [--seed N]
+                              [--ood NPZ] [--transfer-from MODEL]
 
 The backworked ("fooling") images, plus blank and uniform-noise images, join the training
-set as "none of the digits", and the model is retrained on it. Two defences share every
+set as "none of the digits", and the model is retrained on it. The defences share every
 line of the rounds code and differ only in what "none" means (augment.target):
 
 - uniform: the added images get the soft label 1/classes for every class;
 - extra_class: the network gets one more output, a "none of these" class (the same
   topology with classes + 1 outputs, every other weight carried over), and the added
-  images are labelled with it. Backwork still targets the original classes.
+  images are labelled with it. Backwork still targets the original classes;
+- control: the same rounds of retraining with nothing added, so that a drop in fooling
+  is credited to a defence only beyond what more training alone does.
+
+Every image of a study is made with one [backwork] setting: fooling images made with
+another (a different loss or save_freq, say) are refused with the --set that matches them.
+
+The original model and every round's model face the attack suite (attacks.py, [augment]
+attacks): backwork with each loss, the strongest with longer budgets and restarts, ART's
+PGD and gradient-free Square attack, and transfer from other models, each with the
+fraction fooled, its 95% Wilson interval, median steps and distance to the digits. An
+attack that fails on the undefended model is reported as misconfigured and left out. The
+images each round adds come from the previous round's strongest backwork loss
+(augment.train_on), so the defence trains against what beats it.
 
 Before any retraining, a held-out set is backworked from the original model with another
 seed (augment.heldout_seed) and never trained on: how every round's model classifies it
-says whether the defence generalises, where the images it was trained on only say what it
-memorised. Each round then backworks the retrained model afresh with the same budget; the
-step at which each image first reaches the cap gives the fraction fooled within fixed
-budgets (augment.difficulty_budgets): if retraining helps, that curve moves right. Those
-fresh images are also what the next round adds.
+says whether the defence generalises. The "none" score (p(none), or 1 - the top class
+probability) is measured against test digits on the attacks' images, noise and blank
+images and natural non-digits (--ood, e.g. Fashion-MNIST): ROC AUC and the rejection
+rate at the threshold that keeps 99% of test digits.
 
 Writes, in --out: heldout/results_{label}.pkl, round{r}/model.keras,
-round{r}/backwork/results_{label}.pkl and backwork.png for each round, model.keras (the
-last round's), config.toml, report.json and report.png.
+round{r}/backwork/results_{label}.pkl (the images the next round adds) and backwork.png,
+model.keras (the last round's), config.toml, report.json and report.png.
 """
 import argparse
 import sys
@@ -271,8 +284,8 @@ class Study:
         if round_index == 0:
             for name in self.suite.check_sanity(rows):
                 # Loud, and on stderr: a broken attack's zeros would read as robustness.
-                print(f"MISCONFIGURED ATTACK: {name} {self.suite.disabled[name]}; it is left out of every round "
-                      "and every conclusion (check its settings in [augment])", file=sys.stderr)
+                print(f"MISCONFIGURED ATTACK: {name} {self.suite.disabled[name]}; its rows are marked so in every "
+                      "round and left out of every conclusion (check its settings in [augment])", file=sys.stderr)
         strongest = attacks.strongest_attack(rows)
         metrics = {"attacks": rows, "attack_seconds": time.perf_counter() - start,
                    "strongest_attack": None if strongest is None else
@@ -362,8 +375,8 @@ def attack_table(rounds):
     for metrics in rounds:
         for name, row in metrics.get("attacks", {}).items():
             if row.get("misconfigured"):
-                lines.append(f"{metrics['round']:>5}  {name:<26}  MISCONFIGURED (left out): fooled only "
-                             f"{row['fooled']}/{row['count']} of the undefended model's images")
+                lines.append(f"{metrics['round']:>5}  {name:<26}  MISCONFIGURED (left out: it fooled too few of "
+                             "the undefended model's images)")
                 continue
             median = "-" if row["median_steps"] is None else f"{row['median_steps']:.0f}"
             distance = "-" if row["distance"] is None else f"{row['distance']:.3f}"

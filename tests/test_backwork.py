@@ -248,12 +248,13 @@ def nearest_rows(features, images, references):
     return found
 
 
-def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tiny, tiny_data):
+@pytest.mark.parametrize("loss", common.BACKWORK_LOSSES)
+def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tiny, tiny_data, loss):
     import tensorflow as tf
 
     model = common.load_trained_model(trained_tiny[0])
     features = cnn_backwork.feature_model(model)
-    options = common.default_config()["backwork"]
+    options = {**common.default_config()["backwork"], "loss": loss}
     coefficients = cnn_backwork.default_layer_cost_coeffs(4)
     images_by_label = label_images_of(tiny_data, [3, 5])
     references = {label: cnn_backwork.reference_features(features, images, 0, 0)[0]
@@ -281,9 +282,11 @@ def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tin
             value, _ = own(label_images)
         assert costs[rows.start // 4] == pytest.approx(float(value), rel=1e-5)
         np.testing.assert_allclose(gradient[rows], tape.gradient(value, label_images).numpy(), rtol=1e-4, atol=1e-7)
-    # The batch-distance term matters here, so comparing images across labels would have shown.
-    _, without_batch_term = batched_gradient({**options, "batch_cost_coeff": 0.0})
-    assert np.abs(without_batch_term - gradient).max() > 1e-3 * np.abs(gradient).max()
+    # The batch-distance term matters here, so comparing images across labels would have shown. (With the
+    # probability loss: the other two pull 20 times harder and leave the batch term below this bound.)
+    if loss == "probability":
+        _, without_batch_term = batched_gradient({**options, "batch_cost_coeff": 0.0})
+        assert np.abs(without_batch_term - gradient).max() > 1e-3 * np.abs(gradient).max()
 
 
 def test_a_label_that_stopped_is_frozen_while_the_others_continue(trained_tiny, tiny_data, monkeypatch):
