@@ -287,7 +287,8 @@ class AttackSuite:
                 "added_by_last_doubling": added_by_budget, "added_by_restarts": added_by_restarts,
                 "best_fraction": float(best.mean()),
                 "best_interval": list(wilson_interval(int(best.sum()), len(best))),
-                "converged": bool(added_by_budget <= CONVERGED_WITHIN and added_by_restarts <= CONVERGED_WITHIN)}
+                # The small margin keeps 1 of 40 images (exactly 0.025 up to float rounding) within the bound.
+                "converged": bool(max(added_by_budget, added_by_restarts) <= CONVERGED_WITHIN + 1e-9)}
 
     def _library_attack(self, model, attack):
         start, augment = time.perf_counter(), self.augment
