@@ -539,7 +539,19 @@ def resolve_config(args):
     if config["augment"]["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
+    check_train_on(config["augment"])
     return drop_unreachable_budgets(config)
+
+
+def check_train_on(augment):
+    """Refuse a suite that could not give a round its fooling images to add."""
+    losses = [name for name in augment["attacks"] if name in common.BACKWORK_LOSSES]
+    if augment["target"] != "control" and not losses:
+        raise UserError(f"augment.attacks {augment['attacks']} has no backwork loss, so no round would have fooling "
+                        f"images to add; add one of {', '.join(common.BACKWORK_LOSSES)}")
+    if augment["train_on"] != "strongest" and augment["train_on"] not in augment["attacks"]:
+        raise UserError(f"augment.train_on = {augment['train_on']!r} is not in augment.attacks {augment['attacks']}; "
+                        "add it there or use train_on = \"strongest\"")
 
 
 def drop_unreachable_budgets(config):

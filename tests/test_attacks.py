@@ -234,3 +234,15 @@ def test_unknown_attack_and_train_on_names_are_one_line():
     with pytest.raises(UserError, match="backwork.loss"):
         common.load_config(None, ["backwork.loss=hinge"])
     assert attacks.ATTACKS == common.ATTACKS
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (['augment.attacks=["pgd", "square"]'], "has no backwork loss, so no round would have fooling images"),
+    (['augment.attacks=["margin"]', "augment.train_on=probability"], "train_on = 'probability' is not in"),
+])
+def test_a_suite_that_leaves_a_round_nothing_to_train_on_is_refused(tmp_path, overrides, message):
+    arguments = ["--results", "r", "--model", str(tmp_path / "model.keras")]
+    for override in overrides:
+        arguments += ["--set", override]
+    with pytest.raises(UserError, match=message):
+        preprocess_data.resolve_config(preprocess_data.parse_arguments(arguments))
