@@ -106,8 +106,13 @@ def nearest_training_distances(data, images, targets):
 
 def art_classifier(model):
     """ART's view of model: the logits (ART's attacks want scores before the softmax), boxed to [0, 1]."""
+    import warnings
+
     import keras
-    from art.estimators.classification import TensorFlowV2Classifier
+
+    with warnings.catch_warnings():  # ART says at import that it found no PyTorch, which it needs not here.
+        warnings.filterwarnings("ignore", message="PyTorch not found")
+        from art.estimators.classification import TensorFlowV2Classifier
 
     import proc_mnist
 
