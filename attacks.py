@@ -133,9 +133,9 @@ def run_pgd(model, images, targets, cap, iterations, step_size, check_every=10, 
     trajectory as one long run; an image that reaches the cap leaves the batch, so the
     steps are exact to check_every iterations and the fooled ones cost nothing more.
     """
+    classifier, classes = art_classifier(model), model.output_shape[-1]  # First: it imports ART quietly.
     from art.attacks.evasion import ProjectedGradientDescent
 
-    classifier, classes = art_classifier(model), model.output_shape[-1]
     images, steps = images.copy(), np.full(len(images), -1, np.int64)
     done = 0
     while done < iterations:
@@ -163,9 +163,9 @@ def run_square(model, images, targets, cap, queries, seed, progress=print):
     called on the whole batch before each iteration, and each iteration evaluates one new
     candidate per image, so the call at which an image first passes counts its queries.
     """
+    classifier, classes = art_classifier(model), model.output_shape[-1]  # First: it imports ART quietly.
     from art.attacks.evasion import SquareAttack
 
-    classifier, classes = art_classifier(model), model.output_shape[-1]
     steps, calls = np.full(len(images), -1, np.int64), [0]
 
     def margin(batch, target_rows):
