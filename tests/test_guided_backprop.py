@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cnn
 import common
 import guided_backprop
 import proc_mnist
+import results_format
 from conftest import IMAGE_SIZE, fake_backwork_results, tiny_topology
 
 
@@ -95,7 +97,7 @@ def test_vanilla_maps_match_finite_differences():
     # Every pixel nudged up and down, all in one batch: (images, pixels, 2, H, W, 1).
     nudges = np.eye(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1) * step
     nudged = images[:, None, None] + np.stack([nudges, -nudges], axis=1)[None]
-    scores = np.asarray(proc_mnist.logits_model(model)(nudged.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)))
+    scores = np.asarray(cnn.logits_model(model)(nudged.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)))
     scores = scores.reshape(2, -1, 2, 10)[np.arange(2), :, :, labels]  # (images, pixels, 2)
     differences = (scores[..., 0] - scores[..., 1]) / (2 * step)
     np.testing.assert_allclose(gradients.reshape(2, -1), differences, atol=1e-3 * np.abs(differences).max())
@@ -125,7 +127,7 @@ def test_batch_norm_and_dropout_model_gives_finite_repeatable_maps():
 
 def test_trained_model_is_left_unchanged(trained_tiny):
     path, _ = trained_tiny
-    model = common.load_trained_model(path)
+    model = cnn.load_trained_model(path)
     images = random_images(4)
     weights, activations = model.get_weights(), [getattr(layer, "activation", None) for layer in model.layers]
     vanilla_before = guided_backprop.vanilla_gradient(model, images)
@@ -268,7 +270,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     out = tmp_path / "saliency"
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--num", "3", "--smooth", "2", "--out", str(out)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(out / "saliency_test.pkl")
+    results = results_format.load_results(out / "saliency_test.pkl")
     assert {"images", "labels", "probs", "vanilla", "guided", "vanilla_smooth", "guided_smooth"} <= set(results)
     test_images = common.load_dataset(tiny_npz)["x_test"][:3]
     np.testing.assert_array_equal(results["images"], test_images)
@@ -276,7 +278,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     np.testing.assert_array_equal(results["labels"], results["probs"].argmax(axis=1))
     for name in ("vanilla", "guided", "vanilla_smooth", "guided_smooth"):
         assert results[name].shape == test_images.shape and np.isfinite(results[name]).all()
-    model = common.load_trained_model(path)
+    model = cnn.load_trained_model(path)
     np.testing.assert_allclose(results["guided"], guided_backprop.guided_backprop(model, test_images), rtol=1e-5)
     assert (out / "saliency_test.png").read_bytes()[:4] == b"\x89PNG"
     assert "guided_smooth: 3 images" in capsys.readouterr().out
@@ -287,7 +289,7 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--label", "4", "--num", "2",
                  "--method", "guided", "--out", str(tmp_path)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(tmp_path / "saliency_test_digit4.pkl")
+    results = results_format.load_results(tmp_path / "saliency_test_digit4.pkl")
     assert results["image_labels"].tolist() == [4, 4] and results["labels"].tolist() == [4, 4]
     assert "vanilla" not in results and results["guided"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
 
@@ -295,9 +297,9 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
 def test_command_line_explains_backworked_images(trained_tiny, tmp_path):
     path, _ = trained_tiny
     backwork = tmp_path / "results_3.pkl"
-    common.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
+    results_format.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
     assert guided_backprop.main(["--model", str(path), "--images", str(backwork), "--method", "vanilla"]) == 0
-    results = common.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
+    results = results_format.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
     assert results["vanilla"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 1)
     assert results["image_labels"].tolist() == [3] * 4
     with pytest.raises(common.UserError, match="--label 10 is not a class of model"):
