@@ -181,6 +181,26 @@ def test_retraining_starts_from_the_config_the_model_was_trained_with(trained_ti
     assert preprocess_data.resolve_config(args)["train"]["batch_size"] == 9  # A given config wins.
 
 
+def test_an_older_model_is_retrained_on_its_own_recipe_not_on_todays_defaults(tmp_path):
+    """A config.toml saved before the recipe keys existed means the original recipe, for every reader.
+
+    The rounds study once read it with load_config, which fills in today's defaults (a cosine
+    schedule, random shifts): an older model was then retrained on a recipe it never had.
+    """
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.keras").write_bytes(b"")  # resolve_config only reads the config beside it.
+    old_style = "\n".join(line for line in configurator.dump_toml(configurator.default_config()).splitlines()
+                          if line.split(" = ")[0] not in configurator.ORIGINAL_RECIPE)
+    (tmp_path / "run" / "config.toml").write_text(old_style)
+    defaults = configurator.default_config()["train"]
+    assert any(defaults[key] != value for key, value in configurator.ORIGINAL_RECIPE.items())  # Not trivial.
+    args = preprocess_data.parse_arguments(["--results", "r", "--model", str(tmp_path / "run" / "model.keras")])
+    section = preprocess_data.resolve_config(args)["train"]
+    assert {key: section[key] for key in configurator.ORIGINAL_RECIPE} == configurator.ORIGINAL_RECIPE
+    saved = configurator.saved_config(tmp_path / "run" / "config.toml")["train"]
+    assert {key: saved[key] for key in configurator.ORIGINAL_RECIPE} == configurator.ORIGINAL_RECIPE
+
+
 def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, tmp_path):
     write_results(tmp_path)
     with pytest.raises(UserError, match="not the file .*results_0.pkl; use --results"):
