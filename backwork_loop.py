@@ -13,7 +13,10 @@ run_steps is one compiled call of many steps; its find_nearest the compiled sear
 Backworker drives it from the host: each label's training activations (LabelState),
 blocks of save_freq steps, the nearest-reference search every nearest_every steps (and
 at once for a label whose images were re-initialised), records, stopping,
-re-initialisation, and the results dict of each label as it stops. A label that stops
+re-initialisation, and the results dict of each label as it stops (LabelState.results).
+This module is the one owner of a backwork label's results: the dict, its file's name
+(label_results_path: results_{label}.pkl) and the reader of a folder of them
+(load_label_results); common.py's results format checks and stores any results dict. A label that stops
 is frozen and leaves the batch while the others go on.
 
 Re-initialisation: an image that starts far from its label (p near 0, where the
@@ -30,7 +33,9 @@ A cost or image that stops being finite stops its label at once; the other label
 then the run ends with a UserError naming the label and step.
 """
 import concurrent.futures
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -38,7 +43,6 @@ import backwork_cost
 import cnn
 import common
 import configurator
-import results_format
 from common import UserError
 
 # ----------------------------------------------------------------------- the pixels
@@ -463,7 +467,7 @@ class LabelState:
         worst_images, worst_probabilities = backwork_cost.worst_classified(self.reference_images, self.training_logits,
                                                                            self.label)
         return {
-            "format_version": results_format.RESULTS_FORMAT_VERSION,
+            "format_version": common.RESULTS_FORMAT_VERSION,
             "label": self.label,
             "images": _drop_single_channel(images),
             "probs": np.asarray(steps.model(images, training=False), np.float32),
@@ -507,3 +511,56 @@ def backwork_label(model, label_images, label, options, progress=print):
     One label alone: the reference the tests compare a batch of labels with.
     """
     return Backworker(model, options).run({label: label_images}, progress)[label]
+
+
+# ------------------------------------------------------------- the results files of labels
+
+RESULTS_NAME = re.compile(r"results_(\d+)\.pkl")
+
+
+def label_results_path(out_dir, label):
+    """The file of one backworked label's results in out_dir: results_{label}.pkl."""
+    return Path(out_dir) / f"results_{label}.pkl"
+
+
+def save_label_results(out_dir, result):
+    """Save one backworked label's results dict (it holds its "label") as results_{label}.pkl in out_dir."""
+    common.save_results(label_results_path(out_dir, result["label"]), result)
+
+
+def load_label_results(out_dir, skip_unreadable=False, warn=print):
+    """Every results_{label}.pkl in a folder, so figures include labels run by other processes.
+
+    Only names of exactly that form count (results_1_old.pkl is ignored), and the label
+    inside each file must be the one in its name. An unreadable file is an error, or with
+    skip_unreadable a warning line (through warn) and the file is left out.
+    """
+    results = {}
+    for path in sorted(Path(out_dir).iterdir()):
+        match = RESULTS_NAME.fullmatch(path.name)
+        if match is None or not path.is_file():
+            continue
+        try:
+            result = common.load_results(path)
+            if not isinstance(result, dict) or result.get("label") != int(match[1]):
+                found = result.get("label") if isinstance(result, dict) else None
+                raise UserError(f"{path} holds the results of label {found!r}, not {int(match[1])}; "
+                                "rename or re-create it")
+        except UserError as error:
+            if not skip_unreadable:
+                raise
+            warn(f"warning: skipping {path.name} ({error})")
+            continue
+        results[int(match[1])] = result
+    return results
+
+
+def results_signature(out_dir):
+    """Each results file of a folder as (name, inode, size, modification time): any new write changes it."""
+    signature = []
+    for path in Path(out_dir).iterdir():
+        if RESULTS_NAME.fullmatch(path.name):
+            # A write renames a new file (a new inode) over the old one, so even a same-sized rewrite shows.
+            status = path.stat()
+            signature.append((path.name, status.st_ino, status.st_size, status.st_mtime_ns))
+    return sorted(signature)

@@ -17,8 +17,8 @@ loss(l, x) is backwork.loss (backwork_cost.label_loss): "probability", the origi
 -log p(l | x); or "margin", the largest other logit minus l's, clamped below at
 -margin_kappa (Carlini and Wagner).
 
-Each label writes results_{label}.pkl (results_format.label_results_path; read them with
-results_format.load_results) to the output folder (default: backwork/ beside the model)
+Each label writes results_{label}.pkl (backwork_loop.label_results_path; read them with
+common.load_results) to the output folder (default: backwork/ beside the model)
 as it stops, plus backwork.png and worst_training.png (drawn from every results_{label}.pkl
 in the folder). Nothing is saved for a label that diverged.
 
@@ -42,7 +42,6 @@ import cnn
 import common
 import configurator
 import distributed
-import results_format
 from common import UserError
 
 # ---------------------------------------------------------------------------- backwork
@@ -99,7 +98,7 @@ def fooling_numbers(model, results, cap):
 
 def evaluate(results_dir, model_paths):
     """{model path: fooling_numbers} for a folder of results on each model (do the images transfer?)."""
-    results = results_format.load_label_results(results_dir)
+    results = backwork_loop.load_label_results(results_dir)
     if not results:
         raise UserError(f"{results_dir} holds no results_<label>.pkl; run cnn_backwork.py first or fix --evaluate")
     images = common.with_channel(next(iter(results.values()))["images"])
@@ -215,12 +214,12 @@ def draw_figures(out_dir):
     draw. Then whichever worker renames last drew every label written before it finished.
     """
     while True:
-        before = results_format.results_signature(out_dir)
+        before = backwork_loop.results_signature(out_dir)
         # Labels that other processes wrote too; a damaged neighbour must not fail this run.
-        every_label = results_format.load_label_results(out_dir, skip_unreadable=True)
+        every_label = backwork_loop.load_label_results(out_dir, skip_unreadable=True)
         plot_results(every_label, out_dir / "backwork.png")
         plot_worst_training(every_label, out_dir / "worst_training.png")
-        if results_format.results_signature(out_dir) == before:
+        if backwork_loop.results_signature(out_dir) == before:
             return every_label
 
 
@@ -279,7 +278,7 @@ def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path)
     """Backwork labels, saving each label's results file and logging to log_dir as it goes; return the results."""
     with common.summary_writer(log_dir) as writer:  # Closed on Ctrl-C and SIGTERM too.
         def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
-            results_format.save_label_results(out_dir, {**result, "model": str(model_path)})
+            backwork_loop.save_label_results(out_dir, {**result, "model": str(model_path)})
             common.write_images(writer, result["steps"], f"label_{label}/images", result["images"])
 
         def log(label, step, cost, probabilities):
@@ -316,7 +315,7 @@ def main(argv=None):
     # unwritable --out is still found in seconds, before the backwork.
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     for label in labels:
-        if results_format.label_results_path(out_dir, label).exists():
+        if backwork_loop.label_results_path(out_dir, label).exists():
             print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
     index, count = worker
     log_dir = out_dir / "logs"

@@ -10,7 +10,7 @@ respect to the input; guided_backprop is the same gradient with the rule of Spri
 al. (2014) at every ReLU; smooth_grad averages either over noisy copies of the images
 (Smilkov et al. 2017); salient_features turns a map into what the figure shows.
 The script writes saliency_<images>.pkl (images, labels, probs and one array of maps per
-method; read it with results_format.load_results) and saliency_<images>.png, named after what was
+method; read it with common.load_results) and saliency_<images>.png, named after what was
 explained (saliency_test, saliency_results_3, ...), in saliency/ next to the model unless
 --out says otherwise. Defaults live in
 the [saliency] section of configs/default.toml.
@@ -25,7 +25,6 @@ import numpy as np
 import cnn
 import common
 import configurator
-import results_format
 from common import UserError
 from configurator import SALIENCY_METHODS, SCALES, SIGNS
 
@@ -353,7 +352,7 @@ def load_test_images(data, label, num):
 def load_backwork_images(path, num):
     """The first num images of a cnn_backwork.py results file, the label they were made for, and the
     file's provenance (the file itself; the data it was backworked from is in the file's "data")."""
-    results = results_format.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
+    results = common.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
     if results["kind"] != "backwork":
         raise UserError(f"{path} holds {results['kind']} results, not backworked images; give a "
                         "results_<label>.pkl written by cnn_backwork.py")
@@ -424,7 +423,7 @@ def main(argv=None):
     results = {"images": images, "labels": labels.astype(np.int64), "probs": probabilities.astype(np.float32),
                "image_labels": image_labels.astype(np.int64), "model": str(args.model),
                "source": options["images"], "options": dict(options), "data": provenance, **maps}
-    results_format.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
+    common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
     tag = "class" if from_test_set else "made for"
     titles = [f"{tag} {image_label}\nexplained: class {label}\np = {probabilities[row, label]:.4g}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]

@@ -46,12 +46,12 @@ from pathlib import Path
 import numpy as np
 
 import attacks
+import backwork_loop
 import cnn
 import cnn_backwork
 import common
 import configurator
 import proc_mnist
-import results_format
 from common import UserError
 
 TARGETS = configurator.DEFENCES
@@ -79,14 +79,14 @@ def add_none_examples(data, images, num_classes, seed, target="uniform"):
 
 
 def load_results_folder(results_dir):
-    """Every results_{label}.pkl of a folder, each checked by results_format.load_results."""
+    """Every results_{label}.pkl of a folder, each checked by common.load_results."""
     results_dir = Path(results_dir)
     if results_dir.is_file():
         raise UserError(f"--results wants the folder holding results_<label>.pkl, not the file {results_dir}; "
                         f"use --results {results_dir.parent}")
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; run cnn_backwork.py first or fix --results")
-    return results_format.load_label_results(results_dir)
+    return backwork_loop.load_label_results(results_dir)
 
 
 def check_fooling_results(results, results_dir, image_shape, num_classes):
@@ -254,7 +254,7 @@ def backwork(model, data, config, labels, out_dir, progress=print):
 def save_backwork(results, out_dir):
     """Every class's results_{label}.pkl and backwork.png in out_dir."""
     for result in results.values():
-        results_format.save_label_results(out_dir, result)
+        backwork_loop.save_label_results(out_dir, result)
     cnn_backwork.plot_results(results, out_dir / "backwork.png")
 
 

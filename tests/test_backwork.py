@@ -7,7 +7,6 @@ import cnn
 import cnn_backwork
 import common
 import configurator
-import results_format
 from common import UserError
 from conftest import fake_backwork_results, tiny_options
 
@@ -196,10 +195,10 @@ def test_command_line_writes_results_and_figures(trained_tiny, tiny_npz, tmp_pat
     arguments = [str(config), "--model", str(trained_tiny[0]), "--data", str(tiny_npz), "--labels", "4,5",
                  "--out", str(out)]
     assert cnn_backwork.main(arguments) == 0
-    results = results_format.load_results(out / "results_5.pkl")
+    results = common.load_results(out / "results_5.pkl")
     assert results["label"] == 5 and results["images"].shape == (3, 12, 12)
     assert results["options"]["max_num_steps"] == 50 and results["model"] == str(trained_tiny[0])
-    assert results["format_version"] == results_format.RESULTS_FORMAT_VERSION
+    assert results["format_version"] == common.RESULTS_FORMAT_VERSION
     for figure in ("backwork.png", "worst_training.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
@@ -370,24 +369,24 @@ def test_a_diverging_label_stops_at_once_and_the_others_are_saved(trained_tiny, 
 
 def test_results_files_are_matched_by_their_exact_name(tmp_path, capsys):
     def write(name, label):
-        results_format.save_results(tmp_path / name, fake_backwork_results(label, shape=(1, 2, 2)))
+        common.save_results(tmp_path / name, fake_backwork_results(label, shape=(1, 2, 2)))
 
     write("results_1.pkl", 1)
     write("results_1_old.pkl", 7)
     write("results_2.pkl.bak", 2)
     write("old_results_3.pkl", 3)
-    assert list(results_format.load_label_results(tmp_path)) == [1]
+    assert list(backwork_loop.load_label_results(tmp_path)) == [1]
     write("results_4.pkl", 5)  # A file renamed by hand.
     with pytest.raises(UserError, match="holds the results of label 5, not 4"):
-        results_format.load_label_results(tmp_path)
+        backwork_loop.load_label_results(tmp_path)
     (tmp_path / "results_6.pkl").write_bytes(b"\x80\x04truncated")
     warnings = []
-    assert list(results_format.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
+    assert list(backwork_loop.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
     assert len(warnings) == 2 and warnings[0].startswith("warning: skipping results_4.pkl")
     assert "results_6.pkl" in warnings[1]
     with pytest.raises(UserError, match="refusing to load"):
         (tmp_path / "results_4.pkl").unlink()
-        results_format.load_label_results(tmp_path)
+        backwork_loop.load_label_results(tmp_path)
 
 
 def test_huge_label_range_is_refused_before_it_is_expanded():
@@ -433,7 +432,7 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     import shutil
 
     for label in (2, 7):
-        results_format.save_results(tmp_path / f"results_{label}.pkl", fake_backwork_results(label))
+        common.save_results(tmp_path / f"results_{label}.pkl", fake_backwork_results(label))
     other = tmp_path / "other" / "model.keras"
     other.parent.mkdir()
     shutil.copy(trained_tiny[0], other)

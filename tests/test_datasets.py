@@ -8,7 +8,6 @@ import pytest
 import common
 import configurator
 import proc_mnist
-import results_format
 from common import UserError
 from conftest import COLOUR_CLASSES, COLOUR_SHAPE, colour_options
 
@@ -72,11 +71,11 @@ def colour_pipeline(colour_npz, tmp_path_factory):
 
 def test_the_whole_pipeline_runs_on_non_square_colour_images(colour_pipeline):
     run, augmented, _ = colour_pipeline
-    results = results_format.load_results(run / "backwork" / "results_1.pkl")
+    results = common.load_results(run / "backwork" / "results_1.pkl")
     assert results["images"].shape == (2, *COLOUR_SHAPE) and results["probs"].shape == (2, COLOUR_CLASSES)
     report = json.loads((augmented / "report.json").read_text())
     assert report["complete"] and len(report["rounds"]) == 2
-    saliency = results_format.load_results(run / "saliency" / "saliency_test.pkl")
+    saliency = common.load_results(run / "saliency" / "saliency_test.pkl")
     assert saliency["guided"].shape == (2, *COLOUR_SHAPE)
     for figure in (run / "backwork" / "backwork.png", run / "saliency" / "saliency_test.png",
                    run / "saliency" / "saliency_results_1.png"):
@@ -94,8 +93,8 @@ def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
         configurator.load_config(folder / "config.toml")  # The comment leaves it loadable.
     for path in (run / "backwork" / "results_0.pkl", run / "saliency" / "saliency_test.pkl",
                  augmented / "heldout" / "results_2.pkl", augmented / "round1" / "backwork" / "results_1.pkl"):
-        assert results_format.load_results(path)["data"] == expected, path
-    from_results = results_format.load_results(run / "saliency" / "saliency_results_1.pkl")["data"]
+        assert common.load_results(path)["data"] == expected, path
+    from_results = common.load_results(run / "saliency" / "saliency_results_1.pkl")["data"]
     assert from_results["file"] == str(run / "backwork" / "results_1.pkl") and len(from_results["sha256"]) == 64
 
 
@@ -125,7 +124,7 @@ def test_every_script_writes_tensorboard_logs(colour_pipeline):
     assert training["train/learning_rate"][0][1] == pytest.approx(1e-2)  # The tiny config's constant rate.
     backwork = read_scalars(run / "backwork" / "logs")
     for label in range(COLOUR_CLASSES):
-        history = results_format.load_results(run / "backwork" / f"results_{label}.pkl")["history"]
+        history = common.load_results(run / "backwork" / f"results_{label}.pkl")["history"]
         for name in ("cost", "p_min", "p_mean"):
             assert [step for step, _ in backwork[f"label_{label}/{name}"]] == [record["step"] for record in history]
         assert [value for _, value in backwork[f"label_{label}/cost"]] == pytest.approx(

@@ -9,7 +9,6 @@ import cnn
 import common
 import guided_backprop
 import proc_mnist
-import results_format
 from conftest import IMAGE_SIZE, fake_backwork_results, tiny_topology
 
 
@@ -270,7 +269,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     out = tmp_path / "saliency"
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--num", "3", "--smooth", "2", "--out", str(out)]
     assert guided_backprop.main(arguments) == 0
-    results = results_format.load_results(out / "saliency_test.pkl")
+    results = common.load_results(out / "saliency_test.pkl")
     assert {"images", "labels", "probs", "vanilla", "guided", "vanilla_smooth", "guided_smooth"} <= set(results)
     test_images = common.load_dataset(tiny_npz)["x_test"][:3]
     np.testing.assert_array_equal(results["images"], test_images)
@@ -289,7 +288,7 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--label", "4", "--num", "2",
                  "--method", "guided", "--out", str(tmp_path)]
     assert guided_backprop.main(arguments) == 0
-    results = results_format.load_results(tmp_path / "saliency_test_digit4.pkl")
+    results = common.load_results(tmp_path / "saliency_test_digit4.pkl")
     assert results["image_labels"].tolist() == [4, 4] and results["labels"].tolist() == [4, 4]
     assert "vanilla" not in results and results["guided"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
 
@@ -297,9 +296,9 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
 def test_command_line_explains_backworked_images(trained_tiny, tmp_path):
     path, _ = trained_tiny
     backwork = tmp_path / "results_3.pkl"
-    results_format.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
+    common.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
     assert guided_backprop.main(["--model", str(path), "--images", str(backwork), "--method", "vanilla"]) == 0
-    results = results_format.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
+    results = common.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
     assert results["vanilla"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 1)
     assert results["image_labels"].tolist() == [3] * 4
     with pytest.raises(common.UserError, match="--label 10 is not a class of model"):
