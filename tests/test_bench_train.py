@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import cnn
 import configurator
 from conftest import tiny_options
 
