@@ -10,7 +10,7 @@ the fooled ones and their mean squared pixel distance to the nearest training im
 the class (real digits are 0.004-0.033 from theirs):
 
 - backwork with each loss of [augment] attacks ("probability", "log_probability",
-  "margin"; cnn_backwork.label_loss), distance terms and re-initialisation included, at
+  "margin"; backwork_cost.label_loss), distance terms and re-initialisation included, at
   the round's budget (backwork.max_num_steps). The strongest of them is then run again
   with the budget doubled twice and restarted with three other seeds: the table is
   converged only if neither added more than CONVERGED_WITHIN of the images.
@@ -36,8 +36,12 @@ import time
 
 import numpy as np
 
+import backwork_cost
+import backwork_loop
+import cnn
 import cnn_backwork
 import common
+import configurator
 
 SANITY_FRACTION = 0.9  # On the undefended model an attack must fool at least this fraction.
 CONVERGED_WITHIN = 0.025  # Doubling the budget or restarting may add at most this (2 of 80 images).
@@ -45,7 +49,7 @@ RESTART_SEEDS = 3  # Restarts of the strongest backwork loss, each with another 
 BUDGET_DOUBLINGS = 2  # The strongest loss also runs with 2x and 4x the round's budget.
 GRADIENT_ATTACKS = ("pgd",)
 GRADIENT_FREE_ATTACKS = ("square",)
-ATTACKS = common.BACKWORK_LOSSES + GRADIENT_ATTACKS + GRADIENT_FREE_ATTACKS + ("transfer",)
+ATTACKS = configurator.BACKWORK_LOSSES + GRADIENT_ATTACKS + GRADIENT_FREE_ATTACKS + ("transfer",)
 
 
 # ------------------------------------------------------------------------- statistics
@@ -82,14 +86,14 @@ def attack_row(steps, distances, budget, unit):
 
 def starts(data, labels, count, seed):
     """Uniform-noise starts, count per class, the first images backwork draws with this seed: (N, H, W, C), (N,)."""
-    images = [cnn_backwork.initial_images(data["x_train"][:1], count, np.random.default_rng([seed, label]), False)
+    images = [backwork_loop.initial_images(data["x_train"][:1], count, np.random.default_rng([seed, label]), False)
               for label in labels]
     return np.concatenate(images), np.repeat(np.asarray(labels, np.int64), count)
 
 
 def class_probabilities(model, images, targets):
     """Each image's probability (N,) of its target class under model (the full softmax)."""
-    return common.predict(model, images)[np.arange(len(images)), targets]
+    return cnn.predict(model, images)[np.arange(len(images)), targets]
 
 
 def nearest_training_distances(data, images, targets):
@@ -97,7 +101,7 @@ def nearest_training_distances(data, images, targets):
     distances = np.zeros(len(images), np.float32)
     for label in np.unique(targets):
         rows = targets == label
-        distances[rows] = cnn_backwork.nearest_distances(images[rows], data["x_train"][data["y_train"] == label])
+        distances[rows] = backwork_cost.nearest_distances(images[rows], data["x_train"][data["y_train"] == label])
     return distances
 
 
@@ -114,9 +118,8 @@ def art_classifier(model):
         warnings.filterwarnings("ignore", message="PyTorch not found")
         from art.estimators.classification import TensorFlowV2Classifier
 
-    import proc_mnist
 
-    return TensorFlowV2Classifier(model=proc_mnist.logits_model(model), nb_classes=model.output_shape[-1],
+    return TensorFlowV2Classifier(model=cnn.logits_model(model), nb_classes=model.output_shape[-1],
                                   input_shape=tuple(model.input_shape[1:]), clip_values=(0.0, 1.0),
                                   loss_object=keras.losses.CategoricalCrossentropy(from_logits=True))
 
@@ -234,7 +237,7 @@ class AttackSuite:
     def run(self, model):
         """({attack: row}, {loss: backwork results}, {attack: final images}) for one model."""
         rows, backworked, finals, cache = {}, {}, {}, {}
-        for loss in filter(self.enabled, common.BACKWORK_LOSSES):
+        for loss in filter(self.enabled, configurator.BACKWORK_LOSSES):
             backworked[loss], rows[loss] = self._backwork(model, loss, self.backwork["seed"], self.budget, cache)
             finals[loss] = final_images(backworked[loss])
         for name in self.disabled.keys() & rows.keys():
@@ -325,7 +328,7 @@ class AttackSuite:
 def strongest_loss(rows):
     """The backwork loss that fooled most images, the fewer median steps breaking a tie; a misconfigured
     one only where every loss is (its images are still what a round can train on)."""
-    losses = [loss for loss in common.BACKWORK_LOSSES if loss in rows]
+    losses = [loss for loss in configurator.BACKWORK_LOSSES if loss in rows]
     losses = [loss for loss in losses if not rows[loss].get("misconfigured")] or losses
     return max(losses, key=lambda loss: (rows[loss]["fooled_fraction"], -(rows[loss]["median_steps"] or math.inf)))
 

@@ -1,7 +1,14 @@
-"""Pieces every script shares: configs, image datasets, safe files, command-line errors.
+"""What every script shares at run time: one-line errors, interrupts, safe files, logs, figures,
+the results format, datasets.
 
-Each script keeps its own method; this module only holds what would otherwise be
-copied between them, so that there is one place to read for each of these.
+Each script keeps its own method; this module only holds what would otherwise be copied
+between them. It imports no other module of the project, so every module may import it.
+
+Why TensorFlow is imported late: importing it takes seconds and prints C++ start-up lines.
+Every module of the project imports TensorFlow and Keras inside the functions that need
+them, never at the top, so that --help, a config mistake or a bad path answers in a
+fraction of a second with one line (tests/test_layout.py checks it). The first import,
+wherever it happens, goes through _QuietTensorFlowImport below.
 """
 import atexit
 import contextlib
@@ -19,7 +26,6 @@ import signal
 import sys
 import tempfile
 import threading
-import tomllib
 import weakref
 import zipfile
 from pathlib import Path
@@ -27,16 +33,9 @@ from pathlib import Path
 import numpy as np
 
 PROJECT_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
 
-# The datasets [data] dataset may name, each loaded (downloaded and cached) by keras.datasets.
+# The datasets load_dataset downloads (and caches) by name through keras.datasets.
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
-
-# Keys whose value may be one number or a list of them (build_model normalises them).
-BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # cnn_backwork.label_loss
-ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # attacks.py, the suite of preprocess_data.py
-DEFENCES = ("uniform", "extra_class", "control")  # augment.target (preprocess_data.py)
-SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
 
 
 class UserError(ValueError):
@@ -160,246 +159,6 @@ class _SilencedLoader(importlib.abc.Loader):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Later C++ info lines, for versions that read it.
 if "tensorflow" not in sys.modules:
     sys.meta_path.insert(0, _QuietTensorFlowImport())
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def read_toml(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config {path} does not exist; give the path of a .toml file such as configs/small.toml")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"config {path} is not valid TOML ({error}); fix that line") from None
-
-
-def default_config():
-    """The defaults of every script, read from configs/default.toml (the one place they live)."""
-    return read_toml(DEFAULT_CONFIG_PATH)
-
-
-def _checked_value(name, default, value):
-    """Return value if it has the default's type (ints are accepted for floats)."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        if isinstance(default, bool) and isinstance(value, bool):
-            return value
-    elif isinstance(default, float) and isinstance(value, (int, float)):
-        return float(value)
-    elif type(value) is type(default):
-        return value
-    elif name in SCALAR_OR_LIST_KEYS and isinstance(value, (int, list)):
-        return value
-    raise UserError(
-        f"config key {name} must be a {type(default).__name__} like the default {default!r}, "
-        f"not {value!r}; fix it in the config or the --set override")
-
-
-def _rule(test, description):
-    return test, description
-
-
-def _between(low, high):
-    return _rule(lambda value: low <= value <= high, f"between {low} and {high}")
-
-
-_POSITIVE = _rule(lambda value: value > 0, "greater than 0")
-_AT_LEAST_ZERO = _rule(lambda value: value >= 0, "0 or more")
-_PROBABILITY = _rule(lambda value: 0 < value <= 1, "in (0, 1]")
-_SEED = _between(0, 2**31 - 1)
-_COUNT = _between(1, 10**9)
-
-
-def _tables(maximum_count, none_means="not allowed"):
-    def test(items):
-        allowed = (dict,) if none_means == "not allowed" else (dict, type(None))
-        return len(items) <= maximum_count and all(isinstance(item, allowed) for item in items)
-
-    return _rule(test, f"a list of at most {maximum_count} tables like {{filter = [...], strides = [...], "
-                       f"padding = ...}} ({{}} or None: {none_means})")
-
-
-def _sizes(maximum):
-    def test(value):
-        values = value if isinstance(value, list) else [value]
-        return all(isinstance(item, int) and 1 <= item <= maximum for item in values)
-
-    return _rule(test, f"one or more sizes between 1 and {maximum}")
-
-
-# What each numeric or structured config value may be; checked wherever a config is merged,
-# so that a zero batch size or a negative count is one clear line at load time, not a
-# ZeroDivisionError (or a 5 GB allocation) later. Every float must also be finite.
-VALUE_RULES = {
-    "data.validation_size": _AT_LEAST_ZERO,
-    "data.dataset": _rule(lambda name: name in DATASETS, f"one of {', '.join(DATASETS)} (or give --data PATH)"),
-    "model.image_dim_size": _sizes(4096),
-    "model.num_classes": _between(2, 100_000),
-    "model.conv_layers": _tables(64),
-    "model.pool_layers": _tables(64, none_means="no pooling"),
-    "model.num_fc_units": _sizes(65_536),
-    "model.dropout": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
-    "train.learning_rate": _POSITIVE,
-    "train.batch_size": _between(1, 100_000),
-    "train.num_steps": _COUNT,
-    "train.log_every": _COUNT,
-    "train.seed": _SEED,
-    "train.warmup_steps": _between(0, 10**9),
-    "train.label_smoothing": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
-    "train.shift_pixels": _between(0, 1000),
-    "backwork.num_examples": _between(1, 100_000),
-    "backwork.learning_rate": _POSITIVE,
-    "backwork.max_num_steps": _COUNT,
-    "backwork.min_num_steps": _between(0, 10**9),
-    "backwork.tolerance": _AT_LEAST_ZERO,
-    "backwork.prob_cap_mean": _PROBABILITY,
-    "backwork.prob_cap_min": _PROBABILITY,
-    "backwork.save_freq": _COUNT,
-    "backwork.num_mono_dec_saves": _COUNT,
-    "backwork.reinit_below": _between(0, 1),
-    "backwork.reference_cost_coeff": _AT_LEAST_ZERO,
-    "backwork.batch_cost_coeff": _AT_LEAST_ZERO,
-    "backwork.max_reference_examples": _between(0, 10**9),
-    "backwork.nearest_every": _COUNT,
-    "backwork.layer_cost_coeffs": _rule(
-        lambda values: all(isinstance(value, (int, float)) and math.isfinite(value) for value in values),
-        "a list of finite numbers ([] for the default)"),
-    "backwork.seed": _SEED,
-    "backwork.loss": _rule(lambda name: name in BACKWORK_LOSSES, f"one of {', '.join(BACKWORK_LOSSES)}"),
-    "backwork.margin_kappa": _POSITIVE,
-    "augment.num_blank": _between(0, 1_000_000),
-    "augment.num_noise": _between(0, 1_000_000),
-    "augment.retrain_steps": _COUNT,
-    "augment.rounds": _between(1, 1000),
-    "augment.num_eval_noise": _between(1, 1_000_000),
-    "augment.seed": _SEED,
-    "augment.heldout_seed": _SEED,
-    "augment.target": _rule(lambda name: name in DEFENCES, f"one of {', '.join(DEFENCES)}"),
-    "augment.attacks": _rule(lambda names: 0 < len(names) and set(names) <= set(ATTACKS)
-                             and len(set(names)) == len(names), f"a list of distinct names from {', '.join(ATTACKS)}"),
-    "augment.train_on": _rule(lambda name: name in ("strongest",) + BACKWORK_LOSSES,
-                              f"\"strongest\" or one of {', '.join(BACKWORK_LOSSES)}"),
-    "augment.attack_examples": _between(1, 10_000),
-    "augment.pgd_steps": _COUNT,
-    "augment.pgd_step_size": _POSITIVE,
-    "augment.square_queries": _between(1, 10**7),
-    "augment.difficulty_budgets": _rule(
-        lambda budgets: 0 < len(budgets) <= 20 and all(isinstance(b, int) and b >= 1 for b in budgets)
-        and budgets == sorted(set(budgets)), "an increasing list of 1 to 20 step counts, each at least 1"),
-    "saliency.num": _between(1, 100_000),
-    "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),
-    "saliency.smooth_samples": _between(0, 100_000),
-    "saliency.smooth_noise": _AT_LEAST_ZERO,
-    "saliency.seed": _SEED,
-    "saliency.top_k": _AT_LEAST_ZERO,
-}
-
-
-def _check_rule(name, value, source):
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{source}: {name} = {value!r} must be a finite number; fix it in the config or --set")
-    test, description = VALUE_RULES.get(name, (None, None))
-    if test is not None and not test(value):
-        raise UserError(f"{source}: {name} = {value!r} must be {description}; fix it in the config or --set")
-
-
-def check_section(section, values, source):
-    """Check every value of one section (a dict a notebook built, say) against VALUE_RULES."""
-    for key, value in values.items():
-        _check_rule(f"{section}.{key}", value, source)
-
-
-def merge_config(config, updates, source):
-    """Overlay updates onto config in place; unknown keys, wrong types and values out of range are errors."""
-    for section, values in updates.items():
-        if section not in config or not isinstance(values, dict):
-            known = ", ".join(f"[{name}]" for name in config)
-            raise UserError(f"{source}: unknown section [{section}]; the sections are {known}")
-        for key, value in values.items():
-            if key not in config[section]:
-                known = ", ".join(sorted(config[section]))
-                raise UserError(f"{source}: unknown key {section}.{key}; keys of [{section}] are {known}")
-            value = _checked_value(f"{section}.{key}", config[section][key], value)
-            _check_rule(f"{section}.{key}", value, source)
-            config[section][key] = value
-    return config
-
-
-def parse_override(text):
-    """'train.learning_rate=3e-4' -> {'train': {'learning_rate': 3e-4}} with TOML value syntax."""
-    name, separator, raw_value = text.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not separator or not dot or not key:
-        raise UserError(f"--set {text!r} must look like section.key=value, e.g. train.learning_rate=3e-4")
-    try:
-        value = tomllib.loads(f"value = {raw_value.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = raw_value.strip()  # A bare word such as relu or SAME is meant as a string.
-    return {section: {key: value}}
-
-
-def load_config(path=None, overrides=(), base=None):
-    """Defaults (or base), then the config file, then each --set override, strictly checked."""
-    config = base if base is not None else default_config()
-    if path is not None:
-        merge_config(config, read_toml(path), source=str(path))
-    for override in overrides:
-        merge_config(config, parse_override(override), source=f"--set {override}")
-    return config
-
-
-def add_common_arguments(parser, section):
-    """Arguments every script takes: a config, overrides, the data and the seed."""
-    parser.add_argument("config", nargs="?", help="TOML config listing what differs from configs/default.toml")
-    parser.add_argument("--data", help="local .npz in the Keras layout (default: $DATA_PATH, $MNIST_PATH for MNIST, "
-                                       "else download [data] dataset)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; may be repeated")
-    parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
-
-
-def resolve_cli_config(args, section, base=None):
-    """The config a script runs with: defaults (or base), the config file, --set and --seed."""
-    overrides = list(args.set)
-    if args.seed is not None:
-        overrides.append(f"{section}.seed={args.seed}")
-    return load_config(args.config, overrides, base=base)
-
-
-def model_data_config(model_path):
-    """The defaults with the [data] section of the config the model was trained with (its config.toml),
-    so that a CIFAR model is backworked and explained on CIFAR without naming the config again."""
-    config, trained_with = default_config(), Path(model_path).parent / "config.toml"
-    if trained_with.is_file():
-        config["data"] = load_config(trained_with)["data"]
-    return config
-
-
-def toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return json.dumps(value)  # JSON numbers and strings are valid TOML.
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
-    if callable(value):
-        return json.dumps(getattr(value, "__name__", repr(value)))
-    if value is None:
-        return "{}"  # TOML has no null; an empty table is our "none" (no pooling layer).
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-def dump_toml(config):
-    """Write a resolved config as TOML, so that a run's config.toml can be passed back in."""
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ files
@@ -574,7 +333,6 @@ def save_figure(figure, path):
         pyplot().close(figure)
 
 
-
 # ---------------------------------------------------------------------- results files
 #
 # A results file is a pickle that holds nothing but dicts, lists, tuples, str, int, float,
@@ -586,6 +344,7 @@ def save_figure(figure, path):
 # built, and the unpickler's find_class refuses every name. A file can then neither run
 # code nor make the reader build an array over memory that is not its own, and every
 # allocation is bounded by the file's size.
+# docs/results-format.md lists what a reader can rely on.
 
 RESULTS_FORMAT_VERSION = 2
 MAX_RESULTS_BYTES = 1 << 30  # 1 GiB: far above any backwork or saliency file.
@@ -1026,56 +785,6 @@ def split_validation(data, validation_size):
             "x_val": data["x_train"][keep:], "y_val": data["y_train"][keep:]}
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def check_model_file(path):
-    """path, if it can be a model saved by proc_mnist.py; otherwise one line saying why not."""
-    path = Path(path)
-    fix = "train one with proc_mnist.py or fix --model"
-    if not path.exists():
-        raise UserError(f"model {path} does not exist; {fix}")
-    if path.is_dir():
-        raise UserError(f"model {path} is a folder, not a .keras file; {fix}")
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise UserError(f"model {path} is not a Keras model archive (.keras, saved by proc_mnist.py); {fix}")
-    return path
-
-
-def load_trained_model(path, images=None, num_classes=None, compile=False):
-    """Load a model saved by proc_mnist.py and check that it fits the data it will see.
-
-    compile=True also restores the optimizer and its step count (to continue training);
-    without it, a model trained in mixed precision comes back as a float32 copy.
-    """
-    import keras
-
-    path = check_model_file(path)
-    try:
-        model = keras.models.load_model(path, compile=compile)
-    except Exception as error:  # Keras raises many types, with long messages, for a damaged archive.
-        first_line = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
-        raise UserError(f"cannot load model {path} ({type(error).__name__}: {first_line}); "
-                        "retrain it with proc_mnist.py") from None
-    input_shape = tuple(model.input_shape[1:])
-    if images is not None and tuple(images.shape[1:]) != input_shape:
-        raise UserError(f"model {path} takes images of shape {input_shape} but the data has "
-                        f"{tuple(images.shape[1:])}; use the data it was trained on")
-    if num_classes is not None and model.output_shape[-1] != num_classes:
-        raise UserError(f"model {path} has {model.output_shape[-1]} classes but the data needs "
-                        f"{num_classes}; use a model trained on this data")
-    if compile:  # To train on: in the precision it was trained in.
-        return model
-    import distributed
-
-    return distributed.float32_model(model)  # To analyse: float32, even if trained in mixed precision.
-
-
-def predict(model, images, batch_size=1000):
-    """The model's outputs (class probabilities) in inference mode, a batch at a time, as NumPy."""
-    outputs = [np.asarray(model(images[start:start + batch_size], training=False))
-               for start in range(0, len(images), batch_size)]
-    return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
 def with_channel(images):

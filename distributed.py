@@ -1,4 +1,4 @@
-"""Beyond one CPU process: tf.distribute strategies, the chief, XLA, mixed precision, backwork workers.
+"""Beyond one CPU process: tf.distribute strategies, the chief, XLA, backwork workers.
 
 proc_mnist.py's [train] keys choose them:
 
@@ -9,10 +9,9 @@ proc_mnist.py's [train] keys choose them:
                                  this process's place in it from the TF_CONFIG environment variable
     xla = "auto" | "on" | "off"  XLA for the forward and backward pass ("auto": on where a GPU is,
                                  off on a CPU, where oneDNN's convolutions are ~10x faster)
-    mixed_precision = "none" | "mixed_bfloat16" | "auto"
-                                 "auto": mixed_bfloat16 where bfloat16 arithmetic is fast (a GPU, or
-                                 a CPU with avx512_bf16 or amx_bf16), else none; a mixed_bfloat16
-                                 that would be slow stops unless mixed_precision_force
+
+(train.mixed_precision, the policy the network computes in, is cnn.py's; the choices of
+every key are configurator.VALUE_RULES'.)
 
 The global batch (train.batch_size) is split evenly across the replicas, and each
 replica's loss is its share of the sum over the global batch divided by the global batch
@@ -26,25 +25,9 @@ import json
 import os
 import re
 
+import cnn
+import configurator
 from common import UserError
-
-STRATEGIES = ("none", "mirrored", "multi_worker")
-XLA_SETTINGS = ("auto", "on", "off")
-# bfloat16 keeps float32's exponent range, so no loss scaling is needed (float16 would
-# need a loss-scale optimizer whose skipped steps our non-finite check would stop on).
-PRECISION_POLICIES = ("none", "mixed_bfloat16")
-PRECISION_SETTINGS = (*PRECISION_POLICIES, "auto")  # resolve_precision turns "auto" into a policy.
-# The x86 CPU flags of bfloat16 arithmetic. Without one (and without a GPU), mixed_bfloat16
-# emulates it and trains at 0.13x float32's speed (measured on an AVX2-only AMD EPYC).
-BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def check_settings(section):
-    """Refuse a [train] distribute, xla or mixed_precision value that is not one of its choices."""
-    for key, choices in (("distribute", STRATEGIES), ("xla", XLA_SETTINGS), ("mixed_precision", PRECISION_SETTINGS)):
-        value = section.get(key, choices[0])  # A notebook's partial section: the first choice is the default.
-        if value not in choices:
-            raise UserError(f"train.{key} {value!r} is unknown; use one of {', '.join(choices)}")
 
 
 def read_tf_config(text, fix="fix TF_CONFIG, or unset it"):
@@ -82,7 +65,7 @@ def make_strategy(name):
     """
     import tensorflow as tf
 
-    check_settings({"distribute": name})
+    configurator.check_section("train", {"distribute": name}, source="distribute")
     if name == "none":
         return None
     if name == "mirrored":
@@ -127,108 +110,9 @@ def check_batch_split(batch_size, strategy):
                         f"use a multiple of {replicas}")
 
 
-def gpu_visible():
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def use_xla(setting):
     """The [train] xla setting as a bool: "auto" is on exactly where TensorFlow sees a GPU."""
-    return setting == "on" or (setting == "auto" and gpu_visible())
-
-
-def cpu_has_bfloat16(cpuinfo_text=None):
-    """Whether the CPU has bfloat16 arithmetic (BFLOAT16_CPU_FLAGS); None where its flags cannot be read.
-
-    cpuinfo_text is /proc/cpuinfo's text (read by default, Linux only); every core must
-    list one of the flags.
-    """
-    if cpuinfo_text is None:
-        try:
-            with open("/proc/cpuinfo") as file:
-                cpuinfo_text = file.read()
-        except OSError:  # Not Linux, or no /proc.
-            return None
-    flag_lines = [line.partition(":")[2].split() for line in cpuinfo_text.splitlines()
-                  if line.partition(":")[0].strip() == "flags"]
-    if not flag_lines:
-        return None
-    return all(set(flags) & set(BFLOAT16_CPU_FLAGS) for flags in flag_lines)
-
-
-def bfloat16_slowness():
-    """Why mixed_bfloat16 would be slow here, or None where it is fast (a GPU, or the CPU's flags)."""
-    has_bfloat16 = cpu_has_bfloat16()
-    if has_bfloat16 or gpu_visible():
-        return None
-    if has_bfloat16 is None:
-        return ("no GPU is visible and the CPU flags cannot be read (/proc/cpuinfo), so bfloat16 arithmetic "
-                "is taken to be absent")
-    return f"no GPU is visible and the CPU has no bfloat16 arithmetic (neither {' nor '.join(BFLOAT16_CPU_FLAGS)})"
-
-
-def resolve_precision(setting):
-    """The policy train.mixed_precision names: "auto" is mixed_bfloat16 where that is fast, else none."""
-    if setting != "auto":
-        return setting
-    return "mixed_bfloat16" if bfloat16_slowness() is None else "none"
-
-
-def check_precision_speed(policy, force=False):
-    """Refuse (one line) to train in mixed_bfloat16 where it is several times slower than float32, unless force."""
-    if policy != "mixed_bfloat16" or force:
-        return
-    slowness = bfloat16_slowness()
-    if slowness is not None:
-        raise UserError(f"train.mixed_precision = mixed_bfloat16 would train several times slower than float32 here "
-                        f"(0.13x on an AVX2-only AMD EPYC): {slowness}; use train.mixed_precision = none or auto, "
-                        "or go on anyway with --set train.mixed_precision_force=true")
-
-
-class precision_policy:
-    """Within the block, new Keras layers compute in the named policy ("none": float32)."""
-
-    def __init__(self, name):
-        self.name = "float32" if name == "none" else name
-
-    def __enter__(self):
-        import keras
-
-        self.previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.name)
-
-    def __exit__(self, *exception):
-        import keras
-
-        keras.config.set_dtype_policy(self.previous)
-        return False
-
-
-def precision_of(model):
-    """The mixed-precision policy a model computes in ("none" for float32), whatever the config says."""
-    names = {layer.dtype_policy.name for layer in model.layers} - {"float32"}
-    return names.pop() if len(names) == 1 else "none" if not names else "mixed"
-
-
-def float32_model(model):
-    """model itself if it computes in float32, else a float32 copy with the same weights.
-
-    A model trained with mixed precision keeps its policy in the saved file (so that a
-    resumed run goes on in it); backwork and saliency analyse it in float32, where a
-    probability of 0.999 and small gradients are resolved.
-    """
-    import keras
-
-    if precision_of(model) == "none":
-        return model
-    config = model.get_config()
-    for layer in config["layers"]:
-        if "dtype" in layer["config"]:
-            layer["config"]["dtype"] = "float32"
-    copy = keras.Model.from_config(config)
-    copy.set_weights(model.get_weights())
-    return copy
+    return setting == "on" or (setting == "auto" and cnn.gpu_visible())
 
 
 class replica_random_stream:

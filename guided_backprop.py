@@ -22,16 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+import cnn
 import common
-import proc_mnist
+import configurator
 from common import UserError
+from configurator import SALIENCY_METHODS, SCALES, SIGNS
 
 # Noisy images per SmoothGrad call: enough to keep the CPU busy, little enough for memory
 # (the default network holds about 0.5 MB of activations per 28x28 image going back).
 SMOOTH_BATCH_SIZE = 512
-METHOD_CHOICES = ("vanilla", "guided", "both")
-SIGNS = ("positive", "negative", "both")
-SCALES = ("normalize", "binary", "none")
 
 # ---------------------------------------------------------------------------- gradients
 
@@ -70,7 +69,7 @@ def _guided_layer(layer):
         return layers.Activation(_guided_relu(), name=layer.name)
     if isinstance(layer, (layers.LeakyReLU, layers.PReLU, layers.ELU, layers.Softmax)):
         raise UserError(refuse.format(f"is a {type(layer).__name__} layer"))
-    copy = proc_mnist.input_gradient_layer(layer)
+    copy = cnn.input_gradient_layer(layer)
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", repr(activation))
     if activation is None or name == "linear":
@@ -84,10 +83,10 @@ def _guided_layer(layer):
 def _score_model(model):
     """The model up to its class scores (the logits layer), sharing its layers and weights."""
     try:
-        return proc_mnist.logits_model(model)
+        return cnn.logits_model(model)
     except ValueError:
         raise UserError(f"model {model.name} has no layer named 'logits'; "
-                        "use a model built by proc_mnist.build_model") from None
+                        "use a model built by cnn.build_model") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,7 +95,7 @@ def _gradient_function(model, guided):
 
     The gradients run on a clone of the model's layers up to the logits, with a
     one-channel first convolution that takes its input gradient faster
-    (proc_mnist.input_gradient_layer) and, for guided gradients, guided ReLUs; model
+    (cnn.input_gradient_layer) and, for guided gradients, guided ReLUs; model
     itself never changes. The clone's weights are copied from model's inside every call:
     a few milliseconds next to the backward pass, and the maps stay right if model is
     trained further.
@@ -105,7 +104,7 @@ def _gradient_function(model, guided):
     import tensorflow as tf
 
     scores = _score_model(model)
-    copy_layer = _guided_layer if guided else proc_mnist.input_gradient_layer
+    copy_layer = _guided_layer if guided else cnn.input_gradient_layer
     network = keras.models.clone_model(scores, clone_function=copy_layer, recursive=True)
     weight_pairs = list(zip(network.weights, scores.weights))
     if any(tuple(copy.shape) != tuple(original.shape) for copy, original in weight_pairs):
@@ -184,7 +183,7 @@ METHODS = {"vanilla": vanilla_gradient, "guided": guided_backprop}
 
 def class_probabilities(model, images):
     """The model's class probabilities (N, classes), in inference mode."""
-    return common.predict(model, images)
+    return cnn.predict(model, images)
 
 
 def smooth_grad(method, model, images, labels=None, num_samples=25, noise_level=0.15, seed=0):
@@ -315,13 +314,13 @@ def plot_saliency(path, images, maps, row_titles, feature_options, title):
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Saliency maps (input gradient, guided backpropagation) "
                                                  "of a model trained by proc_mnist.py.")
-    common.add_common_arguments(parser, "saliency")
+    configurator.add_common_arguments(parser, "saliency")
     parser.add_argument("--model", required=True, help="model.keras written by proc_mnist.py")
     parser.add_argument("--images", help='"test" for test images, or a backwork results .pkl (saliency.images)')
     parser.add_argument("--num", type=int, help="how many images to explain (saliency.num)")
     parser.add_argument("--label", type=int, help="class to explain, and with test images only images "
                                                   "of that class (saliency.label; default: the predicted class)")
-    parser.add_argument("--method", choices=METHOD_CHOICES, help="which maps to compute (saliency.method)")
+    parser.add_argument("--method", choices=SALIENCY_METHODS, help="which maps to compute (saliency.method)")
     parser.add_argument("--smooth", type=int, metavar="N", help="also SmoothGrad over N noisy copies "
                                                                 "(saliency.smooth_samples; 0 turns it off)")
     parser.add_argument("--out", help="output folder (default: saliency/ next to the model)")
@@ -329,23 +328,13 @@ def parse_arguments(argv):
 
 
 def resolve_config(args):
-    """Defaults (the model's [data]), then the config file and --set, then the flags; [saliency] is checked."""
-    base = common.model_data_config(args.model) if args.config is None else None
-    config = common.resolve_cli_config(args, "saliency", base=base)
+    """Defaults (the model's [data]), then the config file and --set, then the flags, each checked as merged."""
+    base = configurator.model_data_config(args.model) if args.config is None else None
+    config = configurator.resolve_cli_config(args, "saliency", base=base)
     flags = {"images": args.images, "num": args.num, "label": args.label, "method": args.method,
              "smooth_samples": args.smooth}
-    common.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},
-                        source="command line")
-    options = config["saliency"]
-    # Numbers are range-checked with every config (common.VALUE_RULES); names are checked here.
-    checks = [
-        (options["method"] in METHOD_CHOICES, f"method must be one of {', '.join(METHOD_CHOICES)}"),
-        (options["sign"] in SIGNS, f"sign must be one of {', '.join(SIGNS)}"),
-        (options["scale"] in SCALES, f"scale must be one of {', '.join(SCALES)}"),
-    ]
-    for passed, message in checks:
-        if not passed:
-            raise UserError(f"saliency.{message}; fix the flag, the config or --set")
+    configurator.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},
+                              source="command line")
     return config
 
 
@@ -403,7 +392,7 @@ def compute_maps(model, images, labels, options):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    common.check_model_file(args.model)
+    cnn.check_model_file(args.model)
     config = resolve_config(args)
     options = config["saliency"]
     from_test_set = options["images"] == "test"
@@ -416,7 +405,7 @@ def main(argv=None):
         data_classes = None  # A backwork file's model is whatever made it, so only the shape is checked.
     else:
         raise UserError(f"--images {options['images']!r} is neither 'test' nor a backwork results .pkl")
-    model = common.load_trained_model(args.model, images, num_classes=data_classes)
+    model = cnn.load_trained_model(args.model, images, num_classes=data_classes)
     num_classes = model.output_shape[-1]
     if options["label"] >= num_classes:
         raise UserError(f"--label {options['label']} is not a class of model {args.model}, whose "

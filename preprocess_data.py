@@ -46,12 +46,15 @@ from pathlib import Path
 import numpy as np
 
 import attacks
+import backwork_loop
+import cnn
 import cnn_backwork
 import common
+import configurator
 import proc_mnist
 from common import UserError
 
-TARGETS = common.DEFENCES
+TARGETS = configurator.DEFENCES
 
 # ----------------------------------------------------------------------- augmentation
 
@@ -83,7 +86,7 @@ def load_results_folder(results_dir):
                         f"use --results {results_dir.parent}")
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; run cnn_backwork.py first or fix --results")
-    return cnn_backwork.load_label_results(results_dir)
+    return backwork_loop.load_label_results(results_dir)
 
 
 def check_fooling_results(results, results_dir, image_shape, num_classes):
@@ -193,7 +196,7 @@ def measure_model(model, data, sets, num_classes, cap):
     sets maps a name to backwork results ({label: results}); blank and noise images come in
     data['blank'] and data['noise']. With an extra class, its probability is reported too.
     """
-    probabilities = {name: common.predict(model, data[key])
+    probabilities = {name: cnn.predict(model, data[key])
                      for name, key in [("test", "x_test"), ("blank", "blank"), ("noise", "noise")]}
     metrics = {"test_accuracy": float(np.mean(probabilities["test"][:, :num_classes].argmax(axis=1)
                                               == data["y_test"])),
@@ -202,7 +205,7 @@ def measure_model(model, data, sets, num_classes, cap):
     for name, results in sets.items():
         metrics.update(fooling_numbers(model, results, cap, name))
     if model.output_shape[-1] > num_classes:
-        probabilities["heldout"] = common.predict(model, final_images(sets["heldout"]))
+        probabilities["heldout"] = cnn.predict(model, final_images(sets["heldout"]))
         metrics.update({f"{name}_none_prob": float(values[:, num_classes].mean())
                         for name, values in probabilities.items()})
     return metrics
@@ -250,8 +253,8 @@ def backwork(model, data, config, labels, out_dir, progress=print):
 
 def save_backwork(results, out_dir):
     """Every class's results_{label}.pkl and backwork.png in out_dir."""
-    for label, result in results.items():
-        common.save_results(out_dir / f"results_{label}.pkl", result)
+    for result in results.values():
+        backwork_loop.save_label_results(out_dir, result)
     cnn_backwork.plot_results(results, out_dir / "backwork.png")
 
 
@@ -270,7 +273,7 @@ class Study:
 
     def measure(self, model, fresh_results=None):
         metrics = measure_model(model, self.data, self.sets, self.num_classes, self.cap)
-        metrics["trained_fooling_top_prob"] = _top_digit_probability(common.predict(model, self.trained_images),
+        metrics["trained_fooling_top_prob"] = _top_digit_probability(cnn.predict(model, self.trained_images),
                                                                      self.num_classes)
         if fresh_results is not None:  # Do a round's fresh fooling images fool the original model too?
             metrics.update(fooling_numbers(self.original, fresh_results, self.cap, "fresh_on_original"))
@@ -299,13 +302,13 @@ class Study:
 
     def separation(self, model, finals):
         """How well the model's "none" score tells test digits from each kind of non-digit."""
-        digits = attacks.none_scores(common.predict(model, self.data["x_test"]), self.num_classes)
+        digits = attacks.none_scores(cnn.predict(model, self.data["x_test"]), self.num_classes)
         others = {f"attack_{name}": images for name, images in finals.items()}
         others["heldout"] = final_images(self.sets["heldout"])
         others["noise_and_blank"] = np.concatenate([self.data["noise"], self.data["blank"]])
         if "ood" in self.data:
             others["ood"] = self.data["ood"]
-        scores = {name: attacks.none_scores(common.predict(model, images), self.num_classes)
+        scores = {name: attacks.none_scores(cnn.predict(model, images), self.num_classes)
                   for name, images in others.items()}
         self.last_scores = (digits, scores)  # For the report's ROC panel.
         return {name: attacks.separation(digits, values) for name, values in scores.items()}
@@ -506,7 +509,7 @@ def plot_roc(axis, digit_scores, others):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Augment with backworked images and retrain, in rounds.")
-    common.add_common_arguments(parser, "augment")
+    configurator.add_common_arguments(parser, "augment")
     parser.add_argument("--results", required=True, help="folder of results_{label}.pkl from cnn_backwork.py")
     parser.add_argument("--model", required=True, help="the model those results were backworked from")
     parser.add_argument("--out", help="output folder (default: <model folder>-aug-<target>)")
@@ -527,15 +530,15 @@ def resolve_config(args):
     then the flags; so retraining uses the model's own learning rate and batch size."""
     base, trained_with = None, Path(args.model).parent / "config.toml"
     if args.config is None and trained_with.is_file():
-        base = common.load_config(trained_with)
+        base = configurator.saved_config(trained_with)
         print(f"starting from {trained_with}, the config the model was trained with")
     flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target,
-             "ood_data": None if args.ood is None else common.toml_value(args.ood)}
+             "ood_data": None if args.ood is None else configurator.toml_value(args.ood)}
     args.set.extend(f"augment.{key}={value}" for key, value in flags.items() if value is not None)
-    config = common.resolve_cli_config(args, "augment", base=base)
+    config = configurator.resolve_cli_config(args, "augment", base=base)
     if args.steps is not None:
         key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
-        config = common.merge_config(config, common.parse_override(f"{key}={args.steps}"), "--steps")
+        config = configurator.merge_config(config, configurator.parse_override(f"{key}={args.steps}"), "--steps")
     if config["augment"]["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
@@ -545,10 +548,10 @@ def resolve_config(args):
 
 def check_train_on(augment):
     """Refuse a suite that could not give a round its fooling images to add."""
-    losses = [name for name in augment["attacks"] if name in common.BACKWORK_LOSSES]
+    losses = [name for name in augment["attacks"] if name in configurator.BACKWORK_LOSSES]
     if augment["target"] != "control" and not losses:
         raise UserError(f"augment.attacks {augment['attacks']} has no backwork loss, so no round would have fooling "
-                        f"images to add; add one of {', '.join(common.BACKWORK_LOSSES)}")
+                        f"images to add; add one of {', '.join(configurator.BACKWORK_LOSSES)}")
     if augment["train_on"] != "strongest" and augment["train_on"] not in augment["attacks"]:
         raise UserError(f"augment.train_on = {augment['train_on']!r} is not in augment.attacks {augment['attacks']}; "
                         "add it there or use train_on = \"strongest\"")
@@ -584,7 +587,7 @@ def check_one_backwork_setting(results, results_dir, backwork):
     if differing:
         pairs = ", ".join(f"backwork.{key} = {value!r} (the study's: {backwork[key]!r})"
                           for key, value in sorted(differing.items()))
-        fixes = " ".join(f"--set backwork.{key}={common.toml_value(value)}" for key, value in sorted(differing.items()))
+        fixes = " ".join(f"--set backwork.{key}={configurator.toml_value(value)}" for key, value in sorted(differing.items()))
         raise UserError(f"the fooling images in {results_dir} were made with {pairs}; one setting for every image "
                         f"of a study: give {fixes}, or backwork them again with the study's config")
 
@@ -603,7 +606,7 @@ def write_report(out_dir, model, config, report, roc_scores=None):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
         proc_mnist.save_model(model, out_dir / "model.keras")
-    config_text = common.provenance_comment(report["data"]) + common.dump_toml(config)
+    config_text = common.provenance_comment(report["data"]) + configurator.dump_toml(config)
     common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
@@ -619,8 +622,8 @@ def heldout_backwork(model, data, config, out_dir):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    model_path = common.check_model_file(args.model)
-    transfer_path = None if args.transfer_from is None else common.check_model_file(args.transfer_from)
+    model_path = cnn.check_model_file(args.model)
+    transfer_path = None if args.transfer_from is None else cnn.check_model_file(args.transfer_from)
     config = resolve_config(args)
     augment = config["augment"]
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
@@ -632,7 +635,7 @@ def main(argv=None):
     if augment["ood_data"]:
         data["ood"] = read_ood_images(augment["ood_data"], shape)
     out_dir = common.ensure_writable_dir(args.out or default_out)
-    original = common.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
+    original = cnn.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
     check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])
     data["blank"] = np.zeros((1,) + shape, np.float32)
     data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(
@@ -660,7 +663,7 @@ def transfer_sets(data, config, heldout, transfer_path, num_classes):
     """Fooling images made on other models, scored on every round's: (images, targets, distances) by name."""
     sets = {"original_heldout": _as_transfer_set(heldout)}
     if transfer_path is not None:
-        other = common.load_trained_model(transfer_path, data["x_train"], num_classes=num_classes)
+        other = cnn.load_trained_model(transfer_path, data["x_train"], num_classes=num_classes)
         backwork_section = {**config["backwork"], "num_examples": config["augment"]["attack_examples"]}
         print(f"backworking {transfer_path} for the transfer attack")
         results = cnn_backwork.get_faulty_input_layer(data, {"backwork": backwork_section}, other,

@@ -21,7 +21,7 @@ stay as good: lowest label probability and pixel distance to the nearest trainin
 
 --gradient times the network's part of a backwork step, the gradient of every cost
 layer's activations with respect to a batch of images (--examples; 80 is 10 labels x 8),
-through Keras' own layers and through proc_mnist.input_gradient_model (the first
+through Keras' own layers and through cnn.input_gradient_model (the first
 convolution's input gradient as a depthwise convolution), alternated in one process,
 and prints the ratio and the largest difference between the two gradients.
 """
@@ -55,22 +55,23 @@ def measure(variant, num_references, model_path, num_examples, repeats):
     import numpy as np
     import tensorflow as tf
 
-    import cnn_backwork
-    import common
+    import backwork_cost
+    import cnn
+    import configurator
     import proc_mnist
 
     import keras
 
     keras.utils.set_random_seed(0)
-    model = common.load_trained_model(model_path) if model_path else proc_mnist.build_model({})
-    features = cnn_backwork.feature_model(model)
+    model = cnn.load_trained_model(model_path) if model_path else proc_mnist.build_model({})
+    features = backwork_cost.feature_model(model)
     rng = np.random.default_rng(0)
     shape = (num_references,) + tuple(model.input_shape[1:])
-    references, _, _ = cnn_backwork.reference_features(features, rng.uniform(0, 1, shape).astype(np.float32), 0, 0)
-    options = common.default_config()["backwork"]
-    coefficients = cnn_backwork.default_layer_cost_coeffs(len(references))
+    references, _, _ = backwork_cost.reference_features(features, rng.uniform(0, 1, shape).astype(np.float32), 0, 0)
+    options = configurator.default_config()["backwork"]
+    coefficients = backwork_cost.default_layer_cost_coeffs(len(references))
     distance = direct_reference_distance if variant == "direct" else None
-    cost = cnn_backwork.make_cost_function(features, references, 3, coefficients, options, distance=distance)
+    cost = backwork_cost.make_cost_function(features, references, 3, coefficients, options, distance=distance)
     images = tf.constant(rng.uniform(0, 1, (num_examples,) + shape[1:]).astype(np.float32))
 
     @tf.function
@@ -105,14 +106,18 @@ def batched_rows(arguments):
     """Backwork the labels batched and one at a time; print seconds, ratio and quality."""
     import numpy as np
 
+    import backwork_cost
+    import backwork_loop
+    import cnn
     import cnn_backwork
     import common
+    import configurator
 
-    data = common.load_dataset(arguments.data, common.model_data_config(arguments.model)["data"]["dataset"])
-    model = common.load_trained_model(arguments.model, data["x_train"])
+    data = common.load_dataset(arguments.data, configurator.model_data_config(arguments.model)["data"]["dataset"])
+    model = cnn.load_trained_model(arguments.model, data["x_train"])
     labels = cnn_backwork.parse_labels(arguments.labels, model.output_shape[-1])
     images = {label: data["x_train"][data["y_train"] == label] for label in labels}
-    cache, original = {}, cnn_backwork.reference_features
+    cache, original = {}, backwork_cost.reference_features
 
     def cached_references(features_model, label_images, max_examples, seed, **keywords):
         key = (tuple(seed), max_examples)
@@ -122,13 +127,13 @@ def batched_rows(arguments):
             cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - start
         return cache[key]
 
-    cnn_backwork.reference_features = cached_references
+    backwork_cost.reference_features = cached_references
 
     def run(nearest_every, batched):
-        options = {**common.default_config()["backwork"], "nearest_every": nearest_every}
+        options = {**configurator.default_config()["backwork"], "nearest_every": nearest_every}
         groups = [labels] if batched else [[label] for label in labels]
         start, results = time.perf_counter(), {}
-        worker = cnn_backwork.Backworker(model, options, len(groups[0]))  # Traced once, as the script does.
+        worker = backwork_loop.Backworker(model, options, len(groups[0]))  # Traced once, as the script does.
         for group in groups:
             results.update(worker.run({label: images[label] for label in group}, progress=lambda line: None))
         seconds = time.perf_counter() - start
@@ -138,8 +143,8 @@ def batched_rows(arguments):
         return seconds, lowest, distances, steps
 
     for label in labels:  # Training activations once, outside the timed rows.
-        cached_references(cnn_backwork.feature_model(model), images[label], 0, [0, label])
-    print(f"labels {arguments.labels}, {common.default_config()['backwork']['num_examples']} images each; "
+        cached_references(backwork_cost.feature_model(model), images[label], 0, [0, label])
+    print(f"labels {arguments.labels}, {configurator.default_config()['backwork']['num_examples']} images each; "
           f"training activations of the labels: {cache['seconds']:.1f} s (in neither row below)")
     print("mode                    nearest_every  seconds  one at a time / this  lowest p  nearest train dist  steps")
     for nearest_every in arguments.nearest_every:
@@ -156,13 +161,13 @@ def gradient_rows(arguments):
     import numpy as np
     import tensorflow as tf
 
-    import cnn_backwork
-    import common
+    import backwork_cost
+    import cnn
     import proc_mnist
 
-    model = common.load_trained_model(arguments.model) if arguments.model else proc_mnist.build_model({})
-    plain = cnn_backwork.feature_model(model)
-    networks = {"Keras layers": plain, "input_gradient_model": proc_mnist.input_gradient_model(plain)}
+    model = cnn.load_trained_model(arguments.model) if arguments.model else proc_mnist.build_model({})
+    plain = backwork_cost.feature_model(model)
+    networks = {"Keras layers": plain, "input_gradient_model": cnn.input_gradient_model(plain)}
     images = tf.constant(np.random.default_rng(0).uniform(size=(arguments.examples, *model.input_shape[1:]))
                          .astype(np.float32))
 

@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Run from anywher
 
 import numpy as np  # noqa: E402
 
+import cnn  # noqa: E402
 import common  # noqa: E402
+import configurator  # noqa: E402
 import guided_backprop  # noqa: E402
 import proc_mnist  # noqa: E402
 
@@ -54,12 +56,12 @@ def main(argv=None):
     if args.batch < 1 or args.warmup < 0 or args.repeats < 1:
         raise common.UserError("--batch and --repeats must be at least 1 and --warmup at least 0")
     if args.model:
-        model = common.load_trained_model(args.model)
+        model = cnn.load_trained_model(args.model)
     else:
         import keras
 
         keras.utils.set_random_seed(0)
-        model = proc_mnist.build_model(common.default_config()["model"])
+        model = proc_mnist.build_model(configurator.default_config()["model"])
     rng = np.random.default_rng(0)
     images = rng.random((args.batch, *model.input_shape[1:]), dtype=np.float32)  # (batch, 28, 28, 1)
     labels = np.arange(args.batch) % model.output_shape[-1]  # Fixed classes: no argmax differences.

@@ -8,7 +8,7 @@ same number of steps, in this one process, at each batch size (by default 50, th
 original recipe's, and the config's train.batch_size); a third line times our loop with
 the config's label smoothing and shifts as well, a fourth with train.mixed_precision =
 "mixed_bfloat16" (bf16 arithmetic, float32 weights) where that is fast (a GPU, or a CPU with
-avx512_bf16 or amx_bf16: distributed.bfloat16_slowness); elsewhere it is skipped with a note,
+avx512_bf16 or amx_bf16: cnn.bfloat16_slowness); elsewhere it is skipped with a note,
 as it would run several times slower, unless --bfloat16 asks for it (then with a short
 budget). Each is run --repeats times, alternating, and its best run counts (other jobs on a
 shared machine slow whichever runs beside them). The output starts with the CPU's model and
@@ -31,8 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+import cnn  # noqa: E402
 import common  # noqa: E402
-import distributed  # noqa: E402
+import configurator  # noqa: E402
 import proc_mnist  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def cpu_line(cpuinfo_text=None):
 def bfloat16_budget(steps, block, repeats, force, slowness):
     """(steps, block, repeats) for the mixed_bfloat16 rows, or None to skip them.
 
-    slowness is distributed.bfloat16_slowness(): None where bf16 arithmetic is fast, and the
+    slowness is cnn.bfloat16_slowness(): None where bf16 arithmetic is fast, and the
     rows get the full budget; else they run only when forced, with a short fixed budget.
     """
     if slowness is None:
@@ -108,7 +109,7 @@ def time_ours(config, images, targets, steps, block, batch_size, recipe=False, p
     """Our loop, block steps per call: the same work as fit, or with recipe=True as train() runs
     the config (its label smoothing and shifts too); precision is a train.mixed_precision value."""
     section = config["train"]
-    with distributed.precision_policy(precision):
+    with cnn.precision_policy(precision):
         model = proc_mnist.build_model(config["model"])
     proc_mnist.compile_for_training(model, section["learning_rate"])
     smoothing, shifts = (section["label_smoothing"], section["shift_pixels"]) if recipe else (0.0, 0)
@@ -146,13 +147,13 @@ def main(argv=None):
                              f"with {FORCED_BFLOAT16_STEPS} steps and one run")
     arguments = parser.parse_args(argv)
     print(cpu_line())
-    slowness = distributed.bfloat16_slowness()
+    slowness = cnn.bfloat16_slowness()
     bfloat16 = bfloat16_budget(arguments.steps, arguments.block, arguments.repeats, arguments.bfloat16, slowness)
     if slowness is not None:
         print(f"note: mixed_bfloat16 {'is timed with a short budget' if bfloat16 else 'rows skipped'}: {slowness}, "
               "so it runs several times slower than float32 (0.13x on an AVX2-only AMD EPYC)"
               + ("" if bfloat16 else "; --bfloat16 times it anyway, briefly"))
-    config = common.load_config(arguments.config)
+    config = configurator.load_config(arguments.config)
     batch_sizes = ([int(size) for size in arguments.batch_sizes.split(",")] if arguments.batch_sizes
                    else sorted({50, config["train"]["batch_size"]}))
     count = (arguments.steps + arguments.block) * max(batch_sizes)
@@ -161,7 +162,7 @@ def main(argv=None):
         images, labels = data["x_train"][:count], data["y_train"][:count]
     else:
         rng = np.random.default_rng(0)
-        shape = proc_mnist._image_shape(config["model"]["image_dim_size"])
+        shape = cnn._image_shape(config["model"]["image_dim_size"])
         images = rng.random((count, *shape), dtype=np.float32)
         labels = rng.integers(0, config["model"]["num_classes"], count)
     targets = proc_mnist.to_targets(labels, config["model"]["num_classes"])

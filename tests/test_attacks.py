@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 import attacks
+import backwork_cost
+import backwork_loop
+import cnn
 import cnn_backwork
-import common
+import configurator
 import preprocess_data
 from common import UserError
 from test_preprocess import quick_study_arguments
@@ -17,7 +20,7 @@ LOSS_OPTIONS = {"margin_kappa": 20.0}
 def loss_of(logits, labels, loss):
     import tensorflow as tf
 
-    return cnn_backwork.label_loss(tf.constant(logits), tf.constant(labels), {**LOSS_OPTIONS, "loss": loss})
+    return backwork_cost.label_loss(tf.constant(logits), tf.constant(labels), {**LOSS_OPTIONS, "loss": loss})
 
 
 def logits_gradient(logits, labels, loss):
@@ -26,11 +29,11 @@ def logits_gradient(logits, labels, loss):
     logits = tf.constant(logits)
     with tf.GradientTape() as tape:
         tape.watch(logits)
-        total = tf.reduce_sum(cnn_backwork.label_loss(logits, tf.constant(labels), {**LOSS_OPTIONS, "loss": loss}))
+        total = tf.reduce_sum(backwork_cost.label_loss(logits, tf.constant(labels), {**LOSS_OPTIONS, "loss": loss}))
     return tape.gradient(total, logits).numpy()
 
 
-@pytest.mark.parametrize("loss", common.BACKWORK_LOSSES)
+@pytest.mark.parametrize("loss", configurator.BACKWORK_LOSSES)
 def test_each_loss_gradient_matches_finite_differences(loss):
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(0, 2, (5, 4)), np.array([0, 1, 2, 3, 1])
@@ -62,19 +65,19 @@ def test_a_saturated_softmax_stops_only_the_probability_loss(trained_tiny):
 
     import proc_mnist
 
-    model = common.load_trained_model(trained_tiny[0])
-    logits_model = proc_mnist.logits_model(model)
+    model = cnn.load_trained_model(trained_tiny[0])
+    logits_model = cnn.logits_model(model)
     images = tf.constant(np.random.default_rng(1).uniform(0, 1, (64, 12, 12, 1)).astype(np.float32))
     logits = logits_model(images).numpy()
     labels = logits.argmin(axis=1)  # Each image's least likely class.
-    saturated = np.flatnonzero(common.predict(model, images.numpy())[np.arange(64), labels] < 1e-6)
+    saturated = np.flatnonzero(cnn.predict(model, images.numpy())[np.arange(64), labels] < 1e-6)
     assert len(saturated) >= 3, "the tiny model should be sure enough to saturate some images"
     norms = {}
-    for loss in common.BACKWORK_LOSSES:
+    for loss in configurator.BACKWORK_LOSSES:
         chosen = tf.gather(images, saturated)
         with tf.GradientTape() as tape:
             tape.watch(chosen)
-            value = tf.reduce_sum(cnn_backwork.label_loss(logits_model(chosen), tf.constant(labels[saturated]),
+            value = tf.reduce_sum(backwork_cost.label_loss(logits_model(chosen), tf.constant(labels[saturated]),
                                                           {**LOSS_OPTIONS, "loss": loss}))
         norms[loss] = np.linalg.norm(tape.gradient(value, chosen).numpy().reshape(len(saturated), -1), axis=1)
     assert norms["probability"].max() < 1e-4
@@ -130,10 +133,10 @@ def test_none_score_is_the_extra_class_or_one_minus_the_top_class():
 
 
 def test_art_attacks_fool_a_tiny_model_from_noise(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     images, targets = attacks.starts(tiny_data, [2, 5], 3, seed=0)
     # The same starts as backwork's first images with that seed.
-    first = cnn_backwork.initial_images(tiny_data["x_train"][:1], 3, np.random.default_rng([0, 5]), False)
+    first = backwork_loop.initial_images(tiny_data["x_train"][:1], 3, np.random.default_rng([0, 5]), False)
     np.testing.assert_array_equal(images[3:], first)
     for final, steps in [attacks.run_pgd(model, images, targets, 0.999, 300, 0.02, progress=lambda line: None),
                          attacks.run_square(model, images, targets, 0.999, 300, 0, progress=lambda line: None)]:
@@ -187,7 +190,7 @@ def test_suite_study_reports_every_attack_with_intervals_and_convergence(trained
     # On the undefended model the working attacks fool (about) everything, and its own images transfer.
     assert all(original["attacks"][name]["fooled_fraction"] >= attacks.SANITY_FRACTION
                for name in ("margin", "square", "transfer_original_heldout"))
-    assert retrained["train_on"] in common.BACKWORK_LOSSES
+    assert retrained["train_on"] in configurator.BACKWORK_LOSSES
     assert report["backwork"]["loss"] == "margin" and report["transfer_from"] == str(trained_tiny[0])
 
 
@@ -217,7 +220,7 @@ def test_fooling_images_of_another_backwork_setting_are_refused(trained_tiny, ti
 
 
 def test_difficulty_budgets_past_the_backwork_budget_are_dropped_with_a_note(capsys):
-    config = common.default_config()
+    config = configurator.default_config()
     config["backwork"]["max_num_steps"] = 100
     assert preprocess_data.drop_unreachable_budgets(config)["augment"]["difficulty_budgets"] == [25, 50, 100]
     assert "[200, 400] are left out" in capsys.readouterr().out
@@ -228,12 +231,12 @@ def test_difficulty_budgets_past_the_backwork_budget_are_dropped_with_a_note(cap
 
 def test_unknown_attack_and_train_on_names_are_one_line():
     with pytest.raises(UserError, match="augment.attacks .* must be a list of distinct names"):
-        common.load_config(None, ['augment.attacks=["pgd", "fgsm"]'])
+        configurator.load_config(None, ['augment.attacks=["pgd", "fgsm"]'])
     with pytest.raises(UserError, match="augment.train_on"):
-        common.load_config(None, ["augment.train_on=pgd"])
+        configurator.load_config(None, ["augment.train_on=pgd"])
     with pytest.raises(UserError, match="backwork.loss"):
-        common.load_config(None, ["backwork.loss=hinge"])
-    assert attacks.ATTACKS == common.ATTACKS
+        configurator.load_config(None, ["backwork.loss=hinge"])
+    assert attacks.ATTACKS == configurator.ATTACKS
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
+import backwork_cost
+import backwork_loop
+import cnn
 import cnn_backwork
 import common
+import configurator
 from common import UserError
 from conftest import fake_backwork_results, tiny_options
 
@@ -20,7 +24,7 @@ def test_expanded_distances_equal_the_direct_formula():
     import tensorflow as tf
 
     rows, references = random_rows((5, 30), 0), random_rows((40, 30), 1)
-    expanded = cnn_backwork.squared_distances(tf.constant(rows), tf.constant(references),
+    expanded = backwork_cost.squared_distances(tf.constant(rows), tf.constant(references),
                                               tf.constant((references ** 2).sum(axis=1)))
     np.testing.assert_allclose(expanded.numpy(), direct_distances(rows, references), rtol=1e-10)
 
@@ -32,7 +36,7 @@ def test_reference_distance_value_and_gradient_match_the_direct_formula():
     norms = tf.constant((references ** 2).sum(axis=1))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(rows)
-        ours = cnn_backwork.reference_distance(rows, tf.constant(references), norms)
+        ours = backwork_cost.reference_distance(rows, tf.constant(references), norms)
         direct = tf.reduce_mean(tf.reduce_min(
             tf.reduce_mean(tf.square(rows[:, None, :] - references[None]), axis=2), axis=1))
     np.testing.assert_allclose(ours.numpy(), direct.numpy(), rtol=1e-12)
@@ -46,12 +50,12 @@ def test_reference_distance_gradient_matches_finite_differences():
     norms = tf.reduce_sum(tf.square(references), axis=1)
 
     def value(x):
-        return float(cnn_backwork.reference_distance(tf.constant(x), references, norms))
+        return float(backwork_cost.reference_distance(tf.constant(x), references, norms))
 
     with tf.GradientTape() as tape:
         variable = tf.constant(rows)
         tape.watch(variable)
-        distance = cnn_backwork.reference_distance(variable, references, norms)
+        distance = backwork_cost.reference_distance(variable, references, norms)
     gradient = tape.gradient(distance, variable).numpy()
     step = 1e-6
     for index in [(0, 0), (1, 3), (2, 5)]:
@@ -68,18 +72,18 @@ def test_batch_distance_leaves_out_each_image_itself():
     rows = random_rows((4, 7), 6)
     pairs = direct_distances(rows, rows)
     expected = pairs[~np.eye(4, dtype=bool)].mean()
-    assert float(cnn_backwork.batch_distance(tf.constant(rows))) == pytest.approx(expected, rel=1e-10)
+    assert float(backwork_cost.batch_distance(tf.constant(rows))) == pytest.approx(expected, rel=1e-10)
 
 
 def test_cost_stays_finite_when_distances_vanish(trained_tiny, tiny_data):
     import tensorflow as tf
 
-    model = common.load_trained_model(trained_tiny[0])
-    features = cnn_backwork.feature_model(model)
+    model = cnn.load_trained_model(trained_tiny[0])
+    features = backwork_cost.feature_model(model)
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 3][:20]
-    references, _, _ = cnn_backwork.reference_features(features, label_images, 0, 0)
-    options = common.default_config()["backwork"]
-    cost = cnn_backwork.make_cost_function(features, references, 3, cnn_backwork.default_layer_cost_coeffs(4),
+    references, _, _ = backwork_cost.reference_features(features, label_images, 0, 0)
+    options = configurator.default_config()["backwork"]
+    cost = backwork_cost.make_cost_function(features, references, 3, backwork_cost.default_layer_cost_coeffs(4),
                                            options)
     images = tf.constant(np.repeat(label_images[:1], 2, axis=0))  # On a training example, and equal.
     with tf.GradientTape() as tape:
@@ -90,16 +94,16 @@ def test_cost_stays_finite_when_distances_vanish(trained_tiny, tiny_data):
 
 
 def test_default_coefficients_follow_the_original():
-    np.testing.assert_allclose(cnn_backwork.default_layer_cost_coeffs(3), [1e-4, 1e-3, 1e-2, 10.0], rtol=1e-6)
+    np.testing.assert_allclose(backwork_cost.default_layer_cost_coeffs(3), [1e-4, 1e-3, 1e-2, 10.0], rtol=1e-6)
     with pytest.raises(UserError, match="give 5 values"):
-        cnn_backwork.layer_coefficients({"layer_cost_coeffs": [1.0, 2.0]}, 4)
+        backwork_cost.layer_coefficients({"layer_cost_coeffs": [1.0, 2.0]}, 4)
 
 
 def test_count_falls_resets_when_the_probability_rises():
     falls = np.zeros(3, int)
     for previous, current in [([-np.inf] * 3, [0.5, 0.5, 0.5]), ([0.5, 0.5, 0.5], [0.4, 0.6, 0.4]),
                               ([0.4, 0.6, 0.4], [0.3, 0.5, 0.45])]:
-        falls = cnn_backwork.count_falls(falls, np.array(previous), np.array(current))
+        falls = backwork_loop.count_falls(falls, np.array(previous), np.array(current))
     np.testing.assert_array_equal(falls, [2, 1, 0])
 
 
@@ -110,7 +114,7 @@ def test_pixel_adam_matches_keras_adam_and_resets_one_image():
     rng = np.random.default_rng(0)
     start = rng.uniform(0.2, 0.8, (2, 3, 3, 1)).astype(np.float32)
     gradients = [rng.normal(size=start.shape).astype(np.float32) * 0.01 for _ in range(3)]
-    ours = cnn_backwork.PixelAdam(start, learning_rate=0.01)
+    ours = backwork_loop.PixelAdam(start, learning_rate=0.01)
     reference = tf.Variable(start)
     keras_adam = keras.optimizers.Adam(0.01, epsilon=1e-7)
     for gradient in gradients:
@@ -125,17 +129,17 @@ def test_pixel_adam_matches_keras_adam_and_resets_one_image():
 
 
 def backwork_options(**changes):
-    options = {**common.default_config()["backwork"], "num_examples": 4, "max_num_steps": 150,
+    options = {**configurator.default_config()["backwork"], "num_examples": 4, "max_num_steps": 150,
                "min_num_steps": 25, "prob_cap_mean": 0.99, "prob_cap_min": 0.99, "learning_rate": 0.05}
     options.update(changes)
     return options
 
 
 def test_backwork_reaches_the_label_and_records_history(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 7]
     options = backwork_options()
-    results = cnn_backwork.backwork_label(model, label_images, 7, options, progress=lambda line: None)
+    results = backwork_loop.backwork_label(model, label_images, 7, options, progress=lambda line: None)
     assert results["images"].shape == (4, 12, 12) and results["images"].dtype == np.float32
     assert 0.0 <= results["images"].min() and results["images"].max() <= 1.0
     assert results["probs"].shape == (4, 10) and results["probs"][:, 7].min() >= 0.99
@@ -153,21 +157,21 @@ def test_backwork_reaches_the_label_and_records_history(trained_tiny, tiny_data)
 
 
 def test_falling_images_are_reinitialised(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 2]
     # A negative probability weight drives every probability down, so each image keeps falling.
     options = backwork_options(layer_cost_coeffs=[0.0, 0.0, 0.0, 0.0, -10.0], save_freq=5, min_num_steps=200,
                                max_num_steps=40, num_mono_dec_saves=2, reinit_below=1.0)
-    results = cnn_backwork.backwork_label(model, label_images, 2, options, progress=lambda line: None)
+    results = backwork_loop.backwork_label(model, label_images, 2, options, progress=lambda line: None)
     assert results["reinitialised"] >= 4
 
 
 def test_same_seed_same_images(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     label_images = tiny_data["x_train"][tiny_data["y_train"] == 1]
     options = backwork_options(max_num_steps=25)
-    first = cnn_backwork.backwork_label(model, label_images, 1, options, progress=lambda line: None)
-    second = cnn_backwork.backwork_label(model, label_images, 1, options, progress=lambda line: None)
+    first = backwork_loop.backwork_label(model, label_images, 1, options, progress=lambda line: None)
+    second = backwork_loop.backwork_label(model, label_images, 1, options, progress=lambda line: None)
     np.testing.assert_array_equal(first["images"], second["images"])
 
 
@@ -226,7 +230,7 @@ def label_images_of(tiny_data, labels):
 
 
 def test_batched_labels_give_the_images_of_a_run_of_one_label(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     config = {"backwork": {**backwork_options(max_num_steps=40, save_freq=10, min_num_steps=40), "seed": 3}}
     alone = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, [3], progress=quiet)[3]
     batched = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, list(range(10)), progress=quiet)
@@ -240,7 +244,7 @@ def test_batched_labels_give_the_images_of_a_run_of_one_label(trained_tiny, tiny
 
 def nearest_rows(features, images, references):
     """Each image's nearest reference at every cost layer, found by the direct formula."""
-    flat, _ = cnn_backwork.flat_features(features, images)
+    flat, _ = backwork_cost.flat_features(features, images)
     found = []
     for rows, (layer_references, _) in zip(flat, references):
         distances = direct_distances(rows.numpy(), layer_references.numpy())
@@ -248,16 +252,16 @@ def nearest_rows(features, images, references):
     return found
 
 
-@pytest.mark.parametrize("loss", common.BACKWORK_LOSSES)
+@pytest.mark.parametrize("loss", configurator.BACKWORK_LOSSES)
 def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tiny, tiny_data, loss):
     import tensorflow as tf
 
-    model = common.load_trained_model(trained_tiny[0])
-    features = cnn_backwork.feature_model(model)
-    options = {**common.default_config()["backwork"], "loss": loss}
-    coefficients = cnn_backwork.default_layer_cost_coeffs(4)
+    model = cnn.load_trained_model(trained_tiny[0])
+    features = backwork_cost.feature_model(model)
+    options = {**configurator.default_config()["backwork"], "loss": loss}
+    coefficients = backwork_cost.default_layer_cost_coeffs(4)
     images_by_label = label_images_of(tiny_data, [3, 5])
-    references = {label: cnn_backwork.reference_features(features, images, 0, 0)[0]
+    references = {label: backwork_cost.reference_features(features, images, 0, 0)[0]
                   for label, images in images_by_label.items()}
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 1, (8, 12, 12, 1)).astype(np.float32))  # 4 of label 3, then 4 of 5
@@ -267,15 +271,15 @@ def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tin
     def batched_gradient(options):
         with tf.GradientTape() as tape:
             tape.watch(images)
-            flat, logits = cnn_backwork.flat_features(features, images)
-            costs, _ = cnn_backwork.grouped_cost(flat, logits, nearest, tf.constant([3, 3, 3, 3, 5, 5, 5, 5]), 4,
+            flat, logits = backwork_cost.flat_features(features, images)
+            costs, _ = backwork_cost.grouped_cost(flat, logits, nearest, tf.constant([3, 3, 3, 3, 5, 5, 5, 5]), 4,
                                                  coefficients, options)
             total = tf.reduce_sum(costs)
         return costs.numpy(), tape.gradient(total, images).numpy()
 
     costs, gradient = batched_gradient(options)
     for label, rows in [(3, slice(0, 4)), (5, slice(4, 8))]:
-        own = cnn_backwork.make_cost_function(features, references[label], label, coefficients, options)
+        own = backwork_cost.make_cost_function(features, references[label], label, coefficients, options)
         with tf.GradientTape() as tape:
             label_images = images[rows]
             tape.watch(label_images)
@@ -290,29 +294,29 @@ def test_batched_cost_gradient_of_one_label_is_its_own_cost_gradient(trained_tin
 
 
 def test_a_label_that_stopped_is_frozen_while_the_others_continue(trained_tiny, tiny_data, monkeypatch):
-    model = common.load_trained_model(trained_tiny[0])
-    monkeypatch.setattr(cnn_backwork.LabelState, "should_stop", lambda state, step: state.label == 3)
+    model = cnn.load_trained_model(trained_tiny[0])
+    monkeypatch.setattr(backwork_loop.LabelState, "should_stop", lambda state, step: state.label == 3)
     options = backwork_options(max_num_steps=75, save_freq=25, min_num_steps=0)
-    worker = cnn_backwork.Backworker(model, options, num_labels=2)
+    worker = backwork_loop.Backworker(model, options, num_labels=2)
     stopped = []
     results = worker.run(label_images_of(tiny_data, [3, 5]), quiet, lambda label, result: stopped.append(label))
     assert stopped == [3, 5] and results[3]["steps"] == 25 and results[5]["steps"] == 75
     assert [record["step"] for record in results[3]["history"]] == [25]
     # After label 3 stopped, its images and Adam state stayed put while label 5's moved on.
-    np.testing.assert_array_equal(worker.optimizer.images.numpy()[:4, ..., 0], results[3]["images"])
-    np.testing.assert_array_equal(worker.optimizer.steps.numpy()[:, 0, 0, 0], [25] * 4 + [75] * 4)
+    np.testing.assert_array_equal(worker.steps.optimizer.images.numpy()[:4, ..., 0], results[3]["images"])
+    np.testing.assert_array_equal(worker.steps.optimizer.steps.numpy()[:, 0, 0, 0], [25] * 4 + [75] * 4)
     assert np.abs(results[5]["images"] - results[5]["history"][0]["images"]).max() > 0.01
-    np.testing.assert_array_equal(worker.optimizer.images.numpy()[4:, ..., 0], results[5]["images"])
+    np.testing.assert_array_equal(worker.steps.optimizer.images.numpy()[4:, ..., 0], results[5]["images"])
 
 
 def test_steps_to_reach_is_the_first_step_a_per_step_trace_crosses_the_cap(trained_tiny, tiny_data):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     # No re-initialisation and no early stop, so the two runs differ only in how often they record.
     options = backwork_options(max_num_steps=40, min_num_steps=40, prob_cap_min=0.9, reinit_below=0.0,
                                learning_rate=0.02)
     images = label_images_of(tiny_data, [6])[6]
-    per_step = cnn_backwork.backwork_label(model, images, 6, {**options, "save_freq": 1}, progress=quiet)
-    blocks = cnn_backwork.backwork_label(model, images, 6, {**options, "save_freq": 20}, progress=quiet)
+    per_step = backwork_loop.backwork_label(model, images, 6, {**options, "save_freq": 1}, progress=quiet)
+    blocks = backwork_loop.backwork_label(model, images, 6, {**options, "save_freq": 20}, progress=quiet)
     np.testing.assert_allclose(blocks["images"], per_step["images"], atol=1e-5)
     trace = np.stack([record["probs"] for record in per_step["history"]])  # (40 steps, 4 images)
     reached = trace >= 0.9
@@ -327,7 +331,7 @@ def test_steps_to_reach_is_the_first_step_a_per_step_trace_crosses_the_cap(train
 
 
 def nan_model(trained_tiny, tmp_path):
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     model.set_weights([np.full_like(weights, np.nan) for weights in model.get_weights()])
     path = tmp_path / "nan.keras"
     model.save(path)
@@ -347,15 +351,15 @@ def test_a_diverging_backwork_is_one_clear_error_and_saves_nothing(trained_tiny,
 def test_a_diverging_label_stops_at_once_and_the_others_are_saved(trained_tiny, tiny_data, monkeypatch):
     import tensorflow as tf
 
-    original = cnn_backwork.grouped_cost
+    original = backwork_cost.grouped_cost
 
     def cost_of_label_5_explodes_at_step_0(flat, logits, nearest, image_labels, count, *arguments):
         costs, probabilities = original(flat, logits, nearest, image_labels, count, *arguments)
         labels = tf.reshape(image_labels, (-1, count))[:, 0]
         return tf.where(labels == 5, np.inf, costs), probabilities
 
-    monkeypatch.setattr(cnn_backwork, "grouped_cost", cost_of_label_5_explodes_at_step_0)
-    model = common.load_trained_model(trained_tiny[0])
+    monkeypatch.setattr(backwork_cost, "grouped_cost", cost_of_label_5_explodes_at_step_0)
+    model = cnn.load_trained_model(trained_tiny[0])
     saved = {}
     with pytest.raises(UserError, match=r"backwork of label 5 diverged at step 0 \(cost inf\)"):
         cnn_backwork.get_faulty_input_layer(tiny_data, {"backwork": backwork_options(max_num_steps=50)}, model,
@@ -371,18 +375,18 @@ def test_results_files_are_matched_by_their_exact_name(tmp_path, capsys):
     write("results_1_old.pkl", 7)
     write("results_2.pkl.bak", 2)
     write("old_results_3.pkl", 3)
-    assert list(cnn_backwork.load_label_results(tmp_path)) == [1]
+    assert list(backwork_loop.load_label_results(tmp_path)) == [1]
     write("results_4.pkl", 5)  # A file renamed by hand.
     with pytest.raises(UserError, match="holds the results of label 5, not 4"):
-        cnn_backwork.load_label_results(tmp_path)
+        backwork_loop.load_label_results(tmp_path)
     (tmp_path / "results_6.pkl").write_bytes(b"\x80\x04truncated")
     warnings = []
-    assert list(cnn_backwork.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
+    assert list(backwork_loop.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
     assert len(warnings) == 2 and warnings[0].startswith("warning: skipping results_4.pkl")
     assert "results_6.pkl" in warnings[1]
     with pytest.raises(UserError, match="refusing to load"):
         (tmp_path / "results_4.pkl").unlink()
-        cnn_backwork.load_label_results(tmp_path)
+        backwork_loop.load_label_results(tmp_path)
 
 
 def test_huge_label_range_is_refused_before_it_is_expanded():
@@ -434,7 +438,7 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     shutil.copy(trained_tiny[0], other)
     assert cnn_backwork.main(["--evaluate", str(tmp_path), "--model", str(trained_tiny[0]), str(other)]) == 0
     numbers = json.loads((tmp_path / "transfer.json").read_text())["models"]
-    model = common.load_trained_model(trained_tiny[0])
+    model = cnn.load_trained_model(trained_tiny[0])
     direct = np.concatenate([np.asarray(model(fake_backwork_results(label)["images"][..., None]))[:, label]
                              for label in (2, 7)])
     for path in (str(trained_tiny[0]), str(other)):
@@ -447,8 +451,8 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
 
 def test_reinitialised_images_leave_the_recorded_history_finite():
     """stuck() marks restarted images in the label's 'previous' probabilities; the history keeps its own copy."""
-    options = {**common.default_config()["backwork"], "num_examples": 3, "num_mono_dec_saves": 1}
-    state = cnn_backwork.LabelState.__new__(cnn_backwork.LabelState)
+    options = {**configurator.default_config()["backwork"], "num_examples": 3, "num_mono_dec_saves": 1}
+    state = backwork_loop.LabelState.__new__(backwork_loop.LabelState)
     state.label, state.options, state.history, state.reinitialised = 0, options, [], 0
     state.falls, state.previous = np.zeros(3, int), np.full(3, 0.5)
     state.record(25, np.array([1.0]), np.array([0.9, 0.2, 0.1], np.float32), np.zeros((3, 2, 2, 1)),

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import backwork_loop
 import cnn_backwork
 import common
 import distributed
@@ -145,7 +146,7 @@ def test_two_workers_give_the_results_of_one_run(worker_runs):
     shared, alone, printed = worker_runs
     assert "worker 0 of 2 (numbered from 0) takes labels [2, 5] of [2, 3, 5]" in printed[0]
     assert "worker 1 of 2 (numbered from 0) takes labels [3] of [2, 3, 5]" in printed[1]
-    split, single = cnn_backwork.load_label_results(shared), cnn_backwork.load_label_results(alone)
+    split, single = backwork_loop.load_label_results(shared), backwork_loop.load_label_results(alone)
     assert sorted(split) == sorted(single) == [2, 3, 5]
     for label in (2, 3, 5):
         np.testing.assert_allclose(split[label]["images"], single[label]["images"], rtol=0, atol=1e-5)
@@ -200,6 +201,6 @@ def test_figures_are_drawn_again_when_another_worker_writes_during_a_draw(tmp_pa
 
 def test_a_rewritten_results_file_of_the_same_size_is_a_change(tmp_path):
     common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
-    before = cnn_backwork.results_signature(tmp_path)
+    before = backwork_loop.results_signature(tmp_path)
     common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1, seed=1))
-    assert cnn_backwork.results_signature(tmp_path) != before
+    assert backwork_loop.results_signature(tmp_path) != before

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-import common
-import distributed
+import cnn
+import configurator
 from conftest import tiny_options
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
@@ -34,11 +34,11 @@ def test_bfloat16_rows_get_the_full_budget_only_where_they_are_fast():
 @pytest.mark.parametrize("cpu_bfloat16, force, timed", [(False, False, False), (False, True, True),
                                                         (True, False, True)])
 def test_the_benchmark_skips_slow_bfloat16_with_a_note(tmp_path, monkeypatch, capsys, cpu_bfloat16, force, timed):
-    monkeypatch.setattr(distributed, "cpu_has_bfloat16", lambda cpuinfo_text=None: cpu_bfloat16)
-    monkeypatch.setattr(distributed, "gpu_visible", lambda: False)
+    monkeypatch.setattr(cnn, "cpu_has_bfloat16", lambda cpuinfo_text=None: cpu_bfloat16)
+    monkeypatch.setattr(cnn, "gpu_visible", lambda: False)
     monkeypatch.setattr(bench_train, "numpy_matmul_rate", lambda: 1e9)
     config = tmp_path / "tiny.toml"
-    config.write_text(common.dump_toml({"model": tiny_options()["model"]}))
+    config.write_text(configurator.dump_toml({"model": tiny_options()["model"]}))
     bench_train.main(["--config", str(config), "--steps", "2", "--block", "1", "--repeats", "1", "--batch-sizes", "4",
                       *(["--bfloat16"] if force else [])])
     lines = capsys.readouterr().out.splitlines()

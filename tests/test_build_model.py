@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import cnn
 import proc_mnist
 from conftest import tiny_topology
 
@@ -17,7 +18,7 @@ def reference_size(size, window, stride, padding):
     (13, 3, 2, "VALID"), (7, 2, 3, "VALID"), (4, 5, 1, "VALID"), (1, 2, 2, "SAME"),
 ])
 def test_spatial_size_matches_window_count(size, window, stride, padding):
-    assert proc_mnist._spatial_size(size, window, stride, padding) == reference_size(size, window, stride, padding)
+    assert cnn._spatial_size(size, window, stride, padding) == reference_size(size, window, stride, padding)
 
 
 def test_layer_shapes_follow_padding_and_strides():
@@ -98,7 +99,7 @@ def test_single_channel_input_gradient_matches_numpy(padding, window):
     kernel = rng.normal(size=(*window, 1, 6))
     out_h, out_w = (7, 8) if padding == "SAME" else (7 - window[0] + 1, 8 - window[1] + 1)
     upstream = rng.normal(size=(3, out_h, out_w, 6))
-    ours = proc_mnist.single_channel_input_gradient(tf.constant(upstream), tf.constant(kernel), padding)
+    ours = cnn.single_channel_input_gradient(tf.constant(upstream), tf.constant(kernel), padding)
     assert ours.shape == (3, 7, 8, 1)
     np.testing.assert_allclose(ours.numpy(), numpy_input_gradient(upstream, kernel, padding), rtol=1e-10, atol=1e-10)
 
@@ -110,8 +111,8 @@ def test_input_gradient_model_gives_the_models_outputs_and_gradients(padding, wi
     topology = tiny_topology()
     topology["conv_layers"][0] = {"filter": [window, window, 1, 4], "strides": [1, 1, 1, 1], "padding": padding,
                                   "act_fn": "relu"}
-    model = proc_mnist.logits_model(proc_mnist.build_model(topology))
-    fast = proc_mnist.input_gradient_model(model)
+    model = cnn.logits_model(proc_mnist.build_model(topology))
+    fast = cnn.input_gradient_model(model)
     assert type(fast.get_layer("conv1_conv")).__name__ == "SingleChannelConv2D"
     assert fast.get_layer("conv2_conv") is model.get_layer("conv2_conv")  # The rest is shared, not copied.
     rng = np.random.default_rng(2)
@@ -141,7 +142,7 @@ def test_input_gradient_model_gives_the_models_outputs_and_gradients(padding, wi
 ])
 def test_input_gradient_model_keeps_other_convolutions(changes):
     model = proc_mnist.build_model(tiny_topology(**changes))
-    fast = proc_mnist.input_gradient_model(model)
+    fast = cnn.input_gradient_model(model)
     assert fast.get_layer("conv1_conv") is model.get_layer("conv1_conv")
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import common
+import configurator
 from common import UserError
 
 
@@ -14,10 +15,10 @@ def write(tmp_path, text, name="config.toml"):
 
 
 def test_config_lists_only_differences(tmp_path):
-    config = common.load_config(write(tmp_path, "[train]\nlearning_rate = 1\n"), ["train.batch_size=7"])
+    config = configurator.load_config(write(tmp_path, "[train]\nlearning_rate = 1\n"), ["train.batch_size=7"])
     assert config["train"]["learning_rate"] == 1.0 and isinstance(config["train"]["learning_rate"], float)
     assert config["train"]["batch_size"] == 7
-    assert config["model"] == common.default_config()["model"]
+    assert config["model"] == configurator.default_config()["model"]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -29,21 +30,21 @@ def test_config_lists_only_differences(tmp_path):
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
-        common.load_config(write(tmp_path, text))
+        configurator.load_config(write(tmp_path, text))
 
 
 def test_overrides_parse_toml_values_and_bare_words():
-    config = common.load_config(None, ["model.fc_act_fn=tanh", "model.num_fc_units=[8, 4]", "model.dropout=0"])
+    config = configurator.load_config(None, ["model.fc_act_fn=tanh", "model.num_fc_units=[8, 4]", "model.dropout=0"])
     assert config["model"]["fc_act_fn"] == "tanh"
     assert config["model"]["num_fc_units"] == [8, 4]
     with pytest.raises(UserError, match="section.key=value"):
-        common.load_config(None, ["learning_rate=3"])
+        configurator.load_config(None, ["learning_rate=3"])
 
 
 def test_dumped_config_reads_back_identically(tmp_path):
-    config = common.load_config(None, ["model.pool_layers=[{}, {filter = [1, 3, 3, 1], strides = [1, 2, 2, 1], padding = 'VALID'}]"])
-    path = write(tmp_path, common.dump_toml(config), name="resolved.toml")
-    assert common.load_config(path) == config
+    config = configurator.load_config(None, ["model.pool_layers=[{}, {filter = [1, 3, 3, 1], strides = [1, 2, 2, 1], padding = 'VALID'}]"])
+    path = write(tmp_path, configurator.dump_toml(config), name="resolved.toml")
+    assert configurator.load_config(path) == config
 
 
 def test_load_dataset_scales_adds_channel_and_records_the_file(tiny_npz, monkeypatch):
@@ -97,7 +98,7 @@ def test_load_dataset_rejects_bad_files(tmp_path):
     with pytest.raises(UserError, match="data.dataset 'svhn' is unknown"):
         common.load_dataset(dataset="svhn")
     with pytest.raises(UserError, match="data.dataset = 'svhn' must be one of mnist, fashion_mnist, cifar10"):
-        common.load_config(None, ["data.dataset=svhn"])
+        configurator.load_config(None, ["data.dataset=svhn"])
 
 
 def test_download_failure_says_how_to_give_a_file(monkeypatch):
@@ -128,15 +129,15 @@ def test_a_download_records_the_dataset_and_the_cached_file(monkeypatch, tmp_pat
     monkeypatch.setattr(keras.datasets.mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
     provenance = common.load_dataset()["provenance"]
     assert provenance["dataset"] == "mnist" and provenance["sha256"] == hashlib.sha256(b"cached").hexdigest()
-    assert common.load_config(None, ["data.dataset=cifar10"])["data"]["dataset"] == "cifar10"
+    assert configurator.load_config(None, ["data.dataset=cifar10"])["data"]["dataset"] == "cifar10"
 
 
 def test_provenance_comment_keeps_the_config_loading_back_unchanged(tmp_path):
-    config = common.default_config()
+    config = configurator.default_config()
     comment = common.provenance_comment({"dataset": None, "file": "/x/y.npz", "sha256": "ab" * 32})
     assert comment.startswith("# data: /x/y.npz, sha256 abab")
-    path = write(tmp_path, comment + common.dump_toml(config), name="resolved.toml")
-    assert common.load_config(path) == config
+    path = write(tmp_path, comment + configurator.dump_toml(config), name="resolved.toml")
+    assert configurator.load_config(path) == config
 
 
 def test_split_validation_holds_out_the_last_examples(tiny_data):
@@ -209,7 +210,7 @@ def test_values_out_of_range_are_one_line_at_load_time():
                               ("model.conv_layers=[3]", "model.conv_layers = [3] must be a list of at most"),
                               ("model.num_fc_units=[10000000]", "must be one or more sizes between 1 and 65536")]:
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            common.load_config(None, [override])
+            configurator.load_config(None, [override])
 
 
 def test_damaged_data_files_are_one_line(tmp_path):

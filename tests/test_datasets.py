@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import common
+import configurator
 import proc_mnist
 from common import UserError
 from conftest import COLOUR_CLASSES, COLOUR_SHAPE, colour_options
@@ -23,18 +24,18 @@ def test_a_model_that_does_not_fit_the_data_names_the_key_to_set(colour_npz, tmp
 
 
 def test_non_mnist_runs_get_their_own_default_folder():
-    config = common.load_config(None, ["data.dataset=cifar10"])
+    config = configurator.load_config(None, ["data.dataset=cifar10"])
     assert str(proc_mnist.default_out_dir(None, config)) == "runs/cifar10-default"
     assert str(proc_mnist.default_out_dir("configs/cifar10.toml", config)) == "runs/cifar10"
-    assert str(proc_mnist.default_out_dir("configs/small.toml", common.load_config())) == "runs/small"
+    assert str(proc_mnist.default_out_dir("configs/small.toml", configurator.load_config())) == "runs/small"
 
 
 def test_cifar10_config_is_the_default_network_for_32x32_colour():
-    config = common.load_config(common.PROJECT_DIR / "configs" / "cifar10.toml")
+    config = configurator.load_config(common.PROJECT_DIR / "configs" / "cifar10.toml")
     model = proc_mnist.build_model(config["model"])
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
     assert config["data"]["dataset"] == "cifar10"
-    default = proc_mnist.build_model(common.default_config()["model"])
+    default = proc_mnist.build_model(configurator.default_config()["model"])
     assert [layer.name for layer in model.layers] == [layer.name for layer in default.layers]
 
 
@@ -55,7 +56,7 @@ def colour_pipeline(colour_npz, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("colour")
     config = folder / "colour.toml"
-    config.write_text(common.dump_toml(common.merge_config(common.default_config(), colour_options(), "test")))
+    config.write_text(configurator.dump_toml(configurator.merge_config(configurator.default_config(), colour_options(), "test")))
     run, data = folder / "run", ["--data", str(colour_npz)]
     model = str(run / "model.keras")
     assert proc_mnist.main([str(config), *data, "--out", str(run)]) == 0
@@ -89,7 +90,7 @@ def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
     for folder in (run, augmented):
         text = (folder / "config.toml").read_text()
         assert text.startswith(f"# data: {npz}, sha256 {expected['sha256']}\n")
-        common.load_config(folder / "config.toml")  # The comment leaves it loadable.
+        configurator.load_config(folder / "config.toml")  # The comment leaves it loadable.
     for path in (run / "backwork" / "results_0.pkl", run / "saliency" / "saliency_test.pkl",
                  augmented / "heldout" / "results_2.pkl", augmented / "round1" / "backwork" / "results_1.pkl"):
         assert common.load_results(path)["data"] == expected, path
@@ -140,9 +141,9 @@ def test_every_script_writes_tensorboard_logs(colour_pipeline):
 
 def test_scripts_given_a_model_take_its_dataset_from_its_config(tmp_path):
     (tmp_path / "config.toml").write_text(common.provenance_comment(
-        {"dataset": "cifar10", "file": None, "sha256": None}) + common.dump_toml(
-        common.load_config(None, ["data.dataset=cifar10", "data.validation_size=7"])))
-    config = common.model_data_config(tmp_path / "model.keras")
+        {"dataset": "cifar10", "file": None, "sha256": None}) + configurator.dump_toml(
+        configurator.load_config(None, ["data.dataset=cifar10", "data.validation_size=7"])))
+    config = configurator.model_data_config(tmp_path / "model.keras")
     assert config["data"] == {"dataset": "cifar10", "validation_size": 7}
-    assert config["backwork"] == common.default_config()["backwork"]  # Only [data] comes from the model's run.
-    assert common.model_data_config(tmp_path / "elsewhere" / "model.keras") == common.default_config()
+    assert config["backwork"] == configurator.default_config()["backwork"]  # Only [data] comes from the model's run.
+    assert configurator.model_data_config(tmp_path / "elsewhere" / "model.keras") == configurator.default_config()

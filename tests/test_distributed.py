@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cnn
 import common
+import configurator
 import distributed
 import proc_mnist
 from conftest import tiny_options
@@ -32,7 +34,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, "tests")
 import numpy as np
-import common, distributed, proc_mnist
+import cnn, common, distributed, proc_mnist
 from conftest import tiny_options
 
 data = common.split_validation(common.load_dataset(sys.argv[1]), 100)
@@ -53,7 +55,7 @@ mirrored, metrics = proc_mnist.train(data, options(20, "mirrored"), strategy=str
 half, _ = proc_mnist.train(data, options(10, "mirrored"), strategy=strategy, **silent)
 proc_mnist.save_model(half, sys.argv[2])
 with strategy.scope():
-    reloaded = common.load_trained_model(sys.argv[2], compile=True)
+    reloaded = cnn.load_trained_model(sys.argv[2], compile=True)
 resumed, resumed_metrics = proc_mnist.train(data, options(20, "mirrored"), model=reloaded, strategy=strategy, **silent)
 untrained = proc_mnist.build_model(options(1, "none")["model"])
 
@@ -117,7 +119,7 @@ def cluster_arguments(tmp_path, tiny_npz, num_steps, log_every):
     config = tmp_path / "cluster.toml"
     options = tiny_options(num_steps)
     options["train"].update(distribute="multi_worker", log_every=log_every)
-    config.write_text(common.dump_toml({**options, "data": {"validation_size": 100}}))
+    config.write_text(configurator.dump_toml({**options, "data": {"validation_size": 100}}))
     return [str(config), "--data", str(tiny_npz), "--out", str(tmp_path / "run")]
 
 
@@ -170,7 +172,7 @@ def test_a_worker_that_dies_stops_the_chief_which_saves_and_says_how_to_resume(t
     assert last_line.startswith("error: training stopped: a worker of the cluster failed") and "--resume" in last_line
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["worker_failed"] and metrics["steps"] >= 40
-    model = common.load_trained_model(tmp_path / "run" / "model.keras", compile=True)
+    model = cnn.load_trained_model(tmp_path / "run" / "model.keras", compile=True)
     assert int(model.optimizer.iterations.numpy()) == metrics["steps"]  # The weights of a whole step.
 
 
@@ -248,14 +250,14 @@ def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
     assert model.get_layer("conv1_conv").compute_dtype == "bfloat16"
     assert model.get_layer("logits").compute_dtype == "float32" and model.output.dtype == "float32"
     proc_mnist.save_model(model, tmp_path / "model.keras")
-    resumable = common.load_trained_model(tmp_path / "model.keras", compile=True)
-    assert distributed.precision_of(resumable) == "mixed_bfloat16"  # Training goes on as it began.
-    analysed = common.load_trained_model(tmp_path / "model.keras")
-    assert distributed.precision_of(analysed) == "none"
+    resumable = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
+    assert cnn.precision_of(resumable) == "mixed_bfloat16"  # Training goes on as it began.
+    analysed = cnn.load_trained_model(tmp_path / "model.keras")
+    assert cnn.precision_of(analysed) == "none"
     for expected, actual in zip(model.get_weights(), analysed.get_weights()):
         np.testing.assert_array_equal(actual, expected)
     images = tiny_data["x_test"][:50]
-    float32_probabilities, bf16_probabilities = common.predict(analysed, images), common.predict(model, images)
+    float32_probabilities, bf16_probabilities = cnn.predict(analysed, images), cnn.predict(model, images)
     assert np.array_equal(float32_probabilities.argmax(1), bf16_probabilities.argmax(1)) or \
         np.mean(float32_probabilities.argmax(1) == bf16_probabilities.argmax(1)) > 0.95
     assert not np.allclose(float32_probabilities, bf16_probabilities, atol=1e-6)  # bf16 rounds: a real change.
@@ -263,7 +265,7 @@ def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
 
 def test_resuming_in_another_precision_says_the_model_keeps_its_own(tiny_npz, tmp_path, capsys):
     out, config = tmp_path / "run", tmp_path / "tiny.toml"
-    config.write_text(common.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
+    config.write_text(configurator.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
     arguments = [str(config), "--data", str(tiny_npz), "--out", str(out)]
     assert proc_mnist.main([*arguments, "--steps", "10"]) == 0
     code = proc_mnist.main([*arguments, "--steps", "20", "--resume", "--set", "train.mixed_precision=mixed_bfloat16",
@@ -277,26 +279,26 @@ def test_cpu_bfloat16_is_read_from_the_flags_of_every_core():
     def cpuinfo(*flag_lines):
         return "".join(f"processor\t: {index}\nflags\t\t: {flags}\n\n" for index, flags in enumerate(flag_lines))
 
-    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512_bf16", "fpu avx2 avx512_bf16")) is True
-    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 amx_bf16 amx_tile")) is True
-    assert distributed.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512bw")) is False
-    assert distributed.cpu_has_bfloat16(cpuinfo("avx512_bf16", "avx2")) is False  # One core without: slow.
-    assert distributed.cpu_has_bfloat16("processor\t: 0\nFeatures\t: fp asimd\n") is None  # No x86 flags.
-    assert distributed.cpu_has_bfloat16() in (True, False, None)  # This machine's /proc/cpuinfo, if any.
+    assert cnn.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512_bf16", "fpu avx2 avx512_bf16")) is True
+    assert cnn.cpu_has_bfloat16(cpuinfo("fpu avx2 amx_bf16 amx_tile")) is True
+    assert cnn.cpu_has_bfloat16(cpuinfo("fpu avx2 fma avx512f avx512bw")) is False
+    assert cnn.cpu_has_bfloat16(cpuinfo("avx512_bf16", "avx2")) is False  # One core without: slow.
+    assert cnn.cpu_has_bfloat16("processor\t: 0\nFeatures\t: fp asimd\n") is None  # No x86 flags.
+    assert cnn.cpu_has_bfloat16() in (True, False, None)  # This machine's /proc/cpuinfo, if any.
 
 
 def fake_hardware(monkeypatch, cpu_bfloat16, gpu=False):
-    monkeypatch.setattr(distributed, "cpu_has_bfloat16", lambda cpuinfo_text=None: cpu_bfloat16)
-    monkeypatch.setattr(distributed, "gpu_visible", lambda: gpu)
+    monkeypatch.setattr(cnn, "cpu_has_bfloat16", lambda cpuinfo_text=None: cpu_bfloat16)
+    monkeypatch.setattr(cnn, "gpu_visible", lambda: gpu)
 
 
 @pytest.mark.parametrize("cpu_bfloat16, gpu, fast", [
     (True, False, True), (False, True, True), (None, True, True), (False, False, False), (None, False, False)])
 def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch, cpu_bfloat16, gpu, fast):
     fake_hardware(monkeypatch, cpu_bfloat16, gpu)
-    assert distributed.resolve_precision("auto") == ("mixed_bfloat16" if fast else "none")
-    assert distributed.resolve_precision("none") == "none"
-    assert distributed.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert cnn.resolve_precision("auto") == ("mixed_bfloat16" if fast else "none")
+    assert cnn.resolve_precision("none") == "none"
+    assert cnn.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
 
 
 @pytest.mark.parametrize("cpu_bfloat16, reason", [
@@ -338,10 +340,10 @@ def test_a_slow_saved_bfloat16_model_is_refused_whatever_the_config_says(tiny_da
 def test_auto_precision_is_resolved_once_and_recorded(tiny_npz, tmp_path, monkeypatch, capsys, cpu_bfloat16, expected):
     fake_hardware(monkeypatch, cpu_bfloat16)
     out, config = tmp_path / "run", tmp_path / "tiny.toml"
-    config.write_text(common.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
+    config.write_text(configurator.dump_toml({**tiny_options(), "data": {"validation_size": 100}}))
     arguments = [str(config), "--data", str(tiny_npz), "--out", str(out)]
     assert proc_mnist.main([*arguments, "--steps", "4", "--set", "train.mixed_precision=auto"]) == 0
-    assert common.load_config(out / "config.toml")["train"]["mixed_precision"] == expected  # Not "auto".
+    assert configurator.load_config(out / "config.toml")["train"]["mixed_precision"] == expected  # Not "auto".
     assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == expected
     capsys.readouterr()
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "8"]) == 0

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cnn
 import common
 import guided_backprop
 import proc_mnist
@@ -95,7 +96,7 @@ def test_vanilla_maps_match_finite_differences():
     # Every pixel nudged up and down, all in one batch: (images, pixels, 2, H, W, 1).
     nudges = np.eye(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1) * step
     nudged = images[:, None, None] + np.stack([nudges, -nudges], axis=1)[None]
-    scores = np.asarray(proc_mnist.logits_model(model)(nudged.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)))
+    scores = np.asarray(cnn.logits_model(model)(nudged.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)))
     scores = scores.reshape(2, -1, 2, 10)[np.arange(2), :, :, labels]  # (images, pixels, 2)
     differences = (scores[..., 0] - scores[..., 1]) / (2 * step)
     np.testing.assert_allclose(gradients.reshape(2, -1), differences, atol=1e-3 * np.abs(differences).max())
@@ -125,7 +126,7 @@ def test_batch_norm_and_dropout_model_gives_finite_repeatable_maps():
 
 def test_trained_model_is_left_unchanged(trained_tiny):
     path, _ = trained_tiny
-    model = common.load_trained_model(path)
+    model = cnn.load_trained_model(path)
     images = random_images(4)
     weights, activations = model.get_weights(), [getattr(layer, "activation", None) for layer in model.layers]
     vanilla_before = guided_backprop.vanilla_gradient(model, images)
@@ -276,7 +277,7 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     np.testing.assert_array_equal(results["labels"], results["probs"].argmax(axis=1))
     for name in ("vanilla", "guided", "vanilla_smooth", "guided_smooth"):
         assert results[name].shape == test_images.shape and np.isfinite(results[name]).all()
-    model = common.load_trained_model(path)
+    model = cnn.load_trained_model(path)
     np.testing.assert_allclose(results["guided"], guided_backprop.guided_backprop(model, test_images), rtol=1e-5)
     assert (out / "saliency_test.png").read_bytes()[:4] == b"\x89PNG"
     assert "guided_smooth: 3 images" in capsys.readouterr().out

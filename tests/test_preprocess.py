@@ -3,8 +3,11 @@ import json
 import numpy as np
 import pytest
 
+import backwork_loop
+import cnn
 import cnn_backwork
 import common
+import configurator
 import preprocess_data
 import proc_mnist
 from common import UserError
@@ -62,8 +65,8 @@ def test_difficulty_fractions_from_a_synthetic_steps_array():
 
 
 def test_transfer_numbers_equal_a_direct_predict(trained_tiny, tmp_path):
-    model = common.load_trained_model(trained_tiny[0])
-    results = cnn_backwork.load_label_results(write_results(tmp_path, labels=[2, 7]))
+    model = cnn.load_trained_model(trained_tiny[0])
+    results = backwork_loop.load_label_results(write_results(tmp_path, labels=[2, 7]))
     numbers = preprocess_data.fooling_numbers(model, results, cap=0.999, prefix="transfer")
     direct = np.concatenate([np.asarray(model(results[label]["images"][..., None]))[:, label] for label in (2, 7)])
     assert numbers["transfer_mean_p"] == pytest.approx(direct.mean(), rel=1e-5)
@@ -72,7 +75,7 @@ def test_transfer_numbers_equal_a_direct_predict(trained_tiny, tmp_path):
 
 
 def test_extra_class_model_keeps_the_old_weights_and_has_one_more_output(trained_tiny, tiny_data):
-    original = common.load_trained_model(trained_tiny[0])
+    original = cnn.load_trained_model(trained_tiny[0])
     wider = preprocess_data.with_extra_class(original)
     assert wider.output_shape == (None, 11) and [layer.name for layer in wider.layers] == \
         [layer.name for layer in original.layers]
@@ -81,7 +84,7 @@ def test_extra_class_model_keeps_the_old_weights_and_has_one_more_output(trained
             if layer.name == "logits":
                 new = new[..., :-1]
             np.testing.assert_array_equal(old, new)
-    logits = proc_mnist.logits_model
+    logits = cnn.logits_model
     images = tiny_data["x_test"][:5]
     np.testing.assert_allclose(np.asarray(logits(wider)(images))[:, :10], np.asarray(logits(original)(images)),
                                rtol=1e-5, atol=1e-6)
@@ -114,13 +117,13 @@ def test_one_round_end_to_end_lowers_confidence_on_trained_fooling_images(traine
     for folder in ("round1/backwork", "heldout"):
         assert len(list((out / folder).glob("results_*.pkl"))) == 10
         assert (out / folder / "backwork.png").read_bytes()[:4] == b"\x89PNG"
-    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+    assert cnn.load_trained_model(out / "model.keras").output_shape == (None, 10)
     assert "round  test acc" in capsys.readouterr().out
 
 
 def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_data):
-    original = common.load_trained_model(trained_tiny[0])
-    config = common.default_config()
+    original = cnn.load_trained_model(trained_tiny[0])
+    config = configurator.default_config()
     config["train"].update(num_steps=20, log_every=10, batch_size=20, learning_rate=0.01)
     config["augment"].update(from_scratch=True, retrain_steps=999)
     model, metrics = preprocess_data.retrain(original, tiny_data, config, 1, progress=lambda line: None)
@@ -167,8 +170,8 @@ def test_retraining_starts_from_the_config_the_model_was_trained_with(trained_ti
 
     (tmp_path / "run").mkdir()
     shutil.copy(trained_tiny[0], tmp_path / "run" / "model.keras")
-    trained_with = common.load_config(None, ["train.learning_rate=0.0123", "train.batch_size=7"])
-    (tmp_path / "run" / "config.toml").write_text(common.dump_toml(trained_with))
+    trained_with = configurator.load_config(None, ["train.learning_rate=0.0123", "train.batch_size=7"])
+    (tmp_path / "run" / "config.toml").write_text(configurator.dump_toml(trained_with))
     args = preprocess_data.parse_arguments(["--results", "r", "--model", str(tmp_path / "run" / "model.keras")])
     config = preprocess_data.resolve_config(args)
     assert config["train"]["learning_rate"] == 0.0123 and config["train"]["batch_size"] == 7
@@ -177,6 +180,26 @@ def test_retraining_starts_from_the_config_the_model_was_trained_with(trained_ti
     args = preprocess_data.parse_arguments([str(given), "--results", "r", "--model",
                                             str(tmp_path / "run" / "model.keras")])
     assert preprocess_data.resolve_config(args)["train"]["batch_size"] == 9  # A given config wins.
+
+
+def test_an_older_model_is_retrained_on_its_own_recipe_not_on_todays_defaults(tmp_path):
+    """A config.toml saved before the recipe keys existed means the original recipe, for every reader.
+
+    The rounds study once read it with load_config, which fills in today's defaults (a cosine
+    schedule, random shifts): an older model was then retrained on a recipe it never had.
+    """
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.keras").write_bytes(b"")  # resolve_config only reads the config beside it.
+    old_style = "\n".join(line for line in configurator.dump_toml(configurator.default_config()).splitlines()
+                          if line.split(" = ")[0] not in configurator.ORIGINAL_RECIPE)
+    (tmp_path / "run" / "config.toml").write_text(old_style)
+    defaults = configurator.default_config()["train"]
+    assert any(defaults[key] != value for key, value in configurator.ORIGINAL_RECIPE.items())  # Not trivial.
+    args = preprocess_data.parse_arguments(["--results", "r", "--model", str(tmp_path / "run" / "model.keras")])
+    section = preprocess_data.resolve_config(args)["train"]
+    assert {key: section[key] for key in configurator.ORIGINAL_RECIPE} == configurator.ORIGINAL_RECIPE
+    saved = configurator.saved_config(tmp_path / "run" / "config.toml")["train"]
+    assert {key: saved[key] for key in configurator.ORIGINAL_RECIPE} == configurator.ORIGINAL_RECIPE
 
 
 def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, tmp_path):
@@ -207,15 +230,15 @@ def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_n
     report = json.loads((tmp_path / "aug" / "report.json").read_text())
     assert report["target"] == "extra_class" and [m["round"] for m in report["rounds"]] == [0, 1, 2]
     assert all(0 <= m["heldout_none_prob"] <= 1 for m in report["rounds"][1:])
-    assert common.load_trained_model(tmp_path / "aug" / "model.keras").output_shape == (None, 11)
-    heldout = preprocess_data.final_images(cnn_backwork.load_label_results(tmp_path / "aug" / "heldout"))
+    assert cnn.load_trained_model(tmp_path / "aug" / "model.keras").output_shape == (None, 11)
+    heldout = preprocess_data.final_images(backwork_loop.load_label_results(tmp_path / "aug" / "heldout"))
     assert len(trained_on) == 2
     for training_images in trained_on:
         flat = training_images.reshape(len(training_images), -1)
         for image in heldout.reshape(len(heldout), -1):
             assert not np.any(np.all(flat == image, axis=1))
     # The second round trained on the first round's fresh images: they must be in its set.
-    fresh = preprocess_data.final_images(cnn_backwork.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
+    fresh = preprocess_data.final_images(backwork_loop.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
     assert np.any(np.all(trained_on[1].reshape(len(trained_on[1]), -1) == fresh[0].ravel(), axis=1))
 
 

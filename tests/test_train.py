@@ -9,7 +9,9 @@ import keras
 import numpy as np
 import pytest
 
+import cnn
 import common
+import configurator
 import proc_mnist
 from conftest import tiny_options
 
@@ -57,7 +59,7 @@ def test_resumed_training_equals_uninterrupted(tiny_data, tmp_path):
     options["train"]["num_steps"] = 30
     half, _ = proc_mnist.train(tiny_data, options, **SILENT)
     proc_mnist.save_model(half, tmp_path / "model.keras")
-    reloaded = common.load_trained_model(tmp_path / "model.keras", compile=True)
+    reloaded = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
     options["train"]["num_steps"] = 60
     resumed, metrics = proc_mnist.train(tiny_data, options, model=reloaded, **SILENT)
     assert metrics["steps"] == 60 and metrics["history"][0]["step"] == 50
@@ -66,11 +68,11 @@ def test_resumed_training_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def write_config(tmp_path, num_steps=40):
-    options = common.merge_config(common.default_config(), tiny_options(num_steps), "test")
+    options = configurator.merge_config(configurator.default_config(), tiny_options(num_steps), "test")
     options["train"]["log_every"] = 20
     options["data"]["validation_size"] = 100
     path = tmp_path / "tiny.toml"
-    path.write_text(common.dump_toml(options))
+    path.write_text(configurator.dump_toml(options))
     return path
 
 
@@ -80,7 +82,7 @@ def test_command_line_run_writes_every_output(tiny_npz, tmp_path, capsys):
     assert {"model.keras", "config.toml", "metrics.json", "training_curve.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 40 and 0 <= metrics["test_accuracy"] <= 1
-    assert common.load_config(out / "config.toml")["model"]["conv_layers"][0]["filter"] == [3, 3, 1, 4]
+    assert configurator.load_config(out / "config.toml")["model"]["conv_layers"][0]["filter"] == [3, 3, 1, 4]
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "step 20/40" in capsys.readouterr().out
 
@@ -115,7 +117,7 @@ def test_interrupt_is_honoured_after_one_short_call_and_resume_finishes(tiny_npz
     interrupted = json.loads((out / "metrics.json").read_text())
     assert interrupted["interrupted"] is True and interrupted["steps"] == 3
     assert interrupted["stop_reason"] == "interrupted" and interrupted["diverged"] is False
-    model = common.load_trained_model(out / "model.keras", compile=True)
+    model = cnn.load_trained_model(out / "model.keras", compile=True)
     assert int(model.optimizer.iterations.numpy()) == 3
     monkeypatch.undo()
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 0
@@ -143,16 +145,16 @@ def test_user_mistakes_end_in_one_line(arguments, message, tmp_path):
 def test_model_that_does_not_fit_the_data_is_refused(tiny_npz, trained_tiny):
     path, _ = trained_tiny
     with pytest.raises(common.UserError, match=r"takes images of shape \(12, 12, 1\)"):
-        common.load_trained_model(path, images=np.zeros((1, 28, 28, 1)))
+        cnn.load_trained_model(path, images=np.zeros((1, 28, 28, 1)))
     with pytest.raises(common.UserError, match="has 10 classes"):
-        common.load_trained_model(path, num_classes=11)
+        cnn.load_trained_model(path, num_classes=11)
 
 
 # ------------------------------------------------------------------ schedules and recipe
 
 
 def schedule_section(**changes):
-    section = {**common.default_config()["train"], "learning_rate": 0.01, "num_steps": 100, "warmup_steps": 20}
+    section = {**configurator.default_config()["train"], "learning_rate": 0.01, "num_steps": 100, "warmup_steps": 20}
     section.update(changes)
     return section
 
@@ -197,21 +199,21 @@ def test_bad_recipe_values_are_refused_by_name(key, value, message):
 
 
 def test_recipe_keys_take_their_types_strictly():
-    config = common.load_config(None, ["train.schedule=one_cycle", "train.label_smoothing=0", "train.warmup_steps=5"])
+    config = configurator.load_config(None, ["train.schedule=one_cycle", "train.label_smoothing=0", "train.warmup_steps=5"])
     assert config["train"]["schedule"] == "one_cycle" and config["train"]["label_smoothing"] == 0.0
     with pytest.raises(common.UserError, match="train.warmup_steps must be a int"):
-        common.load_config(None, ["train.warmup_steps=0.5"])
+        configurator.load_config(None, ["train.warmup_steps=0.5"])
     with pytest.raises(common.UserError, match="train.schedule must be a str"):
-        common.load_config(None, ["train.schedule=3"])
+        configurator.load_config(None, ["train.schedule=3"])
 
 
 def test_original_config_is_the_original_recipe():
-    config = common.load_config(Path(common.PROJECT_DIR) / "configs" / "original.toml")
+    config = configurator.load_config(Path(common.PROJECT_DIR) / "configs" / "original.toml")
     section = config["train"]
     assert (section["learning_rate"], section["batch_size"], section["num_steps"]) == (1e-4, 50, 20000)
     assert proc_mnist.learning_rate_schedule(section) == 1e-4
     assert section["label_smoothing"] == 0 and section["shift_pixels"] == 0
-    assert config["model"] == common.default_config()["model"]
+    assert config["model"] == configurator.default_config()["model"]
 
 
 def recipe_options(num_steps):
@@ -229,7 +231,7 @@ def test_schedule_and_shifts_survive_save_load_and_resume_equals_uninterrupted(t
     proc_mnist.compile_for_training(model, proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
     half, _ = proc_mnist.train(tiny_data, options, model=model, **SILENT)
     proc_mnist.save_model(half, tmp_path / "model.keras")
-    reloaded = common.load_trained_model(tmp_path / "model.keras", compile=True)
+    reloaded = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
     schedule = reloaded.optimizer._learning_rate
     assert type(schedule).__name__ == "CosineDecay" and schedule.decay_steps == 50 and schedule.warmup_steps == 10
     resumed, metrics = proc_mnist.train(tiny_data, recipe_options(60), model=reloaded, **SILENT)
@@ -285,7 +287,7 @@ def test_divergence_exits_2_with_one_line_saves_no_nan_model_and_strict_json(tin
     metrics = strict_json(out / "metrics.json")
     assert metrics["diverged"] is True and metrics["steps"] >= 1
     assert all(record["val_accuracy"] is None for record in metrics["history"])  # No validation set: null.
-    model = common.load_trained_model(out / "model.keras", compile=True)
+    model = cnn.load_trained_model(out / "model.keras", compile=True)
     assert proc_mnist.weights_are_finite(model) and int(model.optimizer.iterations.numpy()) == metrics["steps"]
 
 
@@ -303,7 +305,7 @@ def test_interrupt_during_the_final_evaluation_still_saves(tiny_npz, tmp_path, m
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
     metrics = strict_json(out / "metrics.json")
     assert metrics["steps"] == 40 and metrics["interrupted"] is True and metrics["test_accuracy"] is None
-    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+    assert cnn.load_trained_model(out / "model.keras").output_shape == (None, 10)
 
 
 def test_interrupt_during_the_save_finishes_it_and_a_second_aborts_cleanly(tiny_npz, tmp_path, monkeypatch):
@@ -321,7 +323,7 @@ def test_interrupt_during_the_save_finishes_it_and_a_second_aborts_cleanly(tiny_
     out = tmp_path / "once"
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
     assert strict_json(out / "metrics.json")["steps"] == 40
-    assert common.load_trained_model(out / "model.keras").output_shape == (None, 10)
+    assert cnn.load_trained_model(out / "model.keras").output_shape == (None, 10)
 
     monkeypatch.setattr(proc_mnist, "save_model", save_with_interrupts(2))
     out = tmp_path / "twice"
@@ -424,7 +426,7 @@ def test_sigterm_saves_and_exits_130(tiny_npz, tmp_path):
     assert process.returncode == 130, stderr
     metrics = strict_json(out / "metrics.json")
     assert metrics["interrupted"] is True and 40 <= metrics["steps"] < 100000
-    model = common.load_trained_model(out / "model.keras", compile=True)
+    model = cnn.load_trained_model(out / "model.keras", compile=True)
     assert int(model.optimizer.iterations.numpy()) == metrics["steps"]
 
 
@@ -460,13 +462,13 @@ def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(t
     out = tmp_path / "run"
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
     old_style = "\n".join(line for line in (out / "config.toml").read_text().splitlines()
-                          if line.split(" = ")[0] not in proc_mnist.ORIGINAL_RECIPE)
+                          if line.split(" = ")[0] not in configurator.ORIGINAL_RECIPE)
     (out / "config.toml").write_text(old_style)
     assert "shift_pixels" not in old_style and "[train]" in old_style
-    assert common.default_config()["train"]["schedule"] != "constant"  # The defaults would change the recipe.
+    assert configurator.default_config()["train"]["schedule"] != "constant"  # The defaults would change the recipe.
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]) == 0
-    section = common.load_config(out / "config.toml")["train"]
-    assert {key: section[key] for key in proc_mnist.ORIGINAL_RECIPE} == proc_mnist.ORIGINAL_RECIPE
+    section = configurator.load_config(out / "config.toml")["train"]
+    assert {key: section[key] for key in configurator.ORIGINAL_RECIPE} == configurator.ORIGINAL_RECIPE
 
 
 def test_calls_are_sized_by_time_and_end_on_progress_lines(tiny_npz, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,360 @@
+"""The configuration: defaults, TOML, --set, every value rule and choice list, and saved runs' configs.
+
+Every default lives in configs/default.toml; a config file or a --set override lists only
+what differs. VALUE_RULES below is the one table of what each value may be (ranges,
+sizes, and the choice lists of every named setting), checked as a config is merged, so
+that a mistake is one line at load time and never a failure deep in a run. The few rules
+that relate two keys of a section (SECTION_RULES) are checked once the whole config is
+loaded. saved_config is the one reader of a run's config.toml: every script that starts
+from a saved run reads it through it.
+
+This module imports TensorFlow nowhere, so --help and a config mistake stay fast.
+"""
+import json
+import math
+import tomllib
+from pathlib import Path
+
+from common import DATASETS, PROJECT_DIR, UserError
+
+DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
+
+# ------------------------------------------------------------------- the choice lists
+
+# data.dataset: common.DATASETS, the datasets common.load_dataset can download.
+SCHEDULES = ("constant", "cosine", "one_cycle")  # train.schedule (proc_mnist.learning_rate_schedule)
+STRATEGIES = ("none", "mirrored", "multi_worker")  # train.distribute (distributed.make_strategy)
+XLA_SETTINGS = ("auto", "on", "off")  # train.xla (distributed.use_xla)
+# bfloat16 keeps float32's exponent range, so no loss scaling is needed (float16 would
+# need a loss-scale optimizer whose skipped steps our non-finite check would stop on).
+PRECISION_POLICIES = ("none", "mixed_bfloat16")
+PRECISION_SETTINGS = (*PRECISION_POLICIES, "auto")  # train.mixed_precision; cnn.resolve_precision turns "auto" into a policy
+BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # backwork.loss (backwork_cost.label_loss)
+ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # augment.attacks (attacks.py)
+DEFENCES = ("uniform", "extra_class", "control")  # augment.target (preprocess_data.py)
+SALIENCY_METHODS = ("vanilla", "guided", "both")  # saliency.method (guided_backprop.py)
+SIGNS = ("positive", "negative", "both")  # saliency.sign (guided_backprop.salient_features)
+SCALES = ("normalize", "binary", "none")  # saliency.scale (guided_backprop.salient_features)
+
+# Keys whose value may be one number or a list of them (cnn.build_model normalises them).
+SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
+
+# The [train] keys added after the original recipe, with the values that reproduce it: a
+# saved config.toml without one of them was trained with this value (saved_config).
+ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0}
+
+# ------------------------------------------------------------------- reading TOML
+
+def read_toml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path} does not exist; give the path of a .toml file such as configs/small.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config {path} is not valid TOML ({error}); fix that line") from None
+
+
+def default_config():
+    """The defaults of every script, read from configs/default.toml (the one place they live)."""
+    return read_toml(DEFAULT_CONFIG_PATH)
+
+
+def _checked_value(name, default, value):
+    """Return value if it has the default's type (ints are accepted for floats)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif type(value) is type(default):
+        return value
+    elif name in SCALAR_OR_LIST_KEYS and isinstance(value, (int, list)):
+        return value
+    raise UserError(
+        f"config key {name} must be a {type(default).__name__} like the default {default!r}, "
+        f"not {value!r}; fix it in the config or the --set override")
+
+
+
+# ------------------------------------------------------------------- the rules
+
+_STANDARD_MESSAGE = "{source}: {name} = {value!r} must be {description}; fix it in the config or --set"
+
+
+def _rule(test, description, message=None):
+    """A value rule: test(value) is true for a valid value; description and message say what is valid."""
+    return test, description, message or _STANDARD_MESSAGE
+
+
+def _between(low, high):
+    return _rule(lambda value: low <= value <= high, f"between {low} and {high}")
+
+
+_POSITIVE = _rule(lambda value: value > 0, "greater than 0")
+_AT_LEAST_ZERO = _rule(lambda value: value >= 0, "0 or more")
+_PROBABILITY = _rule(lambda value: 0 < value <= 1, "in (0, 1]")
+_SEED = _between(0, 2**31 - 1)
+_COUNT = _between(1, 10**9)
+
+
+def _tables(maximum_count, none_means="not allowed"):
+    def test(items):
+        allowed = (dict,) if none_means == "not allowed" else (dict, type(None))
+        return len(items) <= maximum_count and all(isinstance(item, allowed) for item in items)
+
+    return _rule(test, f"a list of at most {maximum_count} tables like {{filter = [...], strides = [...], "
+                       f"padding = ...}} ({{}} or None: {none_means})")
+
+
+def _sizes(maximum):
+    def test(value):
+        values = value if isinstance(value, list) else [value]
+        return all(isinstance(item, int) and 1 <= item <= maximum for item in values)
+
+    return _rule(test, f"one or more sizes between 1 and {maximum}")
+
+
+# What each numeric or structured config value may be; checked wherever a config is merged,
+
+def _one_of(choices, message="{name} {value!r} is unknown; use one of {description}"):
+    """A named setting: one of choices (the message says which exist)."""
+    return _rule(lambda value: value in choices, ", ".join(choices), message)
+
+
+_SALIENCY_MESSAGE = "{name} must be one of {description}; fix the flag, the config or --set"
+
+VALUE_RULES = {
+    "data.validation_size": _AT_LEAST_ZERO,
+    "data.dataset": _rule(lambda name: name in DATASETS, f"one of {', '.join(DATASETS)} (or give --data PATH)"),
+    "model.image_dim_size": _sizes(4096),
+    "model.num_classes": _between(2, 100_000),
+    "model.conv_layers": _tables(64),
+    "model.pool_layers": _tables(64, none_means="no pooling"),
+    "model.num_fc_units": _sizes(65_536),
+    "model.dropout": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
+    "train.learning_rate": _POSITIVE,
+    "train.batch_size": _between(1, 100_000),
+    "train.num_steps": _COUNT,
+    "train.log_every": _COUNT,
+    "train.seed": _SEED,
+    "train.warmup_steps": _between(0, 10**9),
+    "train.label_smoothing": _rule(lambda value: 0 <= value < 1, "in [0, 1)"),
+    "train.shift_pixels": _between(0, 1000),
+    "train.schedule": _one_of(SCHEDULES),
+    "train.distribute": _one_of(STRATEGIES),
+    "train.xla": _one_of(XLA_SETTINGS),
+    "train.mixed_precision": _one_of(PRECISION_SETTINGS),
+    "backwork.num_examples": _between(1, 100_000),
+    "backwork.learning_rate": _POSITIVE,
+    "backwork.max_num_steps": _COUNT,
+    "backwork.min_num_steps": _between(0, 10**9),
+    "backwork.tolerance": _AT_LEAST_ZERO,
+    "backwork.prob_cap_mean": _PROBABILITY,
+    "backwork.prob_cap_min": _PROBABILITY,
+    "backwork.save_freq": _COUNT,
+    "backwork.num_mono_dec_saves": _COUNT,
+    "backwork.reinit_below": _between(0, 1),
+    "backwork.reference_cost_coeff": _AT_LEAST_ZERO,
+    "backwork.batch_cost_coeff": _AT_LEAST_ZERO,
+    "backwork.max_reference_examples": _between(0, 10**9),
+    "backwork.nearest_every": _COUNT,
+    "backwork.layer_cost_coeffs": _rule(
+        lambda values: all(isinstance(value, (int, float)) and math.isfinite(value) for value in values),
+        "a list of finite numbers ([] for the default)"),
+    "backwork.seed": _SEED,
+    "backwork.loss": _rule(lambda name: name in BACKWORK_LOSSES, f"one of {', '.join(BACKWORK_LOSSES)}"),
+    "backwork.margin_kappa": _POSITIVE,
+    "augment.num_blank": _between(0, 1_000_000),
+    "augment.num_noise": _between(0, 1_000_000),
+    "augment.retrain_steps": _COUNT,
+    "augment.rounds": _between(1, 1000),
+    "augment.num_eval_noise": _between(1, 1_000_000),
+    "augment.seed": _SEED,
+    "augment.heldout_seed": _SEED,
+    "augment.target": _rule(lambda name: name in DEFENCES, f"one of {', '.join(DEFENCES)}"),
+    "augment.attacks": _rule(lambda names: 0 < len(names) and set(names) <= set(ATTACKS)
+                             and len(set(names)) == len(names), f"a list of distinct names from {', '.join(ATTACKS)}"),
+    "augment.train_on": _rule(lambda name: name in ("strongest",) + BACKWORK_LOSSES,
+                              f"\"strongest\" or one of {', '.join(BACKWORK_LOSSES)}"),
+    "augment.attack_examples": _between(1, 10_000),
+    "augment.pgd_steps": _COUNT,
+    "augment.pgd_step_size": _POSITIVE,
+    "augment.square_queries": _between(1, 10**7),
+    "augment.difficulty_budgets": _rule(
+        lambda budgets: 0 < len(budgets) <= 20 and all(isinstance(b, int) and b >= 1 for b in budgets)
+        and budgets == sorted(set(budgets)), "an increasing list of 1 to 20 step counts, each at least 1"),
+    "saliency.num": _between(1, 100_000),
+    "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),
+    "saliency.smooth_samples": _between(0, 100_000),
+    "saliency.smooth_noise": _AT_LEAST_ZERO,
+    "saliency.seed": _SEED,
+    "saliency.top_k": _AT_LEAST_ZERO,
+    "saliency.method": _one_of(SALIENCY_METHODS, _SALIENCY_MESSAGE),
+    "saliency.sign": _one_of(SIGNS, _SALIENCY_MESSAGE),
+    "saliency.scale": _one_of(SCALES, _SALIENCY_MESSAGE),
+}
+
+
+def _warmup_before_the_end(section):
+    if not section["warmup_steps"] < section["num_steps"]:
+        raise UserError(f"train.warmup_steps {section['warmup_steps']} must be below "
+                        f"train.num_steps ({section['num_steps']})")
+
+
+# The rules that relate two keys of one section, checked once the whole config is loaded
+# (an override may change either key, in any order).
+SECTION_RULES = {"train": [_warmup_before_the_end]}
+
+
+def _check_rule(name, value, source):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {name} = {value!r} must be a finite number; fix it in the config or --set")
+    test, description, message = VALUE_RULES.get(name, (None, None, None))
+    if test is not None and not test(value):
+        raise UserError(message.format(source=source, name=name, value=value, description=description))
+
+
+def check_section(section, values, source):
+    """Check one section (a dict a notebook built, say): every value against VALUE_RULES, then SECTION_RULES.
+
+    A partial section (a notebook's) is checked for the keys it has; the rules relating two
+    keys need both.
+    """
+    for key, value in values.items():
+        _check_rule(f"{section}.{key}", value, source)
+    for rule in SECTION_RULES.get(section, []):
+        try:
+            rule(values)
+        except KeyError:  # A partial section without one of the rule's keys.
+            pass
+
+
+def check_config(config):
+    """The rules relating two keys of a section, for a whole config whose values were merged."""
+    for section, rules in SECTION_RULES.items():
+        for rule in rules:
+            rule(config[section])
+    return config
+
+
+# ------------------------------------------------------------------- merging
+
+
+def merge_config(config, updates, source):
+    """Overlay updates onto config in place; unknown keys, wrong types and values out of range are errors."""
+    for section, values in updates.items():
+        if section not in config or not isinstance(values, dict):
+            known = ", ".join(f"[{name}]" for name in config)
+            raise UserError(f"{source}: unknown section [{section}]; the sections are {known}")
+        for key, value in values.items():
+            if key not in config[section]:
+                known = ", ".join(sorted(config[section]))
+                raise UserError(f"{source}: unknown key {section}.{key}; keys of [{section}] are {known}")
+            value = _checked_value(f"{section}.{key}", config[section][key], value)
+            _check_rule(f"{section}.{key}", value, source)
+            config[section][key] = value
+    return config
+
+
+def parse_override(text):
+    """'train.learning_rate=3e-4' -> {'train': {'learning_rate': 3e-4}} with TOML value syntax."""
+    name, separator, raw_value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not separator or not dot or not key:
+        raise UserError(f"--set {text!r} must look like section.key=value, e.g. train.learning_rate=3e-4")
+    try:
+        value = tomllib.loads(f"value = {raw_value.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()  # A bare word such as relu or SAME is meant as a string.
+    return {section: {key: value}}
+
+
+
+def load_config(path=None, overrides=(), base=None):
+    """Defaults (or base), then the config file, then each --set override, strictly checked."""
+    config = base if base is not None else default_config()
+    if path is not None:
+        merge_config(config, read_toml(path), source=str(path))
+    for override in overrides:
+        merge_config(config, parse_override(override), source=f"--set {override}")
+    return check_config(config)
+
+
+def complete_config(config, source="options"):
+    """A (possibly partial) config dict a notebook gives, filled from the defaults and checked."""
+    return check_config(merge_config(default_config(), config or {}, source=source))
+
+
+def add_common_arguments(parser, section):
+    """Arguments every script takes: a config, overrides, the data and the seed."""
+    parser.add_argument("config", nargs="?", help="TOML config listing what differs from configs/default.toml")
+    parser.add_argument("--data", help="local .npz in the Keras layout (default: $DATA_PATH, $MNIST_PATH for MNIST, "
+                                       "else download [data] dataset)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; may be repeated")
+    parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
+
+
+def resolve_cli_config(args, section, base=None):
+    """The config a script runs with: defaults (or base), the config file, --set and --seed."""
+    overrides = list(args.set)
+    if args.seed is not None:
+        overrides.append(f"{section}.seed={args.seed}")
+    return load_config(args.config, overrides, base=base)
+
+
+
+# ------------------------------------------------------------------- saved runs
+
+
+def saved_config(path):
+    """The config a run saved (its config.toml), as the run used it: the one reader of a saved config.
+
+    A config.toml written before a [train] key of the recipe existed gets that key's
+    original value (ORIGINAL_RECIPE), not today's default: a model trained on the original
+    recipe is resumed and retrained on it.
+    """
+    saved_train = read_toml(path).get("train", {})
+    config = load_config(path)
+    config["train"].update({key: value for key, value in ORIGINAL_RECIPE.items() if key not in saved_train})
+    return check_config(config)
+
+
+def model_data_config(model_path):
+    """The defaults with the [data] section of the config the model was trained with (its config.toml),
+    so that a CIFAR model is backworked and explained on CIFAR without naming the config again."""
+    config, trained_with = default_config(), Path(model_path).parent / "config.toml"
+    if trained_with.is_file():
+        config["data"] = saved_config(trained_with)["data"]
+    return config
+
+
+# ------------------------------------------------------------------- writing TOML
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)  # JSON numbers and strings are valid TOML.
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    if callable(value):
+        return json.dumps(getattr(value, "__name__", repr(value)))
+    if value is None:
+        return "{}"  # TOML has no null; an empty table is our "none" (no pooling layer).
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(config):
+    """Write a resolved config as TOML, so that a run's config.toml can be passed back in."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
