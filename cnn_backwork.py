@@ -29,9 +29,9 @@ a shared filesystem): with --worker I/N (I from 0), or where TensorFlow's TF_CON
 from its chief and worker tasks (the chief first). Worker I takes every N-th of the sorted
 labels from the I-th, so no two workers take the same label and none needs to talk to
 another; a label's images are the same whichever worker runs it, as they are for a batch.
-Each worker writes its TensorBoard logs to logs/worker_I, and draws the figures from every
-results file in the folder when it ends, saying which of the model's labels are still
-missing (preprocess_data.py needs all of them).
+Each run writes its TensorBoard logs to logs/<date-time> (worker I to logs/worker_I/<date-time>),
+and each worker draws the figures from every results file in the folder when it ends, saying
+which of the model's labels are still missing (preprocess_data.py needs all of them).
 """
 import argparse
 import re

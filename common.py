@@ -848,7 +848,8 @@ def describe_data(provenance):
     if downloaded(provenance):
         return f"keras.datasets.{provenance['dataset']}"
     name = provenance_dataset(provenance)
-    return (f"{provenance['file']} ({f'{name}, ' if name else ''}sha256 {(provenance.get('sha256') or '?')[:12]}...)")
+    digest = str(provenance.get("sha256") or "?")[:12]
+    return f"{provenance.get('file')} ({f'{name}, ' if name else ''}sha256 {digest}...)"
 
 
 def same_data(recorded, given):

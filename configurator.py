@@ -390,8 +390,8 @@ def with_data_record(config, provenance):
     """config with its [data] naming the data actually used (dataset, file, sha256), to be saved."""
     if not provenance:
         return config
-    record = {"dataset": common.provenance_dataset(provenance) or "",
-              "file": "" if common.downloaded(provenance) else str(provenance["file"]), "sha256": provenance.get("sha256") or ""}
+    record = {"dataset": common.provenance_dataset(provenance) or "", "sha256": provenance.get("sha256") or "",
+              "file": "" if common.downloaded(provenance) else str(provenance["file"])}
     return {**config, "data": {**config["data"], **record}}
 
 
