@@ -4,13 +4,15 @@
                            [--labels 3 | 0-9 | 1,4,7] [--num-examples 8] [--out DIR] [--seed N]
                            [--worker I/N]
     python cnn_backwork.py --evaluate runs/default/backwork --model MODEL [MODEL ...]
+    python cnn_backwork.py --ood fashion_mnist.npz --model MODEL [MODEL ...]
 
 For each label, a batch of images is optimised until the network gives that label a
 probability of prob_cap_min or more while the images stay far, at every layer, from the
 label's training examples and from each other. The cost is backwork_cost.py's; the loop
 that optimises it is backwork_loop.py's (its compiled and host halves); this module is
-the command: which labels, where the results go, the figures, and --evaluate (do the
-images fool other models too?). docs/benchmarks.md has where a run's time goes.
+the command: which labels, where the results go, the figures, --evaluate (do the
+images fool other models too?) and --ood (how confident is the model on natural images of
+another dataset?). docs/benchmarks.md has where a run's time goes.
 
 loss(l, x) is backwork.loss (backwork_cost.label_loss): "probability", the original
 1 - p(l | x), whose gradient vanishes where p(l) is near 0; "log_probability",
@@ -27,9 +29,9 @@ a shared filesystem): with --worker I/N (I from 0), or where TensorFlow's TF_CON
 from its chief and worker tasks (the chief first). Worker I takes every N-th of the sorted
 labels from the I-th, so no two workers take the same label and none needs to talk to
 another; a label's images are the same whichever worker runs it, as they are for a batch.
-Each worker writes its TensorBoard logs to logs/worker_I, and draws the figures from every
-results file in the folder when it ends, saying which of the model's labels are still
-missing (preprocess_data.py needs all of them).
+Each run writes its TensorBoard logs to logs/<date-time> (worker I to logs/worker_I/<date-time>),
+and each worker draws the figures from every results file in the folder when it ends, saying
+which of the model's labels are still missing (preprocess_data.py needs all of them).
 """
 import argparse
 import re
@@ -96,8 +98,19 @@ def fooling_numbers(model, results, cap):
             "above_0.99": float(np.mean(probabilities > 0.99)), "at_cap": float(np.mean(probabilities >= cap))}
 
 
+def _same_file(first, second):
+    try:
+        return Path(first).resolve() == Path(second).resolve()
+    except (OSError, RuntimeError, TypeError, ValueError):
+        return False
+
+
 def evaluate(results_dir, model_paths):
-    """{model path: fooling_numbers} for a folder of results on each model (do the images transfer?)."""
+    """{model path: fooling_numbers} for a folder of results on each model (do the images transfer?).
+
+    Each model's numbers say whether the images were made from it ("made_from_it": every label's
+    results name it as their "model"); on any other model they measure transfer.
+    """
     results = backwork_loop.load_label_results(results_dir)
     if not results:
         raise UserError(f"{results_dir} holds no results_<label>.pkl; run cnn_backwork.py first or fix --evaluate")
@@ -109,15 +122,76 @@ def evaluate(results_dir, model_paths):
         if model.output_shape[-1] <= max(results):
             raise UserError(f"model {path} has {model.output_shape[-1]} classes, fewer than the labels "
                             f"{sorted(results)} of {results_dir}; use models of the same classes")
-        numbers[str(path)] = fooling_numbers(model, results, cap)
+        made_from_it = all(_same_file(result.get("model", ""), path) for result in results.values())
+        numbers[str(path)] = {**fooling_numbers(model, results, cap), "made_from_it": made_from_it}
     return numbers
 
 
+def source_models(results_dir):
+    """The models (as recorded) the images of results_dir were made from."""
+    return sorted({str(result.get("model", "unrecorded"))
+                   for result in backwork_loop.load_label_results(results_dir).values()})
+
+
 def transfer_table(numbers):
-    lines = ["mean p(target)  > 0.5   > 0.99  model"]
-    lines += [f"{values['mean_p']:>14.4f}  {values['above_0.5']:>5.1%}  {values['above_0.99']:>6.1%}  {path}"
+    lines = ["mean p(target)  > 0.5   > 0.99  images made from it  model"]
+    lines += [f"{values['mean_p']:>14.4f}  {values['above_0.5']:>5.1%}  {values['above_0.99']:>6.1%}  "
+              f"{'yes' if values.get('made_from_it') else 'NO (transfer)':<19}  {path}"
               for path, values in numbers.items()]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- other data (--ood)
+
+OOD_LEVELS = (0.99, 0.999)  # Top-probability levels at which --ood counts confident images.
+
+
+def confidence_numbers(probabilities, names, top=3):
+    """How confident a model is on images of another dataset (no answer is right):
+
+    the fraction of images whose top class probability reaches each of OOD_LEVELS, the mean top
+    probability, and each class (with its name) by how often it is predicted, most often first.
+    probabilities (N, classes); names the classes' names (common.class_names).
+    """
+    top_p, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)  # (N,), (N,)
+    counts = np.bincount(predicted, minlength=probabilities.shape[1])
+    classes = [{"class": int(index), "name": names[index], "predicted": float(counts[index] / len(predicted)),
+                **{f"at_{level}": float(np.mean((predicted == index) & (top_p >= level))) for level in OOD_LEVELS}}
+               for index in np.argsort(-counts, kind="stable")[:top]]
+    return {"images": int(len(top_p)), "mean_top_p": float(top_p.mean()),
+            **{f"top_p_at_{level}": float(np.mean(top_p >= level)) for level in OOD_LEVELS},
+            "most_predicted": classes}
+
+
+def ood_table(numbers):
+    header = "  ".join(f">= {level}" for level in OOD_LEVELS)
+    lines = [f"mean top p  {header}  most predicted (share; share at p >= {OOD_LEVELS[0]})  model"]
+    for path, values in numbers.items():
+        levels = "  ".join(f"{values[f'top_p_at_{level}']:>{len(str(level)) + 3}.1%}" for level in OOD_LEVELS)
+        classes = ", ".join(f"{row['name']!r} {row['predicted']:.0%} ({row[f'at_{OOD_LEVELS[0]}']:.0%})"
+                            for row in values["most_predicted"])
+        lines.append(f"{values['mean_top_p']:>10.4f}  {levels}  {classes}  {path}")
+    return "\n".join(lines)
+
+
+def ood_command(args):
+    """--ood: each --model's confidence on the test images of another dataset, printed and written as JSON."""
+    images, provenance, numbers = None, None, {}
+    for path in args.model:
+        model = cnn.load_trained_model(path, images)
+        if images is None:  # The first model says what image shape the other data must have.
+            images, provenance = common.read_ood_images(args.ood, model.input_shape[1:])
+        names = common.class_names(common.provenance_dataset(configurator.model_data_record(path)),
+                                   model.output_shape[-1])
+        numbers[str(path)] = confidence_numbers(cnn.predict(model, images), names)
+    print(f"how confident each model is on the {len(images)} test images of {args.ood} (none is of its classes):")
+    print(ood_table(numbers))
+    out_dir = common.ensure_writable_dir(args.out or Path(args.model[0]).parent)
+    path = out_dir / f"ood_{Path(args.ood).stem}.json"
+    common.write_json(path, {"ood": str(args.ood), "ood_data": provenance, "levels": list(OOD_LEVELS),
+                             "models": numbers})
+    print(f"written to {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- figures
@@ -158,17 +232,29 @@ def _probability(value):
     return f"{value:.4f}" if value >= 0.01 else f"{value:.1e}"
 
 
+def results_class_names(results):
+    """The class names of {label: results} (common.class_names of the dataset their "data" records)."""
+    if not results:
+        return []
+    first = next(iter(results.values()))
+    return common.class_names(common.provenance_dataset(first.get("data")), first["probs"].shape[1])
+
+
 def plot_results(results, path):
     """Every label's images, titled with their label probability (the original's view_results)."""
-    rows = [(f"label {label}", result["images"], [f"p = {_probability(probs[label])}" for probs in result["probs"]])
+    names = results_class_names(results)
+    rows = [(f"label {names[label]}", result["images"],
+             [f"p = {_probability(probs[label])}" for probs in result["probs"]])
             for label, result in sorted(results.items())]
     plot_image_grid(rows, "backworked images, each titled with its label's probability", path)
 
 
 def plot_worst_training(results, path):
     """The training examples classified worst for each label (the original's graph_training_set)."""
-    rows = [(f"label {label}", result["worst_training_images"],
-             [f"p = {_probability(probs[label])}, says {probs.argmax()}" for probs in result["worst_training_probs"]])
+    names = results_class_names(results)
+    rows = [(f"label {names[label]}", result["worst_training_images"],
+             [f"p = {_probability(probs[label])}, says {names[probs.argmax()]}"
+              for probs in result["worst_training_probs"]])
             for label, result in sorted(results.items()) if "worst_training_images" in result]
     plot_image_grid(rows, "training examples given the lowest probability of their label "
                           "(p of the label; the class the network says)", path)
@@ -196,11 +282,13 @@ def parse_labels(text, num_classes):
 
 
 def summary_table(results):
-    lines = ["label  min p     mean p    reached  steps  reinit  seconds  nearest train dist"]
+    names = results_class_names(results)
+    width = max([5, *(len(name) for name in names)])
+    lines = [f"{'label':>{width}}  min p     mean p    reached  steps  reinit  seconds  nearest train dist"]
     for label, result in sorted(results.items()):
         probabilities = result["probs"][:, label]
         reached = int(np.sum(probabilities >= result["options"]["prob_cap_min"]))
-        lines.append(f"{label:>5}  {probabilities.min():.5f}  {probabilities.mean():.5f}  "
+        lines.append(f"{names[label]:>{width}}  {probabilities.min():.5f}  {probabilities.mean():.5f}  "
                      f"{reached:>3}/{len(probabilities):<3}  {result['steps']:>5}  {result['reinitialised']:>6}  "
                      f"{result['seconds']:>7.1f}  {result['nearest_training_distance'].mean():.4f}")
     return "\n".join(lines)
@@ -241,6 +329,10 @@ def parse_arguments(argv):
     parser.add_argument("--evaluate", metavar="RESULTS_DIR",
                         help="backwork nothing: report how each --model classifies the images of RESULTS_DIR "
                              "(printed, and written to RESULTS_DIR/transfer.json or --out)")
+    parser.add_argument("--ood", metavar="NPZ",
+                        help="backwork nothing: report how confident each --model is on the test images of "
+                             "another dataset (a Keras-layout .npz of the same image size), written to "
+                             "ood_<name>.json beside the first model or in --out")
     parser.add_argument("--labels", help="labels to backwork: 3, 0-9 or 1,4,7 (default: all)")
     parser.add_argument("--num-examples", type=int, help="images per label (overrides backwork.num_examples)")
     parser.add_argument("--out", help="output folder (default: backwork/ beside the model)")
@@ -253,10 +345,14 @@ def parse_arguments(argv):
 
 def evaluate_command(args):
     numbers = evaluate(args.evaluate, args.model)
-    print(f"how each model classifies the backworked images of {args.evaluate}:")
+    made_from = source_models(args.evaluate)
+    print(f"how each model classifies the backworked images of {args.evaluate} (made from {', '.join(made_from)}):")
     print(transfer_table(numbers))
+    if len(made_from) > 1:
+        print(f"note: the images of {args.evaluate} were made from {len(made_from)} different models")
     out_dir = common.ensure_writable_dir(args.out or args.evaluate)
-    common.write_json(out_dir / "transfer.json", {"results": str(args.evaluate), "models": numbers})
+    common.write_json(out_dir / "transfer.json", {"results": str(args.evaluate), "made_from": made_from,
+                                                  "models": numbers})
     print(f"written to {out_dir / 'transfer.json'}")
     return 0
 
@@ -295,17 +391,24 @@ def main(argv=None):
         args.set.append(f"backwork.num_examples={args.num_examples}")
     base = configurator.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
     config = configurator.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
-    if args.evaluate and args.worker:
-        raise UserError("--worker shares out the labels to backwork; --evaluate backworks none, so leave it out")
-    worker = None if args.evaluate else distributed.resolve_worker(args.worker)  # Also before loading.
+    report = "--evaluate" if args.evaluate else "--ood" if args.ood else None
+    if args.evaluate and args.ood:
+        raise UserError("--evaluate and --ood are two reports; give one of them per run")
+    if report and args.worker:
+        raise UserError(f"--worker shares out the labels to backwork; {report} backworks none, so leave it out")
+    worker = None if report else distributed.resolve_worker(args.worker)  # Also before loading.
     for path in args.model:
         cnn.check_model_file(path)
     if args.evaluate:
         return evaluate_command(args)
+    if args.ood:
+        return ood_command(args)
     if len(args.model) != 1:
         raise UserError("backwork takes one --model; several models are for --evaluate RESULTS_DIR")
     args.model = args.model[0]
-    data = common.load_dataset(args.data, config["data"]["dataset"])
+    data = configurator.load_data(args, config)
+    # The model's own data, or --allow-other-data (noted, and recorded in every results file's "data").
+    data["provenance"] = configurator.check_model_data(args.model, data["provenance"], args.allow_other_data)
     model = cnn.load_trained_model(args.model, data["x_train"])
     num_classes = model.output_shape[-1]
     labels = choose_labels(args, num_classes, worker)
@@ -320,8 +423,8 @@ def main(argv=None):
     index, count = worker
     log_dir = out_dir / "logs"
     if count > 1:  # Workers sharing a folder log to their own subfolders: no two write to the same one.
-        # Made here so that a failed start removes it like out_dir (summary_writer removes only worker_I).
-        log_dir = common.ensure_writable_dir(log_dir) / f"worker_{index}"
+        log_dir = log_dir / f"worker_{index}"
+    log_dir = common.session_log_dir(log_dir)  # Each run its own logs/[worker_I/]<date-time>, never merged.
     results = backwork_and_save(data, config, model, labels, out_dir, log_dir, args.model)
     print(summary_table(results))
     every_label = draw_figures(out_dir)

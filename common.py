@@ -12,11 +12,13 @@ wherever it happens, goes through _QuietTensorFlowImport below.
 """
 import atexit
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.abc
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import weakref
 import zipfile
 from pathlib import Path
@@ -36,6 +39,24 @@ PROJECT_DIR = Path(__file__).resolve().parent
 
 # The datasets load_dataset downloads (and caches) by name through keras.datasets.
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+# Each dataset's class names, shown on figures and tables instead of bare indices. MNIST's
+# classes are its digits; a dataset without names here (CIFAR-100, an unknown file) shows indices.
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+# Local files recognised by their sha256 as a dataset: Keras' own mnist.npz, and the Keras-layout
+# copies on this project's machines (../shared/data/mnist.npz and fashion_mnist.npz). A file named
+# after a dataset (fashion_mnist.npz) is recognised by its name too.
+KNOWN_FILES = {
+    "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1": "mnist",
+    "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64": "mnist",
+    "5b6d2c4c694a91887af8ab7d039c04f80af3c29378d731c93a538d2e831aa469": "fashion_mnist",
+}
 
 
 class UserError(ValueError):
@@ -262,7 +283,8 @@ def summary_writer(log_dir):
     import tensorflow as tf
 
     log_dir = Path(log_dir)
-    created, before = not log_dir.exists(), set(log_dir.glob("events.out.tfevents.*"))
+    created = [folder for folder in [log_dir, *log_dir.parents] if not folder.exists()]
+    before = set(log_dir.glob("events.out.tfevents.*"))
     writer = tf.summary.create_file_writer(str(log_dir))
     try:
         yield writer
@@ -271,9 +293,17 @@ def summary_writer(log_dir):
         if writer not in _USED_WRITERS:
             for path in set(log_dir.glob("events.out.tfevents.*")) - before:
                 path.unlink(missing_ok=True)
-            if created:
+            for folder in created:  # The innermost first: only empty folders go.
                 with contextlib.suppress(OSError):
-                    log_dir.rmdir()
+                    folder.rmdir()
+
+
+def session_log_dir(log_root):
+    """A fresh subfolder of log_root for this session's event files (log_root/<date-time>, -2 on a clash):
+    TensorBoard shows each run or resumed session of a folder as its own run, never merged."""
+    log_root, stamp = Path(log_root), time.strftime("%Y%m%d-%H%M%S")
+    candidates = (log_root / (stamp if count == 1 else f"{stamp}-{count}") for count in itertools.count(1))
+    return next(path for path in candidates if not path.exists())
 
 
 def _summary_metadata(plugin_name):
@@ -696,7 +726,13 @@ def _validate_split(arrays, split, source):
 
 
 def file_sha256(path):
-    """The sha256 of a file, read in chunks (a CIFAR archive is 170 MB)."""
+    """The sha256 of a file, read in chunks (a CIFAR archive is 170 MB); once per file and version."""
+    status = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path, size, mtime_ns):
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -727,26 +763,51 @@ def _download(dataset):
         raise UserError(f"could not download {dataset} ({type(error).__name__}); {DATA_HINT}") from None
     cached = _cached_file(dataset)
     provenance = {"dataset": dataset, "file": str(cached) if cached else None,
-                  "sha256": file_sha256(cached) if cached else None}
+                  "sha256": file_sha256(cached) if cached else None, "download": True}
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}, provenance
 
 
-def data_path(path=None, dataset="mnist"):
-    """The local file to read: path, else $DATA_PATH, else $MNIST_PATH when the dataset is MNIST."""
-    return path or os.environ.get("DATA_PATH") or (os.environ.get("MNIST_PATH") if dataset == "mnist" else None)
+def data_path(path=None, dataset="mnist", file=""):
+    """The local file to read: path (--data), else file (data.file), else $DATA_PATH, else $MNIST_PATH
+    when the dataset is MNIST."""
+    return (path or file or os.environ.get("DATA_PATH")
+            or (os.environ.get("MNIST_PATH") if dataset == "mnist" else None))
 
 
-def load_dataset(path=None, dataset="mnist"):
+def recognised_dataset(path, sha256=None, declared=None):
+    """The dataset a local file is (its sha256 in KNOWN_FILES, declared, or a file named after a
+    dataset: fashion_mnist.npz), or None where it is not recognised."""
+    stem = Path(path).stem if isinstance(path, (str, Path)) and path else None
+    known = KNOWN_FILES.get(sha256) if isinstance(sha256, str) else None
+    return known or declared or (stem if stem in DATASETS else None)
+
+
+def data_label(path=None, dataset="mnist", file=""):
+    """A short name of the data a run would read, for its default folder: the dataset's name, or the
+    local file's (its recognised dataset, else its name without .npz)."""
+    path = data_path(path, dataset, file)
+    if not path:
+        return dataset
+    declared = "mnist" if path == os.environ.get("MNIST_PATH") and dataset == "mnist" else None
+    sha256 = file_sha256(path) if Path(path).is_file() else None
+    return recognised_dataset(path, sha256, declared) or Path(path).stem
+
+
+def load_dataset(path=None, dataset="mnist", file=""):
     """An image dataset as float32 images in [0, 1] of shape (N, H, W, C) and int64 labels.
 
-    From path (an .npz in the Keras layout), else $DATA_PATH, else $MNIST_PATH for MNIST,
-    else keras.datasets.<dataset> (download and cache). data["provenance"] says which:
-    {"dataset": name or None, "file": path or None, "sha256": the file's or None}.
+    From path (an .npz in the Keras layout), else file (data.file), else $DATA_PATH, else
+    $MNIST_PATH for MNIST, else keras.datasets.<dataset> (download and cache).
+    data["provenance"] says which: {"dataset": the dataset's name (a local file's where it is
+    recognised, else None), "file": path or None, "sha256": the file's or None, "download": bool}.
     """
-    path = data_path(path, dataset)
+    path = data_path(path, dataset, file)
     if path:
-        arrays, source = _read_npz(path), str(path)
-        provenance = {"dataset": None, "file": str(path), "sha256": file_sha256(path)}
+        arrays, source, sha256 = _read_npz(path), str(path), file_sha256(path)
+        # $MNIST_PATH names MNIST (it is read only for it); --data, data.file and $DATA_PATH name a file.
+        declared = "mnist" if str(path) == os.environ.get("MNIST_PATH") and dataset == "mnist" else None
+        provenance = {"dataset": recognised_dataset(path, sha256, declared), "file": str(path), "sha256": sha256,
+                      "download": False}
     else:
         arrays, provenance = _download(dataset)
         source = f"keras.datasets.{dataset}"
@@ -765,13 +826,69 @@ def count_classes(data):
     return int(max((int(array.max()) for array in labels if len(array)), default=-1)) + 1
 
 
+def provenance_dataset(provenance):
+    """The dataset a provenance record names, recognising a local file recorded before files were
+    recognised; None for an unknown file or no record."""
+    if not isinstance(provenance, dict):
+        return None
+    dataset = provenance.get("dataset")
+    return dataset if dataset in DATASETS else recognised_dataset(provenance.get("file"), provenance.get("sha256"))
+
+
+def downloaded(provenance):
+    """Whether a provenance record is of a keras.datasets download (not a local file)."""
+    # Records written before "download" existed named a dataset only for a download.
+    return provenance.get("download", provenance.get("dataset") is not None)
+
+
+def describe_data(provenance):
+    """A provenance record in a few words: keras.datasets.mnist, or the file with its dataset and sha256."""
+    if not provenance:
+        return "unrecorded data"
+    if downloaded(provenance):
+        return f"keras.datasets.{provenance['dataset']}"
+    name = provenance_dataset(provenance)
+    digest = str(provenance.get("sha256") or "?")[:12]
+    return f"{provenance.get('file')} ({f'{name}, ' if name else ''}sha256 {digest}...)"
+
+
+def same_data(recorded, given):
+    """Whether two provenance records name the same data: the same file contents, or the same dataset."""
+    if recorded.get("sha256") and recorded.get("sha256") == given.get("sha256"):
+        return True
+    names = provenance_dataset(recorded), provenance_dataset(given)
+    return None not in names and names[0] == names[1]
+
+
 def provenance_comment(provenance):
     """One TOML comment line saying what a run was made from (a config.toml still loads back unchanged)."""
     if not provenance:
         return ""
-    what = provenance["file"] if provenance["dataset"] is None else f"keras.datasets.{provenance['dataset']}"
+    what = f"keras.datasets.{provenance['dataset']}" if downloaded(provenance) else provenance["file"]
     digest = f", sha256 {provenance['sha256']}" if provenance["sha256"] else ""
     return f"# data: {what}{digest}\n"
+
+
+def class_names(dataset, num_classes):
+    """The names of num_classes classes of dataset (CLASS_NAMES), as strings; the indices where it has
+    none or another count. One class more than the dataset has (an extra "none" output) is "none"."""
+    names = CLASS_NAMES.get(dataset)
+    if names is not None and num_classes == len(names):
+        return list(names)
+    if names is not None and num_classes == len(names) + 1:
+        return [*names, "none"]
+    return [str(index) for index in range(num_classes)]
+
+
+def read_ood_images(path, shape):
+    """The test images of a Keras-layout .npz of other data (Fashion-MNIST for an MNIST model), which
+    must have the image shape a model takes, and the file's provenance."""
+    data = load_dataset(path)
+    images = data["x_test"]
+    if images.shape[1:] != tuple(shape):
+        raise UserError(f"--ood {path} holds images of shape {images.shape[1:]}, the model's {tuple(shape)}; "
+                        "give a data set of the same image size")
+    return images, data["provenance"]
 
 
 def split_validation(data, validation_size):

@@ -15,6 +15,7 @@ import math
 import tomllib
 from pathlib import Path
 
+import common
 from common import DATASETS, PROJECT_DIR, UserError
 
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
@@ -126,7 +127,10 @@ _SALIENCY_MESSAGE = "{name} must be one of {description}; fix the flag, the conf
 
 VALUE_RULES = {
     "data.validation_size": _AT_LEAST_ZERO,
-    "data.dataset": _rule(lambda name: name in DATASETS, f"one of {', '.join(DATASETS)} (or give --data PATH)"),
+    "data.dataset": _rule(lambda name: name in DATASETS or name == "",
+                          f"one of {', '.join(DATASETS)} (or give --data PATH)"),
+    "data.sha256": _rule(lambda text: text == "" or (len(text) == 64 and set(text) <= set("0123456789abcdef")),
+                         "\"\" or 64 lowercase hexadecimal digits"),
     "model.image_dim_size": _sizes(4096),
     "model.num_classes": _between(2, 100_000),
     "model.conv_layers": _tables(64),
@@ -294,6 +298,9 @@ def add_common_arguments(parser, section):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; may be repeated")
     parser.add_argument("--seed", type=int, help=f"random seed (overrides {section}.seed)")
+    parser.add_argument("--allow-other-data", action="store_true",
+                        help="go on although the data is not the one the model was trained on (its config.toml "
+                             "says which); reported, and recorded in what is written")
 
 
 def resolve_cli_config(args, section, base=None):
@@ -328,6 +335,64 @@ def model_data_config(model_path):
     if trained_with.is_file():
         config["data"] = saved_config(trained_with)["data"]
     return config
+
+
+def load_data(args, config):
+    """The data a script runs on: --data, else data.file, else $DATA_PATH / $MNIST_PATH, else the download."""
+    section = config["data"]
+    return common.load_dataset(args.data, section["dataset"], section["file"])
+
+
+def model_data_record(model_path):
+    """What the model beside this config.toml was trained on, as a provenance record, or None.
+
+    From its config.toml's [data] (file and sha256 written since they exist), else the "data" of the
+    metrics.json or report.json beside it (older runs), else its config's dataset name.
+    """
+    folder = Path(model_path).parent
+    section = saved_config(folder / "config.toml")["data"] if (folder / "config.toml").is_file() else None
+    if section is not None and (section["file"] or section["sha256"]):
+        return {"dataset": section["dataset"] or None, "file": section["file"] or None,
+                "sha256": section["sha256"] or None, "download": not section["file"]}
+    for name in ("metrics.json", "report.json"):
+        try:
+            recorded = json.loads((folder / name).read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            continue
+        fields = ("dataset", "file", "sha256")
+        if isinstance(recorded, dict) and all(isinstance(recorded.get(key), (str, type(None))) for key in fields):
+            return {"dataset": None, "file": None, "sha256": None, **recorded}
+    if section is not None and section["dataset"]:
+        return {"dataset": section["dataset"], "file": None, "sha256": None, "download": True}
+    return None
+
+
+def check_model_data(model_path, provenance, allow_other=False, what="the data",
+                     fix="give the model's data (--data PATH) or another model"):
+    """The provenance to record for data used with the model at model_path: refused in one line where it
+    is not the data the model was trained on (unless allow_other: then noted, and the record says so
+    under "model_data"). A local file with the model's sha256 takes the model's dataset name."""
+    recorded = model_data_record(model_path)
+    if recorded is None or provenance is None:
+        return provenance
+    if common.same_data(recorded, provenance):
+        name = provenance.get("dataset") or common.provenance_dataset(recorded)
+        return {**provenance, "dataset": name}
+    given, trained = common.describe_data(provenance), common.describe_data(recorded)
+    if not allow_other:
+        raise UserError(f"model {model_path} was trained on {trained}, but {what} is {given}; {fix}, "
+                        "or pass --allow-other-data to go on anyway")
+    print(f"note: --allow-other-data: model {model_path} was trained on {trained}; going on with {given}")
+    return {**provenance, "model_data": recorded}
+
+
+def with_data_record(config, provenance):
+    """config with its [data] naming the data actually used (dataset, file, sha256), to be saved."""
+    if not provenance:
+        return config
+    record = {"dataset": common.provenance_dataset(provenance) or "", "sha256": provenance.get("sha256") or "",
+              "file": "" if common.downloaded(provenance) else str(provenance["file"])}
+    return {**config, "data": {**config["data"], **record}}
 
 
 # ------------------------------------------------------------------- writing TOML

@@ -350,15 +350,16 @@ def load_test_images(data, label, num):
 
 
 def load_backwork_images(path, num):
-    """The first num images of a cnn_backwork.py results file, the label they were made for, and the
-    file's provenance (the file itself; the data it was backworked from is in the file's "data")."""
+    """The first num images of a cnn_backwork.py results file, the label they were made for, the
+    file's provenance (the file itself), and the data it was backworked from (its "data", or None)."""
     results = common.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
     if results["kind"] != "backwork":
         raise UserError(f"{path} holds {results['kind']} results, not backworked images; give a "
                         "results_<label>.pkl written by cnn_backwork.py")
     images = common.with_channel(results["images"])  # (N, H, W) -> (N, H, W, 1)
-    provenance = {"dataset": None, "file": str(path), "sha256": common.file_sha256(path)}
-    return images[:num], np.full(len(images[:num]), results["label"]), provenance
+    provenance = {"dataset": None, "file": str(path), "sha256": common.file_sha256(path), "download": False}
+    made_from = results.get("data") if isinstance(results.get("data"), dict) else None
+    return images[:num], np.full(len(images[:num]), results["label"]), provenance, made_from
 
 
 def output_name(source, label):
@@ -397,12 +398,21 @@ def main(argv=None):
     options = config["saliency"]
     from_test_set = options["images"] == "test"
     if from_test_set:
-        data = common.load_dataset(args.data, config["data"]["dataset"])
+        data = configurator.load_data(args, config)
+        # The model's own data, or --allow-other-data (noted, and recorded in the saliency file's "data").
+        provenance = configurator.check_model_data(args.model, data["provenance"], args.allow_other_data)
         images, image_labels = load_test_images(data, options["label"], options["num"])
-        provenance, data_classes = data["provenance"], common.count_classes(data)
+        data_classes, dataset = common.count_classes(data), common.provenance_dataset(provenance)
     elif options["images"].endswith(".pkl"):
-        images, image_labels, provenance = load_backwork_images(options["images"], options["num"])
+        images, image_labels, provenance, made_from = load_backwork_images(options["images"], options["num"])
+        # Backworked from the model's data (any model's: transfer), or --allow-other-data.
+        made_from = configurator.check_model_data(args.model, made_from, args.allow_other_data,
+                                                  what=f"the data the images of {options['images']} were made from")
+        if made_from and "model_data" in made_from:
+            provenance = {**provenance, "model_data": made_from["model_data"]}
         data_classes = None  # A backwork file's model is whatever made it, so only the shape is checked.
+        dataset = common.provenance_dataset(made_from) or common.provenance_dataset(
+            configurator.model_data_record(args.model))
     else:
         raise UserError(f"--images {options['images']!r} is neither 'test' nor a backwork results .pkl")
     model = cnn.load_trained_model(args.model, images, num_classes=data_classes)
@@ -424,8 +434,8 @@ def main(argv=None):
                "image_labels": image_labels.astype(np.int64), "model": str(args.model),
                "source": options["images"], "options": dict(options), "data": provenance, **maps}
     common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
-    tag = "class" if from_test_set else "made for"
-    titles = [f"{tag} {image_label}\nexplained: class {label}\np = {probabilities[row, label]:.4g}"
+    tag, names = "class" if from_test_set else "made for", common.class_names(dataset, num_classes)
+    titles = [f"{tag} {names[image_label]}\nexplained: {names[label]}\np = {probabilities[row, label]:.4g}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]
     feature_options = {key: options[key] for key in ("sign", "top_k", "scale", "multiply_by_input")}
     source = "test images" if from_test_set else f"backworked images of {options['images']}"

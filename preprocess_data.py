@@ -606,6 +606,7 @@ def write_report(out_dir, model, config, report, roc_scores=None):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
         proc_mnist.save_model(model, out_dir / "model.keras")
+    config = configurator.with_data_record(config, report["data"])  # The data used, as training records it.
     config_text = common.provenance_comment(report["data"]) + configurator.dump_toml(config)
     common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "report.json", report)
@@ -629,11 +630,14 @@ def main(argv=None):
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
     trained_results = load_results_folder(args.results)  # Refuse a bad file before anything slow.
     check_one_backwork_setting(trained_results, args.results, config["backwork"])
-    data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
-                                   config["data"]["validation_size"])
+    data = common.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
+    # The models' own data, or --allow-other-data (noted, and recorded in report.json and every results file).
+    data["provenance"] = configurator.check_model_data(model_path, data["provenance"], args.allow_other_data)
+    if transfer_path is not None:
+        configurator.check_model_data(transfer_path, data["provenance"], args.allow_other_data)
     shape = data["x_train"].shape[1:]
     if augment["ood_data"]:
-        data["ood"] = read_ood_images(augment["ood_data"], shape)
+        data["ood"], _ = common.read_ood_images(augment["ood_data"], shape)  # Natural non-digits.
     out_dir = common.ensure_writable_dir(args.out or default_out)
     original = cnn.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
     check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])
@@ -644,19 +648,11 @@ def main(argv=None):
               "data": data["provenance"], "backwork": config["backwork"], "attacks": augment["attacks"],
               "transfer_from": None if transfer_path is None else str(transfer_path),
               "ood_data": augment["ood_data"] or None, "complete": False, "rounds": []}
-    with common.summary_writer(out_dir / "logs") as writer:  # Closed on Ctrl-C and SIGTERM too.
+    # Closed on Ctrl-C and SIGTERM too; each run of the study logs to its own logs/<date-time>.
+    with common.summary_writer(common.session_log_dir(out_dir / "logs")) as writer:
         _run_study(data, config, original, trained_results, out_dir, report, writer, transfer_path)
     print(f"report in {out_dir / 'report.json'} and {out_dir / 'report.png'}")
     return 0
-
-
-def read_ood_images(path, shape):
-    """The test images of a Keras-layout .npz of natural non-digits (Fashion-MNIST for MNIST)."""
-    images = common.load_dataset(path)["x_test"]
-    if images.shape[1:] != tuple(shape):
-        raise UserError(f"--ood {path} holds images of shape {images.shape[1:]}, the data {tuple(shape)}; "
-                        "give a data set of the same image size")
-    return images
 
 
 def transfer_sets(data, config, heldout, transfer_path, num_classes):

@@ -511,6 +511,7 @@ def save_run(out_dir, model, config, metrics):
     out_dir = Path(out_dir)
     if weights_are_finite(model):
         save_model(model, out_dir / "model.keras")
+    config = configurator.with_data_record(config, metrics.get("data"))  # The data used, not the one asked for.
     config_text = common.provenance_comment(metrics.get("data")) + configurator.dump_toml(config)
     common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "metrics.json", metrics)  # Strict JSON: a missing number is null.
@@ -588,7 +589,8 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
-    out_dir = Path(args.out) if args.out else default_out_dir(args.config, configurator.resolve_cli_config(args, "train"))
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config, configurator.resolve_cli_config(args, "train"),
+                                                              args.data)
     base, model, earlier = None, None, None
     if args.resume:
         if not (out_dir / "model.keras").is_file():
@@ -604,19 +606,27 @@ def main(argv=None):
     # "auto" resolved once, here (it may ask TensorFlow for a GPU), so the saved config.toml says what ran.
     config["train"]["mixed_precision"] = cnn.resolve_precision(config["train"]["mixed_precision"])
     chief = distributed.is_chief(strategy)
-    data = common.split_validation(common.load_dataset(args.data, config["data"]["dataset"]),
-                                   config["data"]["validation_size"])
+    data = common.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
     if args.resume:
+        # The data the run was trained on so far, or --allow-other-data (noted, and recorded in metrics.json).
+        data["provenance"] = configurator.check_model_data(out_dir / "model.keras", data["provenance"],
+                                                           args.allow_other_data)
         with distributed.scope(strategy):  # Its variables mirrored, as a new model's would be.
             model, earlier = _resumed(out_dir, data, config["train"], earlier)
         if model is None:
             return 0
+    elif (out_dir / "model.keras").is_file():  # Never replace a model of other data without a word.
+        configurator.check_model_data(out_dir / "model.keras", data["provenance"], args.allow_other_data,
+                                      what="the data to train on",
+                                      fix="choose another --out (or leave it out: the default folder names the data)")
     if chief:  # Checked before training; common.run_cli removes the folder again if the run leaves it empty.
         common.ensure_writable_dir(out_dir)
     print(f"training on {len(data['x_train'])} examples, validating on {len(data['x_val'])}; "
           + (f"output in {out_dir}" if chief else "the chief writes the outputs"))
-    # Closed on Ctrl-C and SIGTERM too; only the chief writes files.
-    with common.summary_writer(out_dir / "logs") if chief else contextlib.nullcontext() as writer:
+    # Closed on Ctrl-C and SIGTERM too; only the chief writes files. Each session (a resumed one too)
+    # logs to its own logs/<date-time>, so TensorBoard shows the sessions one after the other.
+    log_dir = common.session_log_dir(out_dir / "logs")
+    with common.summary_writer(log_dir) if chief else contextlib.nullcontext() as writer:
         model, metrics = train(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
     with common.InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
@@ -638,15 +648,15 @@ def _resumed(out_dir, data, section, earlier):
               "keeping the history up to the model's step")
         earlier = {**earlier, "steps": step}
     print(f"resuming {out_dir} at step {step}")
-    if earlier is not None and earlier.get("data") not in (None, data["provenance"]):
-        print(f"note: the run so far was trained on {earlier['data']}, this session on {data['provenance']}")
     _note_schedule_end(model.optimizer, total_steps)
     return model, earlier
 
 
-def default_out_dir(config_path, config):
-    """runs/<config name>, with the dataset in front when it is not MNIST: a CIFAR run never replaces an MNIST one."""
-    name, dataset = Path(config_path).stem if config_path else "default", config["data"]["dataset"]
+def default_out_dir(config_path, config, data_path=None):
+    """runs/<config name>, with the data in front when it is not MNIST (the dataset's name, or a local
+    file's: common.data_label), so that a run on other data never replaces an MNIST one."""
+    name = Path(config_path).stem if config_path else "default"
+    dataset = common.data_label(data_path, config["data"]["dataset"], config["data"]["file"])
     if dataset != "mnist" and not name.startswith(dataset):
         name = f"{dataset}-{name}"
     return Path("runs") / name

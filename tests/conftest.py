@@ -134,11 +134,12 @@ def colour_npz(tmp_path_factory):
 
 
 def read_scalars(log_dir):
-    """{tag: [(step, value), ...]} of every scalar in the TensorBoard event files under log_dir."""
+    """{tag: [(step, value), ...]} of every scalar in the TensorBoard event files under log_dir (its
+    session subfolders included, in the order of their names: the order of the sessions)."""
     import tensorflow as tf
 
     scalars = {}
-    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "scalars":
@@ -150,6 +151,6 @@ def read_image_tags(log_dir):
     """The tags of every image summary under log_dir."""
     import tensorflow as tf
 
-    return {value.tag for path in sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    return {value.tag for path in sorted(Path(log_dir).rglob("events.out.tfevents.*"))
             for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value
             if value.metadata.plugin_data.plugin_name == "images"}

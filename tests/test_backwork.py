@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -431,8 +433,9 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     import json
     import shutil
 
-    for label in (2, 7):
-        common.save_results(tmp_path / f"results_{label}.pkl", fake_backwork_results(label))
+    for label in (2, 7):  # Made from the first model (as a relative path to it would be recorded, too).
+        common.save_results(tmp_path / f"results_{label}.pkl",
+                            {**fake_backwork_results(label), "model": os.path.relpath(trained_tiny[0])})
     other = tmp_path / "other" / "model.keras"
     other.parent.mkdir()
     shutil.copy(trained_tiny[0], other)
@@ -444,7 +447,10 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     for path in (str(trained_tiny[0]), str(other)):
         assert numbers[path]["mean_p"] == pytest.approx(direct.mean(), rel=1e-5)
         assert numbers[path]["above_0.99"] == np.mean(direct > 0.99)
-    assert "mean p(target)" in capsys.readouterr().out
+    # The images were made from the first model; on the other one they measure transfer, and say so.
+    assert numbers[str(trained_tiny[0])]["made_from_it"] and not numbers[str(other)]["made_from_it"]
+    table = capsys.readouterr().out
+    assert "mean p(target)" in table and f"NO (transfer)        {other}" in table
     with pytest.raises(UserError, match="backwork takes one --model"):
         cnn_backwork.main(["--model", str(trained_tiny[0]), str(other)])
 

@@ -54,7 +54,7 @@ def test_load_dataset_scales_adds_channel_and_records_the_file(tiny_npz, monkeyp
     assert data["x_train"].dtype == np.float32 and data["x_train"].shape == (500, 12, 12, 1)
     assert 0.0 <= data["x_train"].min() and data["x_train"].max() == 1.0
     assert data["provenance"] == {"dataset": None, "file": str(tiny_npz),
-                                  "sha256": hashlib.sha256(tiny_npz.read_bytes()).hexdigest()}
+                                  "sha256": hashlib.sha256(tiny_npz.read_bytes()).hexdigest(), "download": False}
     assert common.count_classes(data) == 10
     for name in ("MNIST_PATH", "DATA_PATH"):  # DATA_PATH is the general name, MNIST_PATH the old one.
         monkeypatch.setenv(name, str(tiny_npz))
@@ -122,7 +122,7 @@ def test_a_download_records_the_dataset_and_the_cached_file(monkeypatch, tmp_pat
     x = np.zeros((4, 5, 5), np.uint8)
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
     assert common.load_dataset(dataset="fashion_mnist")["provenance"] == {
-        "dataset": "fashion_mnist", "file": None, "sha256": None}  # Four files: the name alone.
+        "dataset": "fashion_mnist", "file": None, "sha256": None, "download": True}  # Four files: the name alone.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "mnist.npz").write_bytes(b"cached")
@@ -243,3 +243,56 @@ def test_tensorflow_start_up_lines_are_silenced():
                             cwd=common.PROJECT_DIR)
     assert result.returncode == 0 and result.stdout.strip() == "3"
     assert result.stderr == "", result.stderr
+
+
+def test_a_local_file_is_recognised_by_its_contents_its_name_or_mnist_path(tiny_npz, tmp_path, monkeypatch):
+    for name in ("MNIST_PATH", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    named = tmp_path / "fashion_mnist.npz"
+    named.write_bytes(tiny_npz.read_bytes())
+    assert common.load_dataset(named)["provenance"]["dataset"] == "fashion_mnist"
+    assert common.data_label(named) == "fashion_mnist" and common.data_label(tiny_npz) == "tiny_mnist"
+    sha256 = common.file_sha256(tiny_npz)
+    monkeypatch.setitem(common.KNOWN_FILES, sha256, "cifar10")
+    assert common.load_dataset(tiny_npz)["provenance"]["dataset"] == "cifar10"
+    monkeypatch.delitem(common.KNOWN_FILES, sha256)
+    monkeypatch.setenv("MNIST_PATH", str(tiny_npz))  # $MNIST_PATH names MNIST.
+    assert common.load_dataset()["provenance"]["dataset"] == "mnist" and common.data_label() == "mnist"
+    # A config's data.file is read where --data is not given, before $DATA_PATH.
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing.npz"))
+    assert common.load_dataset(None, "mnist", str(named))["provenance"]["file"] == str(named)
+
+
+def test_same_data_compares_contents_then_dataset_names():
+    mnist_file = {"dataset": "mnist", "file": "a.npz", "sha256": "1" * 64, "download": False}
+    download = {"dataset": "mnist", "file": None, "sha256": None, "download": True}
+    unknown = {"dataset": None, "file": "b.npz", "sha256": "2" * 64, "download": False}
+    assert common.same_data(mnist_file, download) and common.same_data(unknown, dict(unknown))
+    assert not common.same_data(unknown, download) and not common.same_data(unknown, {**unknown, "sha256": "3" * 64})
+    assert not common.same_data(download, {**download, "dataset": "fashion_mnist"})
+    old_record = {"dataset": None, "file": "/data/fashion_mnist.npz", "sha256": "4" * 64}  # Before recognition.
+    assert common.provenance_dataset(old_record) == "fashion_mnist" and common.provenance_dataset([1]) is None
+    assert common.describe_data(download) == "keras.datasets.mnist"
+    assert common.describe_data(unknown) == "b.npz (sha256 222222222222...)"
+
+
+def test_class_names_for_datasets_keras_names_and_indices_otherwise():
+    assert common.class_names("fashion_mnist", 10)[0] == "T-shirt/top" and common.class_names("cifar10", 10)[9] == "truck"
+    assert common.class_names("mnist", 10) == [str(digit) for digit in range(10)]
+    assert common.class_names("cifar100", 100)[42] == "42" and common.class_names(None, 3) == ["0", "1", "2"]
+    assert common.class_names("fashion_mnist", 11)[-1] == "none"  # The extra "none" output.
+    assert common.class_names("fashion_mnist", 3) == ["0", "1", "2"]  # Another class count: not these names.
+
+
+def test_a_saved_config_records_the_data_used_and_still_loads(tmp_path):
+    config = configurator.default_config()
+    provenance = {"dataset": None, "file": "/x/mine.npz", "sha256": "ab" * 32, "download": False}
+    saved = configurator.with_data_record(config, provenance)
+    assert saved["data"] == {**config["data"], "dataset": "", "file": "/x/mine.npz", "sha256": "ab" * 32}
+    path = write(tmp_path, common.provenance_comment(provenance) + configurator.dump_toml(saved))
+    assert configurator.load_config(path) == saved
+    download = configurator.with_data_record(config, {"dataset": "cifar10", "file": "/c/x", "sha256": "cd" * 32,
+                                                      "download": True})
+    assert download["data"]["dataset"] == "cifar10" and download["data"]["file"] == ""
+    with pytest.raises(UserError, match="data.sha256 = 'xyz' must be"):
+        configurator.load_config(None, ["data.sha256='xyz'"])

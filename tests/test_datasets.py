@@ -23,11 +23,21 @@ def test_a_model_that_does_not_fit_the_data_names_the_key_to_set(colour_npz, tmp
         proc_mnist.train(data, options)
 
 
-def test_non_mnist_runs_get_their_own_default_folder():
+def test_non_mnist_runs_get_their_own_default_folder(tiny_npz, tmp_path, monkeypatch):
+    for name in ("MNIST_PATH", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
     config = configurator.load_config(None, ["data.dataset=cifar10"])
     assert str(proc_mnist.default_out_dir(None, config)) == "runs/cifar10-default"
     assert str(proc_mnist.default_out_dir("configs/cifar10.toml", config)) == "runs/cifar10"
     assert str(proc_mnist.default_out_dir("configs/small.toml", configurator.load_config())) == "runs/small"
+    # A local file names the folder too: the dataset it is recognised as, else its own name.
+    fashion = tmp_path / "fashion_mnist.npz"
+    fashion.write_bytes(tiny_npz.read_bytes())
+    small = configurator.load_config()
+    assert str(proc_mnist.default_out_dir("configs/small.toml", small, str(fashion))) == "runs/fashion_mnist-small"
+    assert str(proc_mnist.default_out_dir("configs/small.toml", small, str(tiny_npz))) == "runs/tiny_mnist-small"
+    monkeypatch.setenv("MNIST_PATH", str(tiny_npz))  # The README's MNIST set-up keeps runs/small.
+    assert str(proc_mnist.default_out_dir("configs/small.toml", small)) == "runs/small"
 
 
 def test_cifar10_config_is_the_default_network_for_32x32_colour():
@@ -84,13 +94,16 @@ def test_the_whole_pipeline_runs_on_non_square_colour_images(colour_pipeline):
 
 def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
     run, augmented, npz = colour_pipeline
-    expected = {"dataset": None, "file": str(npz), "sha256": hashlib.sha256(npz.read_bytes()).hexdigest()}
+    expected = {"dataset": None, "file": str(npz), "sha256": hashlib.sha256(npz.read_bytes()).hexdigest(),
+                "download": False}
     assert json.loads((run / "metrics.json").read_text())["data"] == expected
     assert json.loads((augmented / "report.json").read_text())["data"] == expected
     for folder in (run, augmented):
         text = (folder / "config.toml").read_text()
         assert text.startswith(f"# data: {npz}, sha256 {expected['sha256']}\n")
-        configurator.load_config(folder / "config.toml")  # The comment leaves it loadable.
+        # The [data] section names the data used (a file not recognised: dataset ""), and still loads.
+        assert configurator.load_config(folder / "config.toml")["data"] == {
+            "dataset": "", "file": str(npz), "sha256": expected["sha256"], "validation_size": 40}
     for path in (run / "backwork" / "results_0.pkl", run / "saliency" / "saliency_test.pkl",
                  augmented / "heldout" / "results_2.pkl", augmented / "round1" / "backwork" / "results_1.pkl"):
         assert common.load_results(path)["data"] == expected, path
@@ -144,6 +157,133 @@ def test_scripts_given_a_model_take_its_dataset_from_its_config(tmp_path):
         {"dataset": "cifar10", "file": None, "sha256": None}) + configurator.dump_toml(
         configurator.load_config(None, ["data.dataset=cifar10", "data.validation_size=7"])))
     config = configurator.model_data_config(tmp_path / "model.keras")
-    assert config["data"] == {"dataset": "cifar10", "validation_size": 7}
+    assert config["data"] == {"dataset": "cifar10", "file": "", "sha256": "", "validation_size": 7}
     assert config["backwork"] == configurator.default_config()["backwork"]  # Only [data] comes from the model's run.
     assert configurator.model_data_config(tmp_path / "elsewhere" / "model.keras") == configurator.default_config()
+
+
+def _other_colour_npz(folder):
+    """Colour data of the same shape and classes as colour_npz, but other images: another dataset."""
+    from conftest import make_colour_images
+
+    path = folder / "other_colour.npz"
+    x_train, y_train = make_colour_images(200, seed=5)
+    x_test, y_test = make_colour_images(40, seed=6)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def test_every_script_given_a_model_refuses_other_data_unless_allowed(colour_pipeline, tmp_path, capsys):
+    import cnn_backwork
+    import guided_backprop
+    import preprocess_data
+
+    run, _, npz = colour_pipeline
+    other, model = _other_colour_npz(tmp_path), str(run / "model.keras")
+    commands = {
+        "cnn_backwork": (cnn_backwork.main, ["--model", model, "--labels", "0", "--out", str(tmp_path / "bw")]),
+        "guided_backprop": (guided_backprop.main, ["--model", model, "--num", "1", "--out", str(tmp_path / "sal")]),
+        "preprocess_data": (preprocess_data.main, ["--model", model, "--results", str(run / "backwork"),
+                                                   "--out", str(tmp_path / "aug")]),
+        "proc_mnist --resume": (proc_mnist.main, ["--out", str(run), "--resume", "--steps", "60"]),
+    }
+    for name, (main, arguments) in commands.items():
+        with pytest.raises(UserError, match=rf"model {run / 'model.keras'} was trained on {npz} \(sha256 .*\.\.\.\), "
+                                            rf"but the data is {other} \(sha256 .*--allow-other-data"):
+            main([*arguments, "--data", str(other)])
+    assert not (tmp_path / "bw").exists() and not (tmp_path / "sal").exists()
+    # A fresh run into a folder holding a model of other data is refused too; the default folder names the data.
+    with pytest.raises(UserError, match="choose another --out"):
+        proc_mnist.main([str(run / "config.toml"), "--out", str(run), "--data", str(other)])
+    # Allowed: said in the output and recorded in what is written.
+    capsys.readouterr()
+    assert guided_backprop.main(["--model", model, "--num", "1", "--method", "vanilla", "--out", str(tmp_path / "sal"),
+                                 "--data", str(other), "--allow-other-data"]) == 0
+    assert f"note: --allow-other-data: model {model} was trained on {npz}" in capsys.readouterr().out
+    recorded = common.load_results(tmp_path / "sal" / "saliency_test.pkl")["data"]
+    assert recorded["file"] == str(other) and recorded["model_data"]["file"] == str(npz)
+    # With no --data, the model's own file (its config's data.file) is read: nothing to refuse.
+    assert guided_backprop.main(["--model", model, "--num", "1", "--method", "vanilla",
+                                 "--out", str(tmp_path / "own")]) == 0
+    assert "model_data" not in common.load_results(tmp_path / "own" / "saliency_test.pkl")["data"]
+
+
+def test_ood_reports_how_confident_models_are_on_another_dataset(colour_pipeline, tmp_path, capsys):
+    import cnn_backwork
+
+    run, _, _ = colour_pipeline
+    other = _other_colour_npz(tmp_path)
+    assert cnn_backwork.main(["--ood", str(other), "--model", str(run / "model.keras"), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "ood_other_colour.json").read_text())
+    numbers = report["models"][str(run / "model.keras")]
+    model = __import__("cnn").load_trained_model(run / "model.keras")
+    top = np.asarray(model(common.load_dataset(other)["x_test"])).max(axis=1)
+    assert numbers["images"] == 40 and numbers["mean_top_p"] == pytest.approx(top.mean(), rel=1e-5)
+    assert numbers["top_p_at_0.99"] == np.mean(top >= 0.99) and numbers["top_p_at_0.999"] == np.mean(top >= 0.999)
+    shares = [row["predicted"] for row in numbers["most_predicted"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0)  # 3 classes: all listed.
+    assert report["ood_data"]["file"] == str(other) and "mean top p" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--ood .*small.npz holds images of shape \(5, 5, 1\), the model's"):
+        cnn_backwork.main(["--ood", str(_small_npz(tmp_path)), "--model", str(run / "model.keras")])
+
+
+def _small_npz(folder):
+    x = np.zeros((4, 5, 5), np.uint8)
+    np.savez(folder / "small.npz", x_train=x, y_train=np.arange(4), x_test=x, y_test=np.arange(4))
+    return folder / "small.npz"
+
+
+def test_confidence_numbers_count_levels_and_name_the_classes():
+    import cnn_backwork
+
+    probabilities = np.array([[0.9995, 0.0005, 0], [0.995, 0.005, 0], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    numbers = cnn_backwork.confidence_numbers(probabilities, ["T-shirt/top", "Trouser", "Pullover"], top=2)
+    assert numbers["top_p_at_0.99"] == 0.5 and numbers["top_p_at_0.999"] == 0.25
+    assert numbers["mean_top_p"] == pytest.approx((0.9995 + 0.995 + 0.7 + 0.8) / 4)
+    assert numbers["most_predicted"] == [
+        {"class": 0, "name": "T-shirt/top", "predicted": 0.5, "at_0.99": 0.5, "at_0.999": 0.25},
+        {"class": 1, "name": "Trouser", "predicted": 0.25, "at_0.99": 0.0, "at_0.999": 0.0}]
+    assert "'T-shirt/top' 50% (50%)" in cnn_backwork.ood_table({"m.keras": numbers})
+
+
+def _named_results(dataset, labels=(1, 7)):
+    from conftest import fake_backwork_results
+
+    results = {}
+    for label in labels:
+        result = fake_backwork_results(label)
+        result.update(reinitialised=0, nearest_training_distance=np.ones(3, np.float32),
+                      worst_training_images=result["images"][:2], worst_training_probs=result["probs"][:2],
+                      data={"dataset": dataset, "file": None, "sha256": None, "download": True})
+        results[label] = result
+    return results
+
+
+@pytest.mark.parametrize("dataset,label_1,label_7", [("fashion_mnist", "Trouser", "Sneaker"), ("mnist", "1", "7"),
+                                                     ("cifar10", "automobile", "horse"), (None, "1", "7")])
+def test_backwork_figures_and_table_name_the_classes(dataset, label_1, label_7, monkeypatch, tmp_path):
+    import cnn_backwork
+
+    drawn = []
+    monkeypatch.setattr(cnn_backwork, "plot_image_grid", lambda rows, title, path: drawn.append(rows))
+    results = _named_results(dataset)
+    cnn_backwork.plot_results(results, tmp_path / "a.png")
+    cnn_backwork.plot_worst_training(results, tmp_path / "b.png")
+    assert [row[0] for row in drawn[0]] == [f"label {label_1}", f"label {label_7}"]
+    assert drawn[1][1][2][0].endswith(f"says {label_7}")  # The worst training example's predicted class.
+    table = cnn_backwork.summary_table(results).splitlines()
+    assert table[1].split()[0] == label_1.split()[0] and label_7 in table[2]
+
+
+@pytest.mark.parametrize("name,expected", [("fashion_mnist.npz", "class Ankle boot"), ("mnist.npz", "class 9")])
+def test_saliency_figure_names_the_classes(name, expected, trained_tiny, tiny_npz, tmp_path, monkeypatch):
+    import guided_backprop
+
+    data_file = tmp_path / name  # The tiny data under a dataset's name: recognised as that dataset.
+    data_file.write_bytes(tiny_npz.read_bytes())
+    titles = []
+    monkeypatch.setattr(guided_backprop, "plot_saliency", lambda path, images, maps, row_titles, *rest:
+                        titles.extend(row_titles))
+    assert guided_backprop.main(["--model", str(trained_tiny[0]), "--data", str(data_file), "--num", "1",
+                                 "--label", "9", "--method", "vanilla", "--out", str(tmp_path / "out")]) == 0
+    assert titles[0].startswith(f"{expected}\nexplained: {expected.split(' ', 1)[1]}\n")

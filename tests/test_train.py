@@ -507,22 +507,36 @@ def test_an_interrupted_run_keeps_its_tensorboard_logs_closed(tiny_npz, tmp_path
     interrupt_at_call(monkeypatch, 25)
     monkeypatch.setattr(tf.summary, "create_file_writer", noting_create)
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
-    assert closed == [str(out / "logs")]
+    [session] = closed
+    assert Path(session).parent == out / "logs"  # The session's own subfolder.
     assert [step for step, _ in read_scalars(out / "logs")["train/loss"]] == [20]
 
 
-def test_resuming_on_other_data_says_so(tiny_npz, tmp_path, capsys):
-    from conftest import make_images
+def test_resuming_on_other_data_is_refused_unless_allowed_and_then_recorded(tiny_npz, tmp_path, capsys):
+    from conftest import make_images, read_scalars
 
     out, other = tmp_path / "run", tmp_path / "other.npz"
     x_train, y_train = make_images(500, seed=7)
     np.savez(other, x_train=x_train, y_train=y_train, x_test=x_train[:50], y_test=y_train[:50])
     config = str(write_config(tmp_path))
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out), "--steps", "20"]) == 0
+    resume = ["--data", str(other), "--out", str(out), "--resume", "--steps", "40"]
+    with pytest.raises(common.UserError, match=f"model {out / 'model.keras'} was trained on {tiny_npz} .* but the data is "
+                                        f"{other} .*--allow-other-data"):
+        proc_mnist.main(resume)
     capsys.readouterr()
-    assert proc_mnist.main(["--data", str(other), "--out", str(out), "--resume", "--steps", "40"]) == 0
-    assert f"note: the run so far was trained on {{'dataset': None, 'file': '{tiny_npz}'" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["data"]["file"] == str(other)
+    assert proc_mnist.main([*resume, "--allow-other-data"]) == 0
+    assert f"note: --allow-other-data: model {out / 'model.keras'} was trained on {tiny_npz}" in capsys.readouterr().out
+    recorded = json.loads((out / "metrics.json").read_text())["data"]
+    assert recorded["file"] == str(other) and recorded["model_data"]["file"] == str(tiny_npz)
+    assert configurator.load_config(out / "config.toml")["data"]["file"] == str(other)
+    # Each session logged to its own folder; together they hold the whole history.
+    sessions = sorted((out / "logs").iterdir())
+    assert len(sessions) == 2 and all(session.is_dir() for session in sessions)
+    assert [step for step, _ in read_scalars(sessions[1])["train/loss"]] == [40]
+    assert [step for step, _ in read_scalars(out / "logs")["train/loss"]] == [20, 40]
+    # Resumed with no --data: the file the run last recorded (its config's data.file), nothing to refuse.
+    assert proc_mnist.main(["--out", str(out), "--resume", "--steps", "60"]) == 0
 
 
 def test_tensorboard_reads_the_event_files(tiny_data, tmp_path):
