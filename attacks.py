@@ -213,6 +213,7 @@ def steps_and_distances(results):
 
 
 def final_images(results):
+    """Every label's final backworked images, (N, H, W, C), in label order."""
     return np.concatenate([common.with_channel(results[label]["images"]) for label in sorted(results)])
 
 

@@ -106,15 +106,13 @@ def check_fooling_results(results, results_dir, image_shape, num_classes):
     return results
 
 
+final_images = attacks.final_images  # Every label's final backworked images, (N, H, W, C), in label order.
+
+
 def read_fooling_images(results_dir, image_shape, num_classes):
     """The final images of every results_{label}.pkl, checked against the data and model, and the results."""
     results = check_fooling_results(load_results_folder(results_dir), results_dir, image_shape, num_classes)
     return final_images(results), results
-
-
-def final_images(results):
-    """Every label's final backworked images, (N, H, W, C), in label order."""
-    return np.concatenate([common.with_channel(result["images"]) for _, result in sorted(results.items())])
 
 
 def augment_data(data, results_dir, num_classes=None, seed=0):
@@ -671,7 +669,7 @@ def transfer_sets(data, config, heldout, transfer_path, num_classes):
 def _as_transfer_set(results):
     _, distances = attacks.steps_and_distances(results)
     targets = np.concatenate([np.full(len(results[label]["images"]), label) for label in sorted(results)])
-    return attacks.final_images(results), targets, distances
+    return final_images(results), targets, distances
 
 
 def _run_study(data, config, original, trained_results, out_dir, report, writer, transfer_path=None):
