@@ -674,6 +674,10 @@ DATA_HINT = ("give a local copy in the Keras layout with --data PATH or DATA_PAT
              "MNIST; on this project's machines: ../shared/data/mnist.npz; never commit it)")
 
 
+OOD_HINT = ("give --ood a Keras-layout .npz of images that are none of the model's classes (for an MNIST model, "
+            "on this project's machines: ../shared/data/fashion_mnist.npz)")
+
+
 def _check_npz_members(archive, path):
     """Refuse an archive member whose header claims more data than it holds (read lazily)."""
     for info in archive.infolist():
@@ -883,7 +887,10 @@ def class_names(dataset, num_classes):
 def read_ood_images(path, shape):
     """The test images of a Keras-layout .npz of other data (Fashion-MNIST for an MNIST model), which
     must have the image shape a model takes, and the file's provenance."""
-    data = load_dataset(path)
+    try:
+        data = load_dataset(path)
+    except UserError as error:  # The reader's hint is about --data; this file came from --ood.
+        raise UserError(str(error).replace(DATA_HINT, OOD_HINT)) from None
     images = data["x_test"]
     if images.shape[1:] != tuple(shape):
         raise UserError(f"--ood {path} holds images of shape {images.shape[1:]}, the model's {tuple(shape)}; "

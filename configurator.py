@@ -42,7 +42,7 @@ SCALAR_OR_LIST_KEYS = {"model.num_fc_units", "model.image_dim_size"}
 
 # The [train] keys added after the original recipe, with the values that reproduce it: a
 # saved config.toml without one of them was trained with this value (saved_config).
-ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0}
+ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing": 0.0, "shift_pixels": 0, "flip": False}
 
 # ------------------------------------------------------------------- reading TOML
 

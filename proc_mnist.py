@@ -106,8 +106,15 @@ def _fused_adam(optimizer):
     return apply
 
 
-def _batch_function(images, targets, label_smoothing, shift_pixels, seed, optimizer):
-    """batch(step_indices) -> (images, targets) of one step: gathered, smoothed and shifted, in the graph."""
+def _flipped(images, flips):
+    """Each image mirrored left-right where its flag is true: (batch, H, W, C)."""
+    import tensorflow as tf
+
+    return tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def _batch_function(images, targets, label_smoothing, shift_pixels, seed, optimizer, flip=False):
+    """batch(step_indices) -> (images, targets) of one step: gathered, smoothed, shifted and mirrored, in the graph."""
     import tensorflow as tf
 
     images, targets = tf.constant(images), tf.constant(targets)
@@ -124,6 +131,11 @@ def _batch_function(images, targets, label_smoothing, shift_pixels, seed, optimi
             shifts = tf.random.stateless_uniform([tf.shape(step_indices)[0], 2], key, minval=-shift_pixels,
                                                  maxval=shift_pixels + 1, dtype=tf.int32)
             batch_images = _shifted(batch_images, shifts)
+        if flip:
+            # Its own stream (seed + 1), so turning flips on leaves the shifts a run draws unchanged.
+            key = tf.stack([tf.constant(seed, tf.int64) + 1, tf.cast(optimizer.iterations, tf.int64)])
+            flips = tf.random.stateless_uniform([tf.shape(step_indices)[0]], key) < 0.5
+            batch_images = _flipped(batch_images, flips)
         return batch_images, batch_targets
 
     return batch
@@ -171,7 +183,7 @@ def _gradient_function(model, strategy, xla):
 
 
 def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixels=0, seed=0, *,
-                        strategy=None, xla=False):
+                        strategy=None, xla=False, flip=False):
     """A compiled function that runs a block of optimisation steps in one call.
 
     run_steps(indices), indices (steps, batch), returns (loss_sum, steps_done, bad_loss). A
@@ -191,7 +203,7 @@ def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixel
     # The fused kernel writes one variable's handle; a mirrored variable has one per replica.
     fused = _fused_adam(optimizer) if strategy is None else None
     apply_gradients = fused or (lambda gradients, variables: optimizer.apply_gradients(zip(gradients, variables)))
-    batch = _batch_function(images, targets, label_smoothing, shift_pixels, seed, optimizer)
+    batch = _batch_function(images, targets, label_smoothing, shift_pixels, seed, optimizer, flip)
     step_gradients = _gradient_function(model, strategy, xla)
 
     @tf.function(jit_compile=False,  # XLA's CPU convolutions are slower than oneDNN's (docs/benchmarks.md).
@@ -422,7 +434,8 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
                         f"{model.input_shape[1:]}; set model.image_dim_size to match the data")
     xla = distributed.use_xla(section["xla"])
     run_steps = make_train_function(model, images, targets, section["label_smoothing"],
-                                    section["shift_pixels"], section["seed"], strategy=strategy, xla=xla)
+                                    section["shift_pixels"], section["seed"], strategy=strategy, xla=xla,
+                                    flip=section["flip"])
     first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
     history, stop = _run_blocks(run_steps, model, data, section, progress, writer,
                                 distributed.make_agreement(strategy))

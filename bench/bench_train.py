@@ -107,13 +107,14 @@ def numpy_matmul_rate(size=1024, repeats=10):
 
 def time_ours(config, images, targets, steps, block, batch_size, recipe=False, precision="none"):
     """Our loop, block steps per call: the same work as fit, or with recipe=True as train() runs
-    the config (its label smoothing and shifts too); precision is a train.mixed_precision value."""
+    the config (its label smoothing, shifts and flips too); precision is a train.mixed_precision value."""
     section = config["train"]
     with cnn.precision_policy(precision):
         model = proc_mnist.build_model(config["model"])
     proc_mnist.compile_for_training(model, section["learning_rate"])
-    smoothing, shifts = (section["label_smoothing"], section["shift_pixels"]) if recipe else (0.0, 0)
-    run_steps = proc_mnist.make_train_function(model, images, targets, smoothing, shifts, section["seed"])
+    smoothing, shifts, flip = ((section["label_smoothing"], section["shift_pixels"], section["flip"]) if recipe
+                               else (0.0, 0, False))
+    run_steps = proc_mnist.make_train_function(model, images, targets, smoothing, shifts, section["seed"], flip=flip)
     run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, 0, block))  # Traces once.
     start = time.perf_counter()
     for first in range(block, block + steps, block):
@@ -170,7 +171,7 @@ def main(argv=None):
     section = config["train"]
     print(f"topology: {arguments.config or 'configs/default.toml'}, {arguments.steps} steps each, best of "
           f"{arguments.repeats}; recipe: label_smoothing {section['label_smoothing']}, "
-          f"shift_pixels {section['shift_pixels']}")
+          f"shift_pixels {section['shift_pixels']}, flip {section['flip']}")
     for batch_size in batch_sizes:
         ours, recipe, reference, bfloat16_rate, matmul_rate = 0.0, 0.0, 0.0, 0.0, numpy_matmul_rate()
         for repeat in range(arguments.repeats):
@@ -187,7 +188,7 @@ def main(argv=None):
         print(f"batch {batch_size}: {flops / 1e6:.1f} MFLOP per training example")
         print(f"  ours (compiled multi-step loop): {ours:8.0f} examples/s  {ours * flops / 1e9:6.1f} GFLOP/s")
         print(f"  keras fit (jit_compile=False):   {reference:8.0f} examples/s  {reference * flops / 1e9:6.1f} GFLOP/s")
-        print(f"  ours with the [train] recipe:    {recipe:8.0f} examples/s  (label smoothing, shifts)")
+        print(f"  ours with the [train] recipe:    {recipe:8.0f} examples/s  (label smoothing, shifts, flips)")
         if bfloat16 is not None:
             print(f"  ours, mixed_bfloat16:            {bfloat16_rate:8.0f} examples/s  "
                   f"({bfloat16_rate / ours:.2f} x float32; {bfloat16[0]} steps, best of {bfloat16[2]})")

@@ -225,6 +225,9 @@ def test_ood_reports_how_confident_models_are_on_another_dataset(colour_pipeline
     assert report["ood_data"]["file"] == str(other) and "mean top p" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"--ood .*small.npz holds images of shape \(5, 5, 1\), the model's"):
         cnn_backwork.main(["--ood", str(_small_npz(tmp_path)), "--model", str(run / "model.keras")])
+    with pytest.raises(UserError, match=r"missing.npz does not exist; give --ood a Keras-layout .npz") as error:
+        cnn_backwork.main(["--ood", str(tmp_path / "missing.npz"), "--model", str(run / "model.keras")])
+    assert "--data" not in str(error.value)
 
 
 def _small_npz(folder):

@@ -251,6 +251,38 @@ def test_shifts_move_whole_images_by_at_most_the_given_pixels():
     assert shifted.sum() == 3
 
 
+def test_flips_mirror_the_flagged_images_left_right():
+    images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1)
+    flipped = np.asarray(proc_mnist._flipped(images, np.array([True, False])))
+    np.testing.assert_array_equal(flipped[0], images[0, :, ::-1])
+    np.testing.assert_array_equal(flipped[1], images[1])
+
+
+def test_flip_mirrors_about_half_the_batch_per_step_and_leaves_the_shifts_alone():
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).random((400, 6, 6, 1)).astype(np.float32)
+    targets = np.eye(10, dtype=np.float32)[np.arange(400) % 10]
+    optimizer = type("Steps", (), {"iterations": tf.Variable(3, dtype=tf.int64)})()
+    indices = tf.range(400)
+
+    def batch(flip, shift_pixels=1):
+        return np.asarray(proc_mnist._batch_function(images, targets, 0.0, shift_pixels, 7, optimizer, flip)(indices)[0])
+
+    def mirrored():
+        shifted, both = batch(False), batch(True)
+        kept = np.all(both == shifted, axis=(1, 2, 3))
+        mirror = np.all(both == shifted[:, :, ::-1], axis=(1, 2, 3)) & ~kept
+        assert np.all(mirror | kept)  # Each image: as shifted without flips, or that mirrored.
+        return mirror
+
+    step_three = mirrored()
+    assert 150 < step_three.sum() < 250
+    np.testing.assert_array_equal(mirrored(), step_three)  # Drawn from (seed, step): the same again.
+    optimizer.iterations.assign(4)
+    assert not np.array_equal(mirrored(), step_three)  # Another step, other flips.
+
+
 # ------------------------------------------------------------------ safety of training
 
 
