@@ -163,6 +163,35 @@ def confidence_numbers(probabilities, names, top=3):
             "most_predicted": classes}
 
 
+def confidence_by_class(probabilities, names, ood_labels, ood_names):
+    """For each class of the other data (named ood_names), how often the model is confident
+    (top p >= OOD_LEVELS[0]) on its images, and as which of its own classes (names) most often:
+
+    [{"class", "name", "images", "confident", "as_class", "as_name", "as_share"}], where
+    "confident" and "as_share" are fractions of that class's images ("as_*" None where none is).
+    """
+    top_p, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)  # (N,), (N,)
+    confident = top_p >= OOD_LEVELS[0]
+    rows = []
+    for label in np.unique(ood_labels):
+        mine = ood_labels == label
+        counts = np.bincount(predicted[mine & confident], minlength=probabilities.shape[1])
+        as_class = int(counts.argmax()) if counts.any() else None
+        rows.append({"class": int(label), "name": ood_names[label], "images": int(mine.sum()),
+                     "confident": float(confident[mine].mean()), "as_class": as_class,
+                     "as_name": None if as_class is None else names[as_class],
+                     "as_share": None if as_class is None else float(counts[as_class] / mine.sum())})
+    return rows
+
+
+def by_class_table(rows):
+    lines = [f"  {'its class':>12}  p >= {OOD_LEVELS[0]}  most often as (share of the class)"]
+    for row in rows:
+        as_text = "-" if row["as_class"] is None else f"{row['as_name']!r} {row['as_share']:.1%}"
+        lines.append(f"  {row['name']:>12}  {row['confident']:>9.1%}  {as_text}")
+    return "\n".join(lines)
+
+
 def ood_table(numbers):
     header = "  ".join(f">= {level}" for level in OOD_LEVELS)
     lines = [f"mean top p  {header}  most predicted (share; share at p >= {OOD_LEVELS[0]})  model"]
@@ -180,12 +209,18 @@ def ood_command(args):
     for path in args.model:
         model = cnn.load_trained_model(path, images)
         if images is None:  # The first model says what image shape the other data must have.
-            images, provenance = common.read_ood_images(args.ood, model.input_shape[1:])
+            images, labels, provenance = common.read_ood_images(args.ood, model.input_shape[1:])
+            ood_names = common.class_names(common.provenance_dataset(provenance), int(labels.max()) + 1)
         names = common.class_names(common.provenance_dataset(configurator.model_data_record(path)),
                                    model.output_shape[-1])
-        numbers[str(path)] = confidence_numbers(cnn.predict(model, images), names)
+        probabilities = cnn.predict(model, images)
+        numbers[str(path)] = {**confidence_numbers(probabilities, names),
+                              "by_ood_class": confidence_by_class(probabilities, names, labels, ood_names)}
     print(f"how confident each model is on the {len(images)} test images of {args.ood} (none is of its classes):")
     print(ood_table(numbers))
+    for path, values in numbers.items():
+        print(f"by the other data's own classes, {path}:")
+        print(by_class_table(values["by_ood_class"]))
     out_dir = common.ensure_writable_dir(args.out or Path(args.model[0]).parent)
     path = out_dir / f"ood_{Path(args.ood).stem}.json"
     common.write_json(path, {"ood": str(args.ood), "ood_data": provenance, "levels": list(OOD_LEVELS),

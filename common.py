@@ -885,17 +885,19 @@ def class_names(dataset, num_classes):
 
 
 def read_ood_images(path, shape):
-    """The test images of a Keras-layout .npz of other data (Fashion-MNIST for an MNIST model), which
-    must have the image shape a model takes, and the file's provenance."""
+    """The test images and labels of a Keras-layout .npz of other data (Fashion-MNIST for an MNIST
+    model), which must have the image shape a model takes, and the file's provenance."""
     try:
         data = load_dataset(path)
     except UserError as error:  # The reader's hint is about --data; this file came from --ood.
         raise UserError(str(error).replace(DATA_HINT, OOD_HINT)) from None
     images = data["x_test"]
+    if not len(images):
+        raise UserError(f"--ood {path} holds no test images (x_test is empty); {OOD_HINT}")
     if images.shape[1:] != tuple(shape):
         raise UserError(f"--ood {path} holds images of shape {images.shape[1:]}, the model's {tuple(shape)}; "
                         "give a data set of the same image size")
-    return images, data["provenance"]
+    return images, data["y_test"], data["provenance"]
 
 
 def split_validation(data, validation_size):

@@ -223,6 +223,11 @@ def test_ood_reports_how_confident_models_are_on_another_dataset(colour_pipeline
     shares = [row["predicted"] for row in numbers["most_predicted"]]
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0)  # 3 classes: all listed.
     assert report["ood_data"]["file"] == str(other) and "mean top p" in capsys.readouterr().out
+    by_class = numbers["by_ood_class"]
+    other_labels = common.load_dataset(other)["y_test"]
+    assert [row["images"] for row in by_class] == np.bincount(other_labels)[np.unique(other_labels)].tolist()
+    assert sum(row["confident"] * row["images"] for row in by_class) == pytest.approx(
+        numbers["top_p_at_0.99"] * numbers["images"])
     with pytest.raises(UserError, match=r"--ood .*small.npz holds images of shape \(5, 5, 1\), the model's"):
         cnn_backwork.main(["--ood", str(_small_npz(tmp_path)), "--model", str(run / "model.keras")])
     with pytest.raises(UserError, match=r"missing.npz does not exist; give --ood a Keras-layout .npz") as error:
@@ -247,6 +252,21 @@ def test_confidence_numbers_count_levels_and_name_the_classes():
         {"class": 0, "name": "T-shirt/top", "predicted": 0.5, "at_0.99": 0.5, "at_0.999": 0.25},
         {"class": 1, "name": "Trouser", "predicted": 0.25, "at_0.99": 0.0, "at_0.999": 0.0}]
     assert "'T-shirt/top' 50% (50%)" in cnn_backwork.ood_table({"m.keras": numbers})
+
+
+def test_confidence_by_class_says_how_often_each_other_class_is_taken_confidently_and_as_what():
+    import cnn_backwork
+
+    probabilities = np.array([[0.995, 0.005], [0.001, 0.999], [0.999, 0.001], [0.6, 0.4], [0.3, 0.7]])
+    ood_labels = np.array([0, 0, 0, 2, 2])  # Class 1 of the other data has no image here.
+    rows = cnn_backwork.confidence_by_class(probabilities, ["0", "1"], ood_labels, ["Shirt", "Bag", "Sneaker"])
+    assert rows == [
+        {"class": 0, "name": "Shirt", "images": 3, "confident": 1.0, "as_class": 0, "as_name": "0",
+         "as_share": pytest.approx(2 / 3)},
+        {"class": 2, "name": "Sneaker", "images": 2, "confident": 0.0, "as_class": None, "as_name": None,
+         "as_share": None}]
+    table = cnn_backwork.by_class_table(rows)
+    assert "Shirt     100.0%  '0' 66.7%" in table and table.splitlines()[-1].endswith("0.0%  -")
 
 
 def _named_results(dataset, labels=(1, 7)):
