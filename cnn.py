@@ -16,6 +16,7 @@ or a CPU with avx512_bf16 or amx_bf16), else none. A model is analysed in float3
 """
 import functools
 import math
+import os
 import zipfile
 from pathlib import Path
 
@@ -320,6 +321,9 @@ def predict(model, images, batch_size=1000):
 # The x86 CPU flags of bfloat16 arithmetic. Without one (and without a GPU), mixed_bfloat16
 # emulates it and trains several times slower than float32 (docs/benchmarks.md).
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bfloat16 kernels: a CPU with the
+# flags runs mixed_bfloat16 under one of them as slowly as a CPU without (docs/benchmarks.md).
+ISA_CAPS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def gpu_visible():
@@ -348,11 +352,21 @@ def cpu_has_bfloat16(cpuinfo_text=None):
     return all(set(flags) & set(BFLOAT16_CPU_FLAGS) for flags in flag_lines)
 
 
+def onednn_isa_cap():
+    """The instruction-set cap oneDNN runs under ($ONEDNN_MAX_CPU_ISA, or the older $DNNL_MAX_CPU_ISA),
+    upper case; "" where none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def bfloat16_slowness():
-    """Why mixed_bfloat16 would be slow here, or None where it is fast (a GPU, or the CPU's flags)."""
-    has_bfloat16 = cpu_has_bfloat16()
-    if has_bfloat16 or gpu_visible():
+    """Why mixed_bfloat16 would be slow here, or None where it is fast (a GPU, or the CPU's flags
+    with oneDNN allowed to use them)."""
+    has_bfloat16, cap = cpu_has_bfloat16(), onednn_isa_cap()
+    capped = cap in ISA_CAPS_WITHOUT_BFLOAT16
+    if (has_bfloat16 and not capped) or gpu_visible():
         return None
+    if has_bfloat16:
+        return f"no GPU is visible and ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from the CPU's bfloat16 instructions"
     if has_bfloat16 is None:
         return ("no GPU is visible and the CPU flags cannot be read (/proc/cpuinfo), so bfloat16 arithmetic "
                 "is taken to be absent")

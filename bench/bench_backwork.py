@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.machine import cpu_line  # noqa: E402
+
 
 def direct_reference_distance(rows, references, reference_norms):
     """The formula as written: mean over the batch of the minimum over all references."""
@@ -215,6 +217,8 @@ def main():
     parser.add_argument("--nearest-every", type=int, nargs="+", default=[1, 5, 10],
                         help="backwork.nearest_every values for --batched, each batched and one at a time")
     arguments = parser.parse_args()
+    if not arguments.child:  # A child's output is one JSON line for its parent.
+        print(cpu_line())
     if arguments.gradient:
         gradient_rows(arguments)
         return

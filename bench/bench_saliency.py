@@ -24,6 +24,7 @@ import common  # noqa: E402
 import configurator  # noqa: E402
 import guided_backprop  # noqa: E402
 import proc_mnist  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
 
 GOAL = 1.5  # guided backpropagation may cost at most this many plain gradients
 
@@ -67,8 +68,9 @@ def main(argv=None):
     labels = np.arange(args.batch) % model.output_shape[-1]  # Fixed classes: no argmax differences.
     methods = {"guided": guided_backprop.guided_backprop, "vanilla": guided_backprop.vanilla_gradient}
     seconds = median_seconds(methods, model, images, labels, args.warmup, args.repeats)
+    print(cpu_line())
     print(f"batch of {args.batch} images {tuple(model.input_shape[1:])}, median of {args.repeats} calls "
-          f"after {args.warmup} warm-up calls, {os.cpu_count()} CPUs")
+          f"after {args.warmup} warm-up calls")
     for name, value in seconds.items():
         print(f"{name:8s} {args.batch / value:8.1f} images/s  ({1000 * value:.1f} ms per call)")
     ratio = seconds["guided"] / seconds["vanilla"]

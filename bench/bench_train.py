@@ -21,7 +21,6 @@ best rate this machine's BLAS reaches.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,32 +32,12 @@ import numpy as np  # noqa: E402
 
 import cnn  # noqa: E402
 import common  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402  (re-exported: the tests call bench_train.cpu_line)
 import configurator  # noqa: E402
 import proc_mnist  # noqa: E402
 
 
-# The vector extensions worth naming in a speed measurement, as /proc/cpuinfo spells them.
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                "amx_tile", "amx_bf16", "amx_int8")
 FORCED_BFLOAT16_STEPS = 20  # --bfloat16 where it is slow: this many timed steps, one run (0.13x float32's speed).
-
-
-def cpu_line(cpuinfo_text=None):
-    """'CPU: <model>, <n> cores; vector extensions: avx2 fma ...' from /proc/cpuinfo (read by default)."""
-    if cpuinfo_text is None:
-        try:
-            cpuinfo_text = Path("/proc/cpuinfo").read_text()
-        except OSError:  # Not Linux.
-            cpuinfo_text = ""
-    fields = {}
-    for line in cpuinfo_text.splitlines():
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())  # The first core's.
-    model = fields.get("model name") or platform.processor() or "unknown model"
-    flags = fields.get("flags", "").split()
-    extensions = " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "unknown (no CPU flags in /proc/cpuinfo)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {model}, {cores} cores for this process; vector extensions: {extensions}"
 
 
 def bfloat16_budget(steps, block, repeats, force, slowness):

@@ -301,6 +301,19 @@ def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch, cpu_bfloa
     assert cnn.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
 
 
+@pytest.mark.parametrize("variable, cap, fast", [
+    ("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("DNNL_MAX_CPU_ISA", "avx512_core", False),
+    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True), ("ONEDNN_MAX_CPU_ISA", "", True)])
+def test_a_onednn_cap_below_bfloat16_makes_a_bfloat16_cpu_slow(monkeypatch, variable, cap, fast):
+    fake_hardware(monkeypatch, True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(variable, cap)
+    assert cnn.resolve_precision("auto") == ("mixed_bfloat16" if fast else "none")
+    if not fast:
+        assert f"={cap.upper()} keeps oneDNN from the CPU's bfloat16 instructions" in cnn.bfloat16_slowness()
+
+
 @pytest.mark.parametrize("cpu_bfloat16, reason", [
     (False, "the CPU has no bfloat16 arithmetic (neither avx512_bf16 nor amx_bf16)"),
     (None, "the CPU flags cannot be read (/proc/cpuinfo), so bfloat16 arithmetic is taken to be absent")])
