@@ -365,7 +365,7 @@ def load_backwork_images(path, num):
 def output_name(source, label):
     """saliency_<what was explained>, so that explaining other images never replaces a figure."""
     if source == "test":
-        return "saliency_test" if label < 0 else f"saliency_test_digit{label}"
+        return "saliency_test" if label < 0 else f"saliency_test_class{label}"
     return f"saliency_{Path(source).stem}" + ("" if label < 0 else f"_class{label}")
 
 

@@ -394,14 +394,22 @@ def attack_table(rounds):
     return "\n".join(lines)
 
 
-def plot_report(rounds, target, path, roc_scores=None):
+def real_and_other(dataset):
+    """How the report's figure names the real test images and the images of no class: digits for MNIST."""
+    return (("digits", "that are no digit", "non-digits") if dataset == "mnist"
+            else ("images", "of none of its classes", "other images"))
+
+
+def plot_report(rounds, target, path, roc_scores=None, dataset="mnist"):
     """Top: test accuracy, fooling confidence, difficulty, the strongest attack. Bottom: each attack family's
-    fooled fraction with its 95% interval per round, and the last round's "none" ROC curves."""
+    fooled fraction with its 95% interval per round, and the last round's "none" ROC curves. dataset
+    (the data's name, None where unknown) picks the words: digits for MNIST, images otherwise."""
+    real, _, _ = real_and_other(dataset)
     pyplot = common.pyplot()
     figure, axes = pyplot.subplots(2, 4, figsize=(20, 8.4))
     indices = [metrics["round"] for metrics in rounds]
     _plot_accuracy(axes[0, 0], rounds, indices)
-    _plot_confidence(axes[0, 1], rounds, indices)
+    _plot_confidence(axes[0, 1], rounds, indices, dataset)
     _plot_difficulty(axes[0, 2], pyplot, [metrics for metrics in rounds if "fooled_within" in metrics])
     _plot_strongest(axes[0, 3], rounds, indices)
     families = [("backwork", "backwork, by loss (round's budget)"), ("library", "ART: PGD and Square"),
@@ -409,8 +417,8 @@ def plot_report(rounds, target, path, roc_scores=None):
     for axis, (family, title) in zip(axes[1, :3], families):
         _plot_family(axis, rounds, indices, family, title)
     if roc_scores is not None:
-        plot_roc(axes[1, 3], *roc_scores)
-    axes[1, 3].set_title(f"round {indices[-1]}: the \"none\" score against test digits (ROC)", fontsize=10)
+        plot_roc(axes[1, 3], *roc_scores, dataset=dataset)
+    axes[1, 3].set_title(f"round {indices[-1]}: the \"none\" score against test {real} (ROC)", fontsize=10)
     for axis in axes.ravel():
         axis.grid(alpha=0.3)
     figure.suptitle(f"defence '{target}': does retraining on backworked images remove the artifacts? "
@@ -430,7 +438,7 @@ def _plot_accuracy(axis, rounds, indices):
     axis.legend(fontsize=7)
 
 
-def _plot_confidence(axis, rounds, indices):
+def _plot_confidence(axis, rounds, indices, dataset):
     lines = [("heldout_mean_p", "held-out fooling images: p(target)", "-"),
              ("trained_fooling_top_prob", "trained-on fooling images: top p", "-"),
              ("blank_top_prob", "blank image: top p", ":"), ("noise_top_prob", "fresh noise: top p", ":")]
@@ -439,7 +447,7 @@ def _plot_confidence(axis, rounds, indices):
     for key, name, style in lines:
         axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
     axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
-             title="how sure the model is of images that are no digit")
+             title=f"how sure the model is of images {real_and_other(dataset)[1]}")
     axis.legend(fontsize=7)
 
 
@@ -492,13 +500,14 @@ def _plot_family(axis, rounds, indices, family, title):
         axis.legend(fontsize=7)
 
 
-def plot_roc(axis, digit_scores, others):
+def plot_roc(axis, digit_scores, others, dataset="mnist"):
     """The ROC curve of each non-digit set against the test digits, the AUC in the legend."""
+    real, _, other = real_and_other(dataset)
     for name, scores in others.items():
         false, true = attacks.roc_curve(digit_scores, scores)
         axis.plot(false, true, label=f"{name} (AUC {attacks.roc_auc(digit_scores, scores):.3f})")
     axis.plot([0, 1], [0, 1], ":", color="gray")
-    axis.set(xlabel="test digits called \"none\"", ylabel="non-digits called \"none\"", xlim=(0, 1), ylim=(0, 1.02))
+    axis.set(xlabel=f"test {real} called \"none\"", ylabel=f"{other} called \"none\"", xlim=(0, 1), ylim=(0, 1.02))
     axis.legend(fontsize=7)
 
 
@@ -609,7 +618,8 @@ def write_report(out_dir, model, config, report, roc_scores=None):
     common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
-        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores)
+        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores,
+                    common.provenance_dataset(report["data"]))
 
 
 def heldout_backwork(model, data, config, out_dir):
@@ -635,7 +645,7 @@ def main(argv=None):
         configurator.check_model_data(transfer_path, data["provenance"], args.allow_other_data)
     shape = data["x_train"].shape[1:]
     if augment["ood_data"]:
-        data["ood"], _ = common.read_ood_images(augment["ood_data"], shape)  # Natural non-digits.
+        data["ood"], _, _ = common.read_ood_images(augment["ood_data"], shape)  # Natural images of no class.
     out_dir = common.ensure_writable_dir(args.out or default_out)
     original = cnn.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
     check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])

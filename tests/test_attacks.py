@@ -9,6 +9,7 @@ import backwork_cost
 import backwork_loop
 import cnn
 import cnn_backwork
+import common
 import configurator
 import preprocess_data
 from common import UserError
@@ -153,7 +154,7 @@ def study_report(out):
 
 
 def test_suite_study_reports_every_attack_with_intervals_and_convergence(trained_tiny, tiny_npz, tmp_path,
-                                                                         capsys):
+                                                                         capsys, monkeypatch):
     arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path) + [
         "--transfer-from", str(trained_tiny[0]), "--ood", str(tiny_npz), "--set", "augment.pgd_step_size=1e-12",
         "--set", "backwork.max_num_steps=60", "--set", "augment.square_queries=300"]
@@ -192,6 +193,25 @@ def test_suite_study_reports_every_attack_with_intervals_and_convergence(trained
                for name in ("margin", "square", "transfer_original_heldout"))
     assert retrained["train_on"] in configurator.BACKWORK_LOSSES
     assert report["backwork"]["loss"] == "margin" and report["transfer_from"] == str(trained_tiny[0])
+    # The figure's words follow the data: digits for MNIST, images for any other dataset.
+    for dataset, real, none_of in [("mnist", "test digits", "that are no digit"),
+                                   ("fashion_mnist", "test images", "of none of its classes")]:
+        texts = report_figure_texts(report, tmp_path / f"{dataset}.png", dataset, monkeypatch)
+        assert any(f'"none" score against {real}' in text for text in texts)
+        assert f"how sure the model is of images {none_of}" in texts
+        assert (dataset == "mnist") == any("digit" in text for text in texts)
+
+
+def report_figure_texts(report, path, dataset, monkeypatch):
+    """Every title and axis label of the report figure drawn from a report's rounds."""
+    figures = []
+    monkeypatch.setattr(common, "save_figure", lambda figure, path: figures.append(figure))
+    preprocess_data.plot_report(report["rounds"], "uniform", path, None, dataset)
+    texts = [figures[0]._suptitle.get_text()]
+    for axis in figures[0].axes:
+        texts += [axis.get_title(), axis.get_xlabel(), axis.get_ylabel()]
+    common.pyplot().close(figures[0])
+    return texts
 
 
 def test_control_retrains_on_the_original_examples_alone(trained_tiny, tiny_npz, tmp_path, monkeypatch):

@@ -288,7 +288,7 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--label", "4", "--num", "2",
                  "--method", "guided", "--out", str(tmp_path)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(tmp_path / "saliency_test_digit4.pkl")
+    results = common.load_results(tmp_path / "saliency_test_class4.pkl")
     assert results["image_labels"].tolist() == [4, 4] and results["labels"].tolist() == [4, 4]
     assert "vanilla" not in results and results["guided"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
 
