@@ -6,7 +6,7 @@
 The network itself is cnn.py's (build_model, imported here so that proc_mnist.build_model
 keeps working in a notebook); this module is the trainer.
 
-train() runs the [train] recipe (Adam on a Keras schedule, label smoothing, random shifts)
+train() runs the [train] recipe (Adam on a Keras schedule, label smoothing, random shifts and flips)
 in compiled calls of about a second each, so Ctrl-C or SIGTERM stops it at once. The
 command then saves what was reached (also when interrupted during the final evaluation
 or the save) and exits 130; --resume continues it with its whole history. A loss or
@@ -195,7 +195,8 @@ def make_train_function(model, images, targets, label_smoothing=0.0, shift_pixel
     With a tf.distribute strategy (the model and its optimizer made in its scope), each
     replica computes the gradients of its share of every global batch; they are summed
     across replicas (and workers) before the finite check and the update. xla compiles
-    the forward and backward pass with XLA.
+    the forward and backward pass with XLA. label_smoothing, shift_pixels and flip are the
+    [train] recipe's (applied in the graph, drawn from seed and step).
     """
     import tensorflow as tf
 
