@@ -678,7 +678,7 @@ OOD_HINT = ("give --ood a Keras-layout .npz of images that are none of the model
             "on this project's machines: ../shared/data/fashion_mnist.npz)")
 
 
-def _check_npz_members(archive, path):
+def _check_npz_members(archive, path, hint):
     """Refuse an archive member whose header claims more data than it holds (read lazily)."""
     for info in archive.infolist():
         if not info.filename.endswith(".npy"):
@@ -690,24 +690,25 @@ def _check_npz_members(archive, path):
             shape, _, dtype = read_header(member)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
             raise UserError(f"{path}: {info.filename} claims shape {shape} of {dtype}, more than the "
-                            f"{info.file_size} bytes it holds; the file is damaged. {DATA_HINT}")
+                            f"{info.file_size} bytes it holds; the file is damaged. {hint}")
 
 
-def _read_npz(path):
+def _read_npz(path, hint=DATA_HINT):
+    """The arrays of a local .npz; a bad file is one line ending in hint (what to give instead)."""
     path = Path(path)
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "does not exist"
-        raise UserError(f"data file {path} {problem}; {DATA_HINT}")
+        raise UserError(f"data file {path} {problem}; {hint}")
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {DATA_HINT}")
+        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {hint}")
     try:
         with zipfile.ZipFile(path) as archive:
-            _check_npz_members(archive, path)
+            _check_npz_members(archive, path, hint)
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path} is not a readable .npz file ({message}); {DATA_HINT}") from None
+        raise UserError(f"{path} is not a readable .npz file ({message}); {hint}") from None
 
 
 def _validate_split(arrays, split, source):
@@ -797,17 +798,18 @@ def data_label(path=None, dataset="mnist", file=""):
     return recognised_dataset(path, sha256, declared) or Path(path).stem
 
 
-def load_dataset(path=None, dataset="mnist", file=""):
+def load_dataset(path=None, dataset="mnist", file="", hint=DATA_HINT):
     """An image dataset as float32 images in [0, 1] of shape (N, H, W, C) and int64 labels.
 
     From path (an .npz in the Keras layout), else file (data.file), else $DATA_PATH, else
     $MNIST_PATH for MNIST, else keras.datasets.<dataset> (download and cache).
     data["provenance"] says which: {"dataset": the dataset's name (a local file's where it is
     recognised, else None), "file": path or None, "sha256": the file's or None, "download": bool}.
+    hint ends the one-line error for a missing or damaged local file (what to give instead).
     """
     path = data_path(path, dataset, file)
     if path:
-        arrays, source, sha256 = _read_npz(path), str(path), file_sha256(path)
+        arrays, source, sha256 = _read_npz(path, hint), str(path), file_sha256(path)
         # $MNIST_PATH names MNIST (it is read only for it); --data, data.file and $DATA_PATH name a file.
         declared = "mnist" if str(path) == os.environ.get("MNIST_PATH") and dataset == "mnist" else None
         provenance = {"dataset": recognised_dataset(path, sha256, declared), "file": str(path), "sha256": sha256,
@@ -887,10 +889,7 @@ def class_names(dataset, num_classes):
 def read_ood_images(path, shape):
     """The test images and labels of a Keras-layout .npz of other data (Fashion-MNIST for an MNIST
     model), which must have the image shape a model takes, and the file's provenance."""
-    try:
-        data = load_dataset(path)
-    except UserError as error:  # The reader's hint is about --data; this file came from --ood.
-        raise UserError(str(error).replace(DATA_HINT, OOD_HINT)) from None
+    data = load_dataset(path, hint=OOD_HINT)  # A bad file's message says what --ood wants, not --data.
     images = data["x_test"]
     if not len(images):
         raise UserError(f"--ood {path} holds no test images (x_test is empty); {OOD_HINT}")

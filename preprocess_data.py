@@ -394,17 +394,18 @@ def attack_table(rounds):
     return "\n".join(lines)
 
 
-def real_and_other(dataset):
-    """How the report's figure names the real test images and the images of no class: digits for MNIST."""
-    return (("digits", "that are no digit", "non-digits") if dataset == "mnist"
-            else ("images", "of none of its classes", "other images"))
+def report_words(dataset):
+    """How the report's figure names the real test images ("real"), the images of none of the classes
+    ("none_of", after "images") and those images as a set ("other"): digits for MNIST."""
+    if dataset == "mnist":
+        return {"real": "digits", "none_of": "that are no digit", "other": "non-digits"}
+    return {"real": "images", "none_of": "of none of its classes", "other": "other images"}
 
 
 def plot_report(rounds, target, path, roc_scores=None, dataset="mnist"):
     """Top: test accuracy, fooling confidence, difficulty, the strongest attack. Bottom: each attack family's
     fooled fraction with its 95% interval per round, and the last round's "none" ROC curves. dataset
     (the data's name, None where unknown) picks the words: digits for MNIST, images otherwise."""
-    real, _, _ = real_and_other(dataset)
     pyplot = common.pyplot()
     figure, axes = pyplot.subplots(2, 4, figsize=(20, 8.4))
     indices = [metrics["round"] for metrics in rounds]
@@ -418,6 +419,7 @@ def plot_report(rounds, target, path, roc_scores=None, dataset="mnist"):
         _plot_family(axis, rounds, indices, family, title)
     if roc_scores is not None:
         plot_roc(axes[1, 3], *roc_scores, dataset=dataset)
+    real = report_words(dataset)["real"]
     axes[1, 3].set_title(f"round {indices[-1]}: the \"none\" score against test {real} (ROC)", fontsize=10)
     for axis in axes.ravel():
         axis.grid(alpha=0.3)
@@ -447,7 +449,7 @@ def _plot_confidence(axis, rounds, indices, dataset):
     for key, name, style in lines:
         axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
     axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
-             title=f"how sure the model is of images {real_and_other(dataset)[1]}")
+             title=f"how sure the model is of images {report_words(dataset)['none_of']}")
     axis.legend(fontsize=7)
 
 
@@ -502,12 +504,13 @@ def _plot_family(axis, rounds, indices, family, title):
 
 def plot_roc(axis, digit_scores, others, dataset="mnist"):
     """The ROC curve of each non-digit set against the test digits, the AUC in the legend."""
-    real, _, other = real_and_other(dataset)
+    words = report_words(dataset)
     for name, scores in others.items():
         false, true = attacks.roc_curve(digit_scores, scores)
         axis.plot(false, true, label=f"{name} (AUC {attacks.roc_auc(digit_scores, scores):.3f})")
     axis.plot([0, 1], [0, 1], ":", color="gray")
-    axis.set(xlabel=f"test {real} called \"none\"", ylabel=f"{other} called \"none\"", xlim=(0, 1), ylim=(0, 1.02))
+    axis.set(xlabel=f"test {words['real']} called \"none\"", ylabel=f"{words['other']} called \"none\"",
+             xlim=(0, 1), ylim=(0, 1.02))
     axis.legend(fontsize=7)
 
 
