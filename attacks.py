@@ -39,9 +39,9 @@ import numpy as np
 import backwork_cost
 import backwork_loop
 import cnn
-import cnn_backwork
-import common
 import configurator
+import datasets
+import results_format
 
 SANITY_FRACTION = 0.9  # On the undefended model an attack must fool at least this fraction.
 CONVERGED_WITHIN = 0.025  # Doubling the budget or restarting may add at most this (2 of 80 images).
@@ -91,9 +91,6 @@ def starts(data, labels, count, seed):
     return np.concatenate(images), np.repeat(np.asarray(labels, np.int64), count)
 
 
-def class_probabilities(model, images, targets):
-    """Each image's probability (N,) of its target class under model (the full softmax)."""
-    return cnn.predict(model, images)[np.arange(len(images)), targets]
 
 
 def nearest_training_distances(data, images, targets):
@@ -124,8 +121,6 @@ def art_classifier(model):
                                   loss_object=keras.losses.CategoricalCrossentropy(from_logits=True))
 
 
-def one_hot(targets, classes):
-    return np.eye(classes, dtype=np.float32)[targets]
 
 
 def run_pgd(model, images, targets, cap, iterations, step_size, check_every=10, progress=print):
@@ -149,9 +144,9 @@ def run_pgd(model, images, targets, cap, iterations, step_size, check_every=10, 
         attack = ProjectedGradientDescent(classifier, norm=np.inf, eps=1.0, eps_step=step_size, max_iter=chunk,
                                           targeted=True, num_random_init=0, batch_size=len(moving),
                                           verbose=False)
-        images[moving] = attack.generate(images[moving], y=one_hot(targets[moving], classes))
+        images[moving] = attack.generate(images[moving], y=datasets.one_hot(targets[moving], classes))
         done += chunk
-        reached = class_probabilities(model, images[moving], targets[moving]) >= cap
+        reached = cnn.target_probabilities(model, images[moving], targets[moving]) >= cap
         steps[moving[reached]] = done
     progress(f"  pgd: {np.mean(steps >= 0):.0%} fooled after {done} iterations")
     return images, steps
@@ -194,27 +189,15 @@ def run_square(model, images, targets, cap, queries, seed, progress=print):
     p_init = min(0.8, (min(height, width) - 1) ** 2 / (height * width))
     attack = SquareAttack(classifier, norm=np.inf, eps=1.0, max_iter=queries, nb_restarts=1, p_init=p_init,
                           batch_size=len(images), verbose=False, loss=margin, adv_criterion=reached)
-    final = attack.generate(images.copy(), y=one_hot(targets, classes)).astype(np.float32)
+    final = attack.generate(images.copy(), y=datasets.one_hot(targets, classes)).astype(np.float32)
     # The last iteration's candidate is accepted after the last check: count it here.
-    late = (class_probabilities(model, final, targets) >= cap) & (steps < 0)
+    late = (cnn.target_probabilities(model, final, targets) >= cap) & (steps < 0)
     steps[late] = queries + 1
     progress(f"  square: {np.mean(steps >= 0):.0%} fooled within {queries} queries")
     return final, steps
 
 
 # --------------------------------------------------------------------------- the suite
-
-
-def steps_and_distances(results):
-    """Every image's steps_to_reach and nearest-training distance from backwork results, in class order."""
-    ordered = [results[label] for label in sorted(results)]
-    return (np.concatenate([result["steps_to_reach"] for result in ordered]),
-            np.concatenate([result["nearest_training_distance"] for result in ordered]))
-
-
-def final_images(results):
-    """Every label's final backworked images, (N, H, W, C), in label order."""
-    return np.concatenate([common.with_channel(results[label]["images"]) for label in sorted(results)])
 
 
 class AttackSuite:
@@ -240,7 +223,7 @@ class AttackSuite:
         rows, backworked, finals, cache = {}, {}, {}, {}
         for loss in filter(self.enabled, configurator.BACKWORK_LOSSES):
             backworked[loss], rows[loss] = self._backwork(model, loss, self.backwork["seed"], self.budget, cache)
-            finals[loss] = final_images(backworked[loss])
+            finals[loss] = results_format.final_images(backworked[loss])
         for name in self.disabled.keys() & rows.keys():
             rows[name]["misconfigured"] = True
         if backworked and not rows[strongest_loss(rows)].get("misconfigured"):
@@ -253,7 +236,7 @@ class AttackSuite:
             rows["square"], finals["square"] = self._library_attack(model, "square")
         if self.enabled("transfer"):
             for name, (images, targets, distances) in self.transfer_sets.items():
-                fooled = class_probabilities(model, images, targets) >= self.cap
+                fooled = cnn.target_probabilities(model, images, targets) >= self.cap
                 rows[f"transfer_{name}"] = {**attack_row(np.where(fooled, 0, -1), distances, 0, "none"),
                                             "family": "transfer"}
         for name in self.disabled.keys() & rows.keys():
@@ -263,9 +246,9 @@ class AttackSuite:
     def _backwork(self, model, loss, seed, max_steps, cache):
         start = time.perf_counter()
         options = {**self.backwork, "loss": loss, "seed": seed, "max_num_steps": max_steps}
-        results = cnn_backwork.get_faulty_input_layer(self.data, {"backwork": options}, model, self.labels,
+        results = backwork_loop.get_faulty_input_layer(self.data, {"backwork": options}, model, self.labels,
                                                       progress=lambda line: None, reference_cache=cache)
-        steps, distances = steps_and_distances(results)
+        steps, distances = results_format.steps_and_distances(results)
         row = {**attack_row(steps, distances, max_steps, "steps"), "family": "backwork",
                "seed": seed, "seconds": time.perf_counter() - start}
         self.progress(f"  backwork {loss} (seed {seed}, {max_steps} steps): {row['fooled']}/{row['count']} fooled "
@@ -274,7 +257,7 @@ class AttackSuite:
 
     def _convergence(self, model, loss, results, cache):
         """The strongest loss with the budget doubled twice and three other seeds: did the fraction stop rising?"""
-        steps, _ = steps_and_distances(results)
+        steps, _ = results_format.steps_and_distances(results)
         budgets = [self.budget * 2 ** doubling for doubling in range(BUDGET_DOUBLINGS + 1)]
         if np.all(steps >= 0):
             return {"fooled_within": {str(budget): 1.0 for budget in budgets}, "restart_seeds": [],
@@ -282,13 +265,13 @@ class AttackSuite:
                     "best_interval": list(wilson_interval(len(steps), len(steps))),
                     "converged": True, "note": "every image was fooled within the round's budget"}
         longest, _ = self._backwork(model, loss, self.backwork["seed"], budgets[-1], cache)
-        long_steps, _ = steps_and_distances(longest)
+        long_steps, _ = results_format.steps_and_distances(longest)
         within = {str(budget): float(np.mean((long_steps >= 0) & (long_steps <= budget))) for budget in budgets}
         any_seed, best = steps >= 0, long_steps >= 0
         seeds = [self.backwork["seed"] + 100 + restart for restart in range(1, RESTART_SEEDS + 1)]
         for seed in seeds:
             restarted, _ = self._backwork(model, loss, seed, self.budget, cache)
-            any_seed |= steps_and_distances(restarted)[0] >= 0
+            any_seed |= results_format.steps_and_distances(restarted)[0] >= 0
         best |= any_seed
         added_by_budget = within[str(budgets[-1])] - within[str(budgets[-2])]
         added_by_restarts = float(any_seed.mean() - np.mean(steps >= 0))
@@ -386,3 +369,11 @@ def roc_curve(digit_scores, other_scores):
     false = 1.0 - np.searchsorted(digits, thresholds, side="left") / len(digits)
     true = 1.0 - np.searchsorted(others, thresholds, side="left") / len(others)
     return np.concatenate([[0.0], false]), np.concatenate([[0.0], true])
+
+
+def fooling_numbers(model, results, cap):
+    """How model classifies backworked images: mean target probability and fractions above levels."""
+    probabilities = cnn.target_probabilities(model, results_format.final_images(results),
+                                             results_format.final_labels(results))
+    return {"mean_p": float(probabilities.mean()), "above_0.5": float(np.mean(probabilities > 0.5)),
+            "above_0.99": float(np.mean(probabilities > 0.99)), "at_cap": float(np.mean(probabilities >= cap))}

@@ -33,7 +33,6 @@ A cost or image that stops being finite stops its label at once; the other label
 then the run ends with a UserError naming the label and step.
 """
 import concurrent.futures
-import re
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import backwork_cost
 import cnn
 import common
 import configurator
+import results_format
 from common import UserError
 
 # ----------------------------------------------------------------------- the pixels
@@ -467,7 +467,7 @@ class LabelState:
         worst_images, worst_probabilities = backwork_cost.worst_classified(self.reference_images, self.training_logits,
                                                                            self.label)
         return {
-            "format_version": common.RESULTS_FORMAT_VERSION,
+            "format_version": results_format.RESULTS_FORMAT_VERSION,
             "label": self.label,
             "images": _drop_single_channel(images),
             "probs": np.asarray(steps.model(images, training=False), np.float32),
@@ -492,7 +492,6 @@ def diverged_message(label, step, costs, options):
             f"(now {options['learning_rate']}) or check that the model's weights are finite")
 
 
-
 def _drop_single_channel(images):
     """Grey images are saved as (N, H, W), as the original results were."""
     return images[..., 0] if images.shape[-1] == 1 else images
@@ -502,7 +501,6 @@ def _should_stop(costs, probabilities, options):
     reached = probabilities.mean() >= options["prob_cap_mean"] and probabilities.min() >= options["prob_cap_min"]
     settled = len(costs) > 1 and abs(costs[-1] - costs[-2]) < options["tolerance"]
     return reached or settled
-
 
 
 def backwork_label(model, label_images, label, options, progress=print):
@@ -515,52 +513,37 @@ def backwork_label(model, label_images, label, options, progress=print):
 
 # ------------------------------------------------------------- the results files of labels
 
-RESULTS_NAME = re.compile(r"results_(\d+)\.pkl")
 
 
-def label_results_path(out_dir, label):
-    """The file of one backworked label's results in out_dir: results_{label}.pkl."""
-    return Path(out_dir) / f"results_{label}.pkl"
 
+def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
+                           progress=print, on_label=None, on_record=None, reference_cache=None):
+    """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
 
-def save_label_results(out_dir, result):
-    """Save one backworked label's results dict (it holds its "label") as results_{label}.pkl in out_dir."""
-    common.save_results(label_results_path(out_dir, result["label"]), result)
-
-
-def load_label_results(out_dir, skip_unreadable=False, warn=print):
-    """Every results_{label}.pkl in a folder, so figures include labels run by other processes.
-
-    Only names of exactly that form count (results_1_old.pkl is ignored), and the label
-    inside each file must be the one in its name. An unreadable file is an error, or with
-    skip_unreadable a warning line (through warn) and the file is left out.
+    data is a dict as from datasets.load_dataset; model_options a config dict whose
+    'backwork' section overrides the defaults; model a Keras model or the path of one.
+    on_label(label, results) is called as each label stops (the script saves there), and
+    on_record(label, step, cost, probabilities) at each record (the script logs there);
+    reference_cache as Backworker's.
     """
-    results = {}
-    for path in sorted(Path(out_dir).iterdir()):
-        match = RESULTS_NAME.fullmatch(path.name)
-        if match is None or not path.is_file():
-            continue
-        try:
-            result = common.load_results(path)
-            if not isinstance(result, dict) or result.get("label") != int(match[1]):
-                found = result.get("label") if isinstance(result, dict) else None
-                raise UserError(f"{path} holds the results of label {found!r}, not {int(match[1])}; "
-                                "rename or re-create it")
-        except UserError as error:
-            if not skip_unreadable:
-                raise
-            warn(f"warning: skipping {path.name} ({error})")
-            continue
-        results[int(match[1])] = result
-    return results
+    options = configurator.merge_config(configurator.default_config(), model_options or {}, "model_options")["backwork"]
+    model_path = str(model) if isinstance(model, (str, Path)) else model.name
+    if isinstance(model, (str, Path)):
+        model = cnn.load_trained_model(model, data["x_train"])
+    labels = list(range(model.output_shape[-1])) if labels is None else list(labels)
+    missing = [label for label in labels if not np.any(data["y_train"] == label)]
+    if missing:
+        raise UserError(f"the training data has no examples of labels {missing}; choose others with --labels")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"labels {labels} name a label twice; give each once")
 
+    def finished(label, result):
+        result["model"] = model_path
+        if data.get("provenance"):
+            result["data"] = data["provenance"]
+        if on_label is not None:
+            on_label(label, result)
 
-def results_signature(out_dir):
-    """Each results file of a folder as (name, inode, size, modification time): any new write changes it."""
-    signature = []
-    for path in Path(out_dir).iterdir():
-        if RESULTS_NAME.fullmatch(path.name):
-            # A write renames a new file (a new inode) over the old one, so even a same-sized rewrite shows.
-            status = path.stat()
-            signature.append((path.name, status.st_ino, status.st_size, status.st_mtime_ns))
-    return sorted(signature)
+    images_by_label = {label: data["x_train"][data["y_train"] == label] for label in labels}
+    return Backworker(model, options, len(labels), reference_cache).run(
+        images_by_label, progress, finished, on_record)

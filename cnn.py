@@ -24,6 +24,7 @@ import numpy as np
 
 import common
 import configurator
+import datasets
 from common import UserError
 
 # ------------------------------------------------------------------------ the network
@@ -127,7 +128,7 @@ def check_topology_fits_data(topology, data):
     if shape != data_shape:
         raise UserError(f"the data has images of shape {data_shape} but model.image_dim_size is "
                         f"{topology['image_dim_size']}; set model.image_dim_size = {data_shape}")
-    classes = common.count_classes(data)
+    classes = datasets.count_classes(data)
     if classes and classes != topology["num_classes"]:
         raise UserError(f"the data has {classes} classes but model.num_classes is {topology['num_classes']}; "
                         f"set model.num_classes = {classes}")
@@ -308,6 +309,11 @@ def load_trained_model(path, images=None, num_classes=None, compile=False):
     return float32_model(model)  # To analyse: float32, even if trained in mixed precision.
 
 
+def target_probabilities(model, images, targets, batch_size=1000):
+    """Each image's probability (N,) of its target class under model (the full softmax, a "none" output included)."""
+    return predict(model, images, batch_size)[np.arange(len(images)), targets]
+
+
 def predict(model, images, batch_size=1000):
     """The model's outputs (class probabilities) in inference mode, a batch at a time, as NumPy."""
     outputs = [np.asarray(model(images[start:start + batch_size], training=False))
@@ -435,3 +441,7 @@ def float32_model(model):
     copy.set_weights(model.get_weights())
     return copy
 
+
+
+def save_model(model, path):
+    common.atomic_write(path, model.save)

@@ -19,8 +19,8 @@ loss(l, x) is backwork.loss (backwork_cost.label_loss): "probability", the origi
 -log p(l | x); or "margin", the largest other logit minus l's, clamped below at
 -margin_kappa (Carlini and Wagner).
 
-Each label writes results_{label}.pkl (backwork_loop.label_results_path; read them with
-common.load_results) to the output folder (default: backwork/ beside the model)
+Each label writes results_{label}.pkl (results_format.label_results_path; read them with
+results_format.load_results) to the output folder (default: backwork/ beside the model)
 as it stops, plus backwork.png and worst_training.png (drawn from every results_{label}.pkl
 in the folder). Nothing is saved for a label that diverged.
 
@@ -39,63 +39,23 @@ from pathlib import Path
 
 import numpy as np
 
+import attacks
 import backwork_loop
 import cnn
 import common
 import configurator
+import datasets
 import distributed
+import figures
+import results_format
 from common import UserError
 
 # ---------------------------------------------------------------------------- backwork
 
 
-def get_faulty_input_layer(data, model_options=None, model="runs/default/model.keras", labels=None,
-                           progress=print, on_label=None, on_record=None, reference_cache=None):
-    """Backwork every label in labels (default: all), all in one batch, and return {label: results}.
-
-    data is a dict as from common.load_dataset; model_options a config dict whose
-    'backwork' section overrides the defaults; model a Keras model or the path of one.
-    on_label(label, results) is called as each label stops (the script saves there), and
-    on_record(label, step, cost, probabilities) at each record (the script logs there);
-    reference_cache as Backworker's.
-    """
-    options = configurator.merge_config(configurator.default_config(), model_options or {}, "model_options")["backwork"]
-    model_path = str(model) if isinstance(model, (str, Path)) else model.name
-    if isinstance(model, (str, Path)):
-        model = cnn.load_trained_model(model, data["x_train"])
-    labels = list(range(model.output_shape[-1])) if labels is None else list(labels)
-    missing = [label for label in labels if not np.any(data["y_train"] == label)]
-    if missing:
-        raise UserError(f"the training data has no examples of labels {missing}; choose others with --labels")
-    if len(set(labels)) != len(labels):
-        raise UserError(f"labels {labels} name a label twice; give each once")
-
-    def finished(label, result):
-        result["model"] = model_path
-        if data.get("provenance"):
-            result["data"] = data["provenance"]
-        if on_label is not None:
-            on_label(label, result)
-
-    images_by_label = {label: data["x_train"][data["y_train"] == label] for label in labels}
-    return backwork_loop.Backworker(model, options, len(labels), reference_cache).run(
-        images_by_label, progress, finished, on_record)
-
-
 # --------------------------------------------------------------------------- transfer
 
 
-def target_probabilities(model, results):
-    """Each backworked image's probability, under model, of the label it was made for."""
-    return np.concatenate([cnn.predict(model, common.with_channel(result["images"]))[:, label]
-                           for label, result in sorted(results.items())])
-
-
-def fooling_numbers(model, results, cap):
-    """How model classifies backworked images: mean target probability and fractions above levels."""
-    probabilities = target_probabilities(model, results)
-    return {"mean_p": float(probabilities.mean()), "above_0.5": float(np.mean(probabilities > 0.5)),
-            "above_0.99": float(np.mean(probabilities > 0.99)), "at_cap": float(np.mean(probabilities >= cap))}
 
 
 def _same_file(first, second):
@@ -111,7 +71,7 @@ def evaluate(results_dir, model_paths):
     Each model's numbers say whether the images were made from it ("made_from_it": every label's
     results name it as their "model"); on any other model they measure transfer.
     """
-    results = backwork_loop.load_label_results(results_dir)
+    results = results_format.load_label_results(results_dir)
     if not results:
         raise UserError(f"{results_dir} holds no results_<label>.pkl; run cnn_backwork.py first or fix --evaluate")
     images = common.with_channel(next(iter(results.values()))["images"])
@@ -123,14 +83,14 @@ def evaluate(results_dir, model_paths):
             raise UserError(f"model {path} has {model.output_shape[-1]} classes, fewer than the labels "
                             f"{sorted(results)} of {results_dir}; use models of the same classes")
         made_from_it = all(_same_file(result.get("model", ""), path) for result in results.values())
-        numbers[str(path)] = {**fooling_numbers(model, results, cap), "made_from_it": made_from_it}
+        numbers[str(path)] = {**attacks.fooling_numbers(model, results, cap), "made_from_it": made_from_it}
     return numbers
 
 
 def source_models(results_dir):
     """The models (as recorded) the images of results_dir were made from."""
     return sorted({str(result.get("model", "unrecorded"))
-                   for result in backwork_loop.load_label_results(results_dir).values()})
+                   for result in results_format.load_label_results(results_dir).values()})
 
 
 def transfer_table(numbers):
@@ -151,7 +111,7 @@ def confidence_numbers(probabilities, names, top=3):
 
     the fraction of images whose top class probability reaches each of OOD_LEVELS, the mean top
     probability, and each class (with its name) by how often it is predicted, most often first.
-    probabilities (N, classes); names the classes' names (common.class_names).
+    probabilities (N, classes); names the classes' names (datasets.class_names).
     """
     top_p, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)  # (N,), (N,)
     counts = np.bincount(predicted, minlength=probabilities.shape[1])
@@ -209,9 +169,9 @@ def ood_command(args):
     for path in args.model:
         model = cnn.load_trained_model(path, images)
         if images is None:  # The first model says what image shape the other data must have.
-            images, labels, provenance = common.read_ood_images(args.ood, model.input_shape[1:])
-            ood_names = common.class_names(common.provenance_dataset(provenance), int(labels.max()) + 1)
-        names = common.class_names(common.provenance_dataset(configurator.model_data_record(path)),
+            images, labels, provenance = datasets.read_ood_images(args.ood, model.input_shape[1:])
+            ood_names = datasets.class_names(datasets.provenance_dataset(provenance), int(labels.max()) + 1)
+        names = datasets.class_names(datasets.provenance_dataset(configurator.model_data_record(path)),
                                    model.output_shape[-1])
         probabilities = cnn.predict(model, images)
         numbers[str(path)] = {**confidence_numbers(probabilities, names),
@@ -230,69 +190,6 @@ def ood_command(args):
 
 
 # ---------------------------------------------------------------------------- figures
-
-
-def plot_image_grid(rows, title, path):
-    """One row per entry of rows, a list of (row label, images, titles); grey or colour images in [0, 1].
-
-    Each row is one strip image with its titles as text: several times faster to draw
-    than one subplot per image.
-    """
-    pyplot = common.pyplot()
-    columns = max(len(images) for _, images, _ in rows)
-    height, width = next(np.shape(images)[1:3] for _, images, _ in rows if len(images))
-    gap = max(1, width // 7)  # White space between images, in pixels.
-    strip_width = columns * (width + gap) - gap
-    figure, axes = pyplot.subplots(len(rows), 1, squeeze=False, layout="constrained",
-                                   figsize=(1.3 * columns + 0.8, (1.3 * height / width + 0.3) * len(rows) + 0.4))
-    for axis, (row_label, images, titles) in zip(axes[:, 0], rows):
-        images = np.asarray(images, np.float32)
-        strip = np.ones((height, strip_width) + images.shape[3:], np.float32)
-        for column, (image, text) in enumerate(zip(images, titles)):
-            left = column * (width + gap)
-            strip[:, left:left + width] = image
-            axis.text(left + width / 2, -0.5, text, ha="center", va="bottom", fontsize=7)
-        axis.imshow(strip, cmap="gray", vmin=0, vmax=1)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_ylabel(row_label, rotation=0, ha="right", va="center", fontsize=9)
-        for side in axis.spines.values():
-            side.set_visible(False)
-    figure.suptitle(title, fontsize=10)
-    common.save_figure(figure, path)
-
-
-def _probability(value):
-    """A probability with enough digits to tell 0.999 from 0.9999 and 0.001 from 0."""
-    return f"{value:.4f}" if value >= 0.01 else f"{value:.1e}"
-
-
-def results_class_names(results):
-    """The class names of {label: results} (common.class_names of the dataset their "data" records)."""
-    if not results:
-        return []
-    first = next(iter(results.values()))
-    return common.class_names(common.provenance_dataset(first.get("data")), first["probs"].shape[1])
-
-
-def plot_results(results, path):
-    """Every label's images, titled with their label probability (the original's view_results)."""
-    names = results_class_names(results)
-    rows = [(f"label {names[label]}", result["images"],
-             [f"p = {_probability(probs[label])}" for probs in result["probs"]])
-            for label, result in sorted(results.items())]
-    plot_image_grid(rows, "backworked images, each titled with its label's probability", path)
-
-
-def plot_worst_training(results, path):
-    """The training examples classified worst for each label (the original's graph_training_set)."""
-    names = results_class_names(results)
-    rows = [(f"label {names[label]}", result["worst_training_images"],
-             [f"p = {_probability(probs[label])}, says {names[probs.argmax()]}"
-              for probs in result["worst_training_probs"]])
-            for label, result in sorted(results.items()) if "worst_training_images" in result]
-    plot_image_grid(rows, "training examples given the lowest probability of their label "
-                          "(p of the label; the class the network says)", path)
 
 
 # ------------------------------------------------------------------------------- main
@@ -317,7 +214,7 @@ def parse_labels(text, num_classes):
 
 
 def summary_table(results):
-    names = results_class_names(results)
+    names = figures.results_class_names(results)
     width = max([5, *(len(name) for name in names)])
     lines = [f"{'label':>{width}}  min p     mean p    reached  steps  reinit  seconds  nearest train dist"]
     for label, result in sorted(results.items()):
@@ -337,12 +234,12 @@ def draw_figures(out_dir):
     draw. Then whichever worker renames last drew every label written before it finished.
     """
     while True:
-        before = backwork_loop.results_signature(out_dir)
+        before = results_format.results_signature(out_dir)
         # Labels that other processes wrote too; a damaged neighbour must not fail this run.
-        every_label = backwork_loop.load_label_results(out_dir, skip_unreadable=True)
-        plot_results(every_label, out_dir / "backwork.png")
-        plot_worst_training(every_label, out_dir / "worst_training.png")
-        if backwork_loop.results_signature(out_dir) == before:
+        every_label = results_format.load_label_results(out_dir, skip_unreadable=True)
+        figures.plot_results(every_label, out_dir / "backwork.png")
+        figures.plot_worst_training(every_label, out_dir / "worst_training.png")
+        if results_format.results_signature(out_dir) == before:
             return every_label
 
 
@@ -409,7 +306,7 @@ def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path)
     """Backwork labels, saving each label's results file and logging to log_dir as it goes; return the results."""
     with common.summary_writer(log_dir) as writer:  # Closed on Ctrl-C and SIGTERM too.
         def save(label, result):  # Each label as it finishes: an interrupted run keeps the done ones.
-            backwork_loop.save_label_results(out_dir, {**result, "model": str(model_path)})
+            results_format.save_label_results(out_dir, {**result, "model": str(model_path)})
             common.write_images(writer, result["steps"], f"label_{label}/images", result["images"])
 
         def log(label, step, cost, probabilities):
@@ -417,7 +314,7 @@ def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path)
                                                 f"label_{label}/p_min": probabilities.min(),
                                                 f"label_{label}/p_mean": probabilities.mean()})
 
-        return get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
+        return backwork_loop.get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
 
 
 def main(argv=None):
@@ -453,7 +350,7 @@ def main(argv=None):
     # unwritable --out is still found in seconds, before the backwork.
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
     for label in labels:
-        if backwork_loop.label_results_path(out_dir, label).exists():
+        if results_format.label_results_path(out_dir, label).exists():
             print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")
     index, count = worker
     log_dir = out_dir / "logs"

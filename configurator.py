@@ -15,14 +15,15 @@ import math
 import tomllib
 from pathlib import Path
 
-import common
-from common import DATASETS, PROJECT_DIR, UserError
+import datasets
+from common import PROJECT_DIR, UserError
+
 
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
 
 # ------------------------------------------------------------------- the choice lists
 
-# data.dataset: common.DATASETS, the datasets common.load_dataset can download.
+# data.dataset: datasets.DATASETS, the datasets datasets.load_dataset can download.
 SCHEDULES = ("constant", "cosine", "one_cycle")  # train.schedule (proc_mnist.learning_rate_schedule)
 STRATEGIES = ("none", "mirrored", "multi_worker")  # train.distribute (distributed.make_strategy)
 XLA_SETTINGS = ("auto", "on", "off")  # train.xla (distributed.use_xla)
@@ -127,8 +128,8 @@ _SALIENCY_MESSAGE = "{name} must be one of {description}; fix the flag, the conf
 
 VALUE_RULES = {
     "data.validation_size": _AT_LEAST_ZERO,
-    "data.dataset": _rule(lambda name: name in DATASETS or name == "",
-                          f"one of {', '.join(DATASETS)} (or give --data PATH)"),
+    "data.dataset": _rule(lambda name: name in datasets.DATASETS or name == "",
+                          f"one of {', '.join(datasets.DATASETS)} (or give --data PATH)"),
     "data.sha256": _rule(lambda text: text == "" or (len(text) == 64 and set(text) <= set("0123456789abcdef")),
                          "\"\" or 64 lowercase hexadecimal digits"),
     "model.image_dim_size": _sizes(4096),
@@ -340,7 +341,7 @@ def model_data_config(model_path):
 def load_data(args, config):
     """The data a script runs on: --data, else data.file, else $DATA_PATH / $MNIST_PATH, else the download."""
     section = config["data"]
-    return common.load_dataset(args.data, section["dataset"], section["file"])
+    return datasets.load_dataset(args.data, section["dataset"], section["file"])
 
 
 def model_data_record(model_path):
@@ -375,10 +376,10 @@ def check_model_data(model_path, provenance, allow_other=False, what="the data",
     recorded = model_data_record(model_path)
     if recorded is None or provenance is None:
         return provenance
-    if common.same_data(recorded, provenance):
-        name = provenance.get("dataset") or common.provenance_dataset(recorded)
+    if datasets.same_data(recorded, provenance):
+        name = provenance.get("dataset") or datasets.provenance_dataset(recorded)
         return {**provenance, "dataset": name}
-    given, trained = common.describe_data(provenance), common.describe_data(recorded)
+    given, trained = datasets.describe_data(provenance), datasets.describe_data(recorded)
     if not allow_other:
         raise UserError(f"model {model_path} was trained on {trained}, but {what} is {given}; {fix}, "
                         "or pass --allow-other-data to go on anyway")
@@ -390,9 +391,19 @@ def with_data_record(config, provenance):
     """config with its [data] naming the data actually used (dataset, file, sha256), to be saved."""
     if not provenance:
         return config
-    record = {"dataset": common.provenance_dataset(provenance) or "", "sha256": provenance.get("sha256") or "",
-              "file": "" if common.downloaded(provenance) else str(provenance["file"])}
+    record = {"dataset": datasets.provenance_dataset(provenance) or "", "sha256": provenance.get("sha256") or "",
+              "file": "" if datasets.downloaded(provenance) else str(provenance["file"])}
     return {**config, "data": {**config["data"], **record}}
+
+
+def save_run_config(path, config, provenance):
+    """Write a run's config.toml (atomically): config with [data] naming the data actually used, headed
+    by a comment line that says what was read. Training and the study both write theirs here."""
+    import common
+
+    config = with_data_record(config, provenance)
+    text = datasets.provenance_comment(provenance) + dump_toml(config)
+    common.atomic_write_bytes(path, text.encode())
 
 
 # ------------------------------------------------------------------- writing TOML

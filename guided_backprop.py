@@ -10,7 +10,7 @@ respect to the input; guided_backprop is the same gradient with the rule of Spri
 al. (2014) at every ReLU; smooth_grad averages either over noisy copies of the images
 (Smilkov et al. 2017); salient_features turns a map into what the figure shows.
 The script writes saliency_<images>.pkl (images, labels, probs and one array of maps per
-method; read it with common.load_results) and saliency_<images>.png, named after what was
+method; read it with results_format.load_results) and saliency_<images>.png, named after what was
 explained (saliency_test, saliency_results_3, ...), in saliency/ next to the model unless
 --out says otherwise. Defaults live in
 the [saliency] section of configs/default.toml.
@@ -25,6 +25,8 @@ import numpy as np
 import cnn
 import common
 import configurator
+import datasets
+import results_format
 from common import UserError
 from configurator import SALIENCY_METHODS, SCALES, SIGNS
 
@@ -181,11 +183,6 @@ def guided_backprop(model, images, labels=None):
 METHODS = {"vanilla": vanilla_gradient, "guided": guided_backprop}
 
 
-def class_probabilities(model, images):
-    """The model's class probabilities (N, classes), in inference mode."""
-    return cnn.predict(model, images)
-
-
 def smooth_grad(method, model, images, labels=None, num_samples=25, noise_level=0.15, seed=0):
     """SmoothGrad: the average of method's maps over num_samples noisy copies of each image.
 
@@ -200,7 +197,7 @@ def smooth_grad(method, model, images, labels=None, num_samples=25, noise_level=
         raise UserError(f"SmoothGrad's noise level must be 0 or more, not {noise_level!r}")
     images = _checked_images(model, images)
     if labels is None:
-        labels = class_probabilities(model, images).argmax(axis=1)
+        labels = cnn.predict(model, images).argmax(axis=1)
     labels = _checked_labels(model, labels, len(images))
     rng = np.random.default_rng(seed)
     spread = np.ptp(images, axis=(1, 2, 3), keepdims=True)  # (N, 1, 1, 1)
@@ -352,12 +349,12 @@ def load_test_images(data, label, num):
 def load_backwork_images(path, num):
     """The first num images of a cnn_backwork.py results file, the label they were made for, the
     file's provenance (the file itself), and the data it was backworked from (its "data", or None)."""
-    results = common.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
+    results = results_format.load_results(path)  # Checks every field: finite images in [0, 1], a valid label.
     if results["kind"] != "backwork":
         raise UserError(f"{path} holds {results['kind']} results, not backworked images; give a "
                         "results_<label>.pkl written by cnn_backwork.py")
     images = common.with_channel(results["images"])  # (N, H, W) -> (N, H, W, 1)
-    provenance = {"dataset": None, "file": str(path), "sha256": common.file_sha256(path), "download": False}
+    provenance = {"dataset": None, "file": str(path), "sha256": datasets.file_sha256(path), "download": False}
     made_from = results.get("data") if isinstance(results.get("data"), dict) else None
     return images[:num], np.full(len(images[:num]), results["label"]), provenance, made_from
 
@@ -402,7 +399,7 @@ def main(argv=None):
         # The model's own data, or --allow-other-data (noted, and recorded in the saliency file's "data").
         provenance = configurator.check_model_data(args.model, data["provenance"], args.allow_other_data)
         images, image_labels = load_test_images(data, options["label"], options["num"])
-        data_classes, dataset = common.count_classes(data), common.provenance_dataset(provenance)
+        data_classes, dataset = datasets.count_classes(data), datasets.provenance_dataset(provenance)
     elif options["images"].endswith(".pkl"):
         images, image_labels, provenance, made_from = load_backwork_images(options["images"], options["num"])
         # Backworked from the model's data (any model's: transfer), or --allow-other-data.
@@ -411,7 +408,7 @@ def main(argv=None):
         if made_from and "model_data" in made_from:
             provenance = {**provenance, "model_data": made_from["model_data"]}
         data_classes = None  # A backwork file's model is whatever made it, so only the shape is checked.
-        dataset = common.provenance_dataset(made_from) or common.provenance_dataset(
+        dataset = datasets.provenance_dataset(made_from) or datasets.provenance_dataset(
             configurator.model_data_record(args.model))
     else:
         raise UserError(f"--images {options['images']!r} is neither 'test' nor a backwork results .pkl")
@@ -422,7 +419,7 @@ def main(argv=None):
                         f"classes are 0-{num_classes - 1}")
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "saliency")
     name = output_name(options["images"], options["label"])
-    probabilities = class_probabilities(model, images)  # (N, classes)
+    probabilities = cnn.predict(model, images)  # (N, classes)
     labels = (np.full(len(images), options["label"]) if options["label"] >= 0
               else probabilities.argmax(axis=1))
     print(f"explaining {len(images)} images from {options['images']} with {options['method']} "
@@ -433,8 +430,8 @@ def main(argv=None):
     results = {"images": images, "labels": labels.astype(np.int64), "probs": probabilities.astype(np.float32),
                "image_labels": image_labels.astype(np.int64), "model": str(args.model),
                "source": options["images"], "options": dict(options), "data": provenance, **maps}
-    common.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
-    tag, names = "class" if from_test_set else "made for", common.class_names(dataset, num_classes)
+    results_format.save_results(out_dir / f"{name}.pkl", results, kind="saliency")
+    tag, names = "class" if from_test_set else "made for", datasets.class_names(dataset, num_classes)
     titles = [f"{tag} {names[image_label]}\nexplained: {names[label]}\np = {probabilities[row, label]:.4g}"
               for row, (image_label, label) in enumerate(zip(image_labels, labels))]
     feature_options = {key: options[key] for key in ("sign", "top_k", "scale", "multiply_by_input")}

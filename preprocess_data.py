@@ -48,10 +48,12 @@ import numpy as np
 import attacks
 import backwork_loop
 import cnn
-import cnn_backwork
 import common
 import configurator
-import proc_mnist
+import datasets
+import figures
+import results_format
+import trainer
 from common import UserError
 
 TARGETS = configurator.DEFENCES
@@ -71,48 +73,13 @@ def none_targets(count, num_classes, target):
 def add_none_examples(data, images, num_classes, seed, target="uniform"):
     """Training set plus images labelled "none" (see none_targets), shuffled; other splits untouched."""
     outputs = num_classes + (target == "extra_class")
-    targets = proc_mnist.to_targets(data["y_train"], outputs)
+    targets = trainer.to_targets(data["y_train"], outputs)
     all_images = np.concatenate([data["x_train"], images.astype(np.float32)])
     all_targets = np.concatenate([targets, none_targets(len(images), num_classes, target)])
     order = np.random.default_rng(seed).permutation(len(all_images))
     return {**data, "x_train": all_images[order], "y_train": all_targets[order]}
 
 
-def load_results_folder(results_dir):
-    """Every results_{label}.pkl of a folder, each checked by common.load_results."""
-    results_dir = Path(results_dir)
-    if results_dir.is_file():
-        raise UserError(f"--results wants the folder holding results_<label>.pkl, not the file {results_dir}; "
-                        f"use --results {results_dir.parent}")
-    if not results_dir.is_dir():
-        raise UserError(f"results folder {results_dir} does not exist; run cnn_backwork.py first or fix --results")
-    return backwork_loop.load_label_results(results_dir)
-
-
-def check_fooling_results(results, results_dir, image_shape, num_classes):
-    """Refuse results that lack a label or do not fit the data's images or the model's classes."""
-    missing = sorted(set(range(num_classes)) - set(results))
-    if missing:
-        raise UserError(f"{results_dir} has no results for labels {missing}; run "
-                        f"cnn_backwork.py --labels {','.join(map(str, missing))} first")
-    for label, result in sorted(results.items()):
-        label_images = common.with_channel(result["images"])
-        if label_images.shape[1:] != tuple(image_shape):
-            raise UserError(f"results_{label}.pkl holds images of shape {label_images.shape[1:]}, the data "
-                            f"{tuple(image_shape)}; backwork a model trained on this data")
-        if result["probs"].shape[-1] != num_classes:
-            raise UserError(f"results_{label}.pkl has {result['probs'].shape[-1]} classes, the "
-                            f"model {num_classes}; use results of a model with the same classes")
-    return results
-
-
-final_images = attacks.final_images  # Every label's final backworked images, (N, H, W, C), in label order.
-
-
-def read_fooling_images(results_dir, image_shape, num_classes):
-    """The final images of every results_{label}.pkl, checked against the data and model, and the results."""
-    results = check_fooling_results(load_results_folder(results_dir), results_dir, image_shape, num_classes)
-    return final_images(results), results
 
 
 def augment_data(data, results_dir, num_classes=None, seed=0):
@@ -120,8 +87,8 @@ def augment_data(data, results_dir, num_classes=None, seed=0):
 
     num_classes defaults to the classes of the data's labels.
     """
-    num_classes = num_classes or common.count_classes(data)
-    images, _ = read_fooling_images(results_dir, data["x_train"].shape[1:], num_classes)
+    num_classes = num_classes or datasets.count_classes(data)
+    images, _ = results_format.read_fooling_images(results_dir, data["x_train"].shape[1:], num_classes)
     return add_none_examples(data, images, num_classes, seed)
 
 
@@ -132,7 +99,7 @@ def blank_and_noise_images(shape, num_blank, num_noise, seed):
 
 def augment_random_data(data, num_blank=800, num_noise=800, num_classes=None, seed=0):
     """Add blank and uniform-noise images with a uniform label (the original's name); num_classes as augment_data."""
-    num_classes = num_classes or common.count_classes(data)
+    num_classes = num_classes or datasets.count_classes(data)
     images = blank_and_noise_images(data["x_train"].shape[1:], num_blank, num_noise, seed)
     return add_none_examples(data, images, num_classes, seed)
 
@@ -164,8 +131,8 @@ def with_extra_class(model):
 
 
 def fooling_numbers(model, results, cap, prefix):
-    """cnn_backwork.fooling_numbers with each key prefixed by the name of the image set."""
-    return {f"{prefix}_{key}": value for key, value in cnn_backwork.fooling_numbers(model, results, cap).items()}
+    """attacks.fooling_numbers with each key prefixed by the name of the image set."""
+    return {f"{prefix}_{key}": value for key, value in attacks.fooling_numbers(model, results, cap).items()}
 
 
 def difficulty(results, budgets):
@@ -203,7 +170,7 @@ def measure_model(model, data, sets, num_classes, cap):
     for name, results in sets.items():
         metrics.update(fooling_numbers(model, results, cap, name))
     if model.output_shape[-1] > num_classes:
-        probabilities["heldout"] = cnn.predict(model, final_images(sets["heldout"]))
+        probabilities["heldout"] = cnn.predict(model, results_format.final_images(sets["heldout"]))
         metrics.update({f"{name}_none_prob": float(values[:, num_classes].mean())
                         for name, values in probabilities.items()})
     return metrics
@@ -227,8 +194,8 @@ def retrain(model, data, config, round_index, progress=print):
         # with the model's own schedule (train.schedule, warm-up) fitted to the retraining steps.
         train_options["num_steps"] = augment["retrain_steps"]
         train_options["warmup_steps"] = min(train_options["warmup_steps"], augment["retrain_steps"] - 1)
-        model = proc_mnist.compile_for_training(model, proc_mnist.learning_rate_schedule(train_options))
-    model, metrics = proc_mnist.train(data, {**config, "train": train_options}, model=model, progress=progress)
+        model = trainer.compile_for_training(model, trainer.learning_rate_schedule(train_options))
+    model, metrics = trainer.train(data, {**config, "train": train_options}, model=model, progress=progress)
     return model, metrics
 
 
@@ -244,7 +211,7 @@ def _check_training_finished(metrics, round_index):
 def backwork(model, data, config, labels, out_dir, progress=print):
     """Backwork labels of model into out_dir (results and backwork.png); returns results and seconds."""
     start = time.perf_counter()
-    results = cnn_backwork.get_faulty_input_layer(data, config, model, labels, progress=progress)
+    results = backwork_loop.get_faulty_input_layer(data, config, model, labels, progress=progress)
     save_backwork(results, out_dir)
     return results, time.perf_counter() - start
 
@@ -252,8 +219,8 @@ def backwork(model, data, config, labels, out_dir, progress=print):
 def save_backwork(results, out_dir):
     """Every class's results_{label}.pkl and backwork.png in out_dir."""
     for result in results.values():
-        backwork_loop.save_label_results(out_dir, result)
-    cnn_backwork.plot_results(results, out_dir / "backwork.png")
+        results_format.save_label_results(out_dir, result)
+    figures.plot_results(results, out_dir / "backwork.png")
 
 
 class Study:
@@ -265,7 +232,7 @@ class Study:
         self.num_classes = original.output_shape[-1]
         self.cap = config["backwork"]["prob_cap_min"]
         self.sets = {"original_fooling": trained_results, "heldout": heldout_results}
-        self.trained_images = final_images(trained_results)
+        self.trained_images = results_format.final_images(trained_results)
         self.progress = progress
         self.suite = suite or attacks.AttackSuite(data, config, self.num_classes, progress=progress)
 
@@ -302,7 +269,7 @@ class Study:
         """How well the model's "none" score tells test digits from each kind of non-digit."""
         digits = attacks.none_scores(cnn.predict(model, self.data["x_test"]), self.num_classes)
         others = {f"attack_{name}": images for name, images in finals.items()}
-        others["heldout"] = final_images(self.sets["heldout"])
+        others["heldout"] = results_format.final_images(self.sets["heldout"])
         others["noise_and_blank"] = np.concatenate([self.data["noise"], self.data["blank"]])
         if "ood" in self.data:
             others["ood"] = self.data["ood"]
@@ -336,7 +303,7 @@ class Study:
         model, train_metrics = retrain(model, augmented, self.config, round_index, self.progress)
         _check_training_finished(train_metrics, round_index)
         round_dir = self.out_dir / f"round{round_index}"
-        proc_mnist.save_model(model, round_dir / "model.keras")
+        cnn.save_model(model, round_dir / "model.keras")
         attack_metrics, fresh = self.attack(model, round_index)
         start = time.perf_counter()
         metrics = {"round": round_index, **self.measure(model, fresh), **attack_metrics,
@@ -345,7 +312,7 @@ class Study:
         if fresh is not None:  # The images the next round adds: saved, measured for difficulty, kept.
             save_backwork(fresh, round_dir / "backwork")
             metrics.update(difficulty(fresh, augment["difficulty_budgets"]))
-            self.trained_images = np.concatenate([self.trained_images, final_images(fresh)])
+            self.trained_images = np.concatenate([self.trained_images, results_format.final_images(fresh)])
         metrics["measure_seconds"] = time.perf_counter() - start
         return model, metrics
 
@@ -615,14 +582,12 @@ def write_round_summary(writer, metrics):
 def write_report(out_dir, model, config, report, roc_scores=None):
     """Everything the study leaves behind; called also when it stops early (report['complete'])."""
     if model is not None:
-        proc_mnist.save_model(model, out_dir / "model.keras")
-    config = configurator.with_data_record(config, report["data"])  # The data used, as training records it.
-    config_text = common.provenance_comment(report["data"]) + configurator.dump_toml(config)
-    common.atomic_write_bytes(out_dir / "config.toml", config_text.encode())
+        cnn.save_model(model, out_dir / "model.keras")
+    configurator.save_run_config(out_dir / "config.toml", config, report["data"])  # The data used, as training records it.
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
         plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores,
-                    common.provenance_dataset(report["data"]))
+                    datasets.provenance_dataset(report["data"]))
 
 
 def heldout_backwork(model, data, config, out_dir):
@@ -639,19 +604,19 @@ def main(argv=None):
     config = resolve_config(args)
     augment = config["augment"]
     default_out = model_path.parent.with_name(f"{model_path.parent.name}-aug-{augment['target']}")
-    trained_results = load_results_folder(args.results)  # Refuse a bad file before anything slow.
+    trained_results = results_format.load_results_folder(args.results)  # Refuse a bad file before anything slow.
     check_one_backwork_setting(trained_results, args.results, config["backwork"])
-    data = common.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
+    data = datasets.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
     # The models' own data, or --allow-other-data (noted, and recorded in report.json and every results file).
     data["provenance"] = configurator.check_model_data(model_path, data["provenance"], args.allow_other_data)
     if transfer_path is not None:
         configurator.check_model_data(transfer_path, data["provenance"], args.allow_other_data)
     shape = data["x_train"].shape[1:]
     if augment["ood_data"]:
-        data["ood"], _, _ = common.read_ood_images(augment["ood_data"], shape)  # Natural images of no class.
+        data["ood"], _, _ = datasets.read_ood_images(augment["ood_data"], shape)  # Natural images of no class.
     out_dir = common.ensure_writable_dir(args.out or default_out)
-    original = cnn.load_trained_model(model_path, data["x_train"], num_classes=common.count_classes(data))
-    check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])
+    original = cnn.load_trained_model(model_path, data["x_train"], num_classes=datasets.count_classes(data))
+    results_format.check_fooling_results(trained_results, args.results, shape, original.output_shape[-1])
     data["blank"] = np.zeros((1,) + shape, np.float32)
     data["noise"] = np.random.default_rng(10_000 + augment["seed"]).uniform(
         0, 1, (augment["num_eval_noise"],) + shape).astype(np.float32)
@@ -673,16 +638,16 @@ def transfer_sets(data, config, heldout, transfer_path, num_classes):
         other = cnn.load_trained_model(transfer_path, data["x_train"], num_classes=num_classes)
         backwork_section = {**config["backwork"], "num_examples": config["augment"]["attack_examples"]}
         print(f"backworking {transfer_path} for the transfer attack")
-        results = cnn_backwork.get_faulty_input_layer(data, {"backwork": backwork_section}, other,
+        results = backwork_loop.get_faulty_input_layer(data, {"backwork": backwork_section}, other,
                                                       range(num_classes), progress=lambda line: None)
         sets["independent_model"] = _as_transfer_set(results)
     return sets
 
 
 def _as_transfer_set(results):
-    _, distances = attacks.steps_and_distances(results)
+    _, distances = results_format.steps_and_distances(results)
     targets = np.concatenate([np.full(len(results[label]["images"]), label) for label in sorted(results)])
-    return final_images(results), targets, distances
+    return results_format.final_images(results), targets, distances
 
 
 def _run_study(data, config, original, trained_results, out_dir, report, writer, transfer_path=None):

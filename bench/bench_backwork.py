@@ -112,11 +112,11 @@ def batched_rows(arguments):
     import backwork_loop
     import cnn
     import cnn_backwork
-    import common
+    import datasets
     import configurator
 
     section = configurator.model_data_config(arguments.model)["data"]  # The model's own data unless --data.
-    data = common.load_dataset(arguments.data, section["dataset"], section["file"])
+    data = datasets.load_dataset(arguments.data, section["dataset"], section["file"])
     model = cnn.load_trained_model(arguments.model, data["x_train"])
     labels = cnn_backwork.parse_labels(arguments.labels, model.output_shape[-1])
     images = {label: data["x_train"][data["y_train"] == label] for label in labels}

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import cnn  # noqa: E402
-import common  # noqa: E402
+import datasets  # noqa: E402
 from bench.machine import cpu_line  # noqa: E402  (re-exported: the tests call bench_train.cpu_line)
 import configurator  # noqa: E402
 import proc_mnist  # noqa: E402
@@ -90,14 +90,14 @@ def time_ours(config, images, targets, steps, block, batch_size, recipe=False, p
     section = config["train"]
     with cnn.precision_policy(precision):
         model = proc_mnist.build_model(config["model"])
-    proc_mnist.compile_for_training(model, section["learning_rate"])
+    trainer.compile_for_training(model, section["learning_rate"])
     smoothing, shifts, flip = ((section["label_smoothing"], section["shift_pixels"], section["flip"]) if recipe
                                else (0.0, 0, False))
-    run_steps = proc_mnist.make_train_function(model, images, targets, smoothing, shifts, section["seed"], flip=flip)
-    run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, 0, block))  # Traces once.
+    run_steps = trainer.make_train_function(model, images, targets, smoothing, shifts, section["seed"], flip=flip)
+    run_steps(trainer.batch_indices(len(images), batch_size, 0, 0, block))  # Traces once.
     start = time.perf_counter()
     for first in range(block, block + steps, block):
-        float(run_steps(proc_mnist.batch_indices(len(images), batch_size, 0, first, block))[0])
+        float(run_steps(trainer.batch_indices(len(images), batch_size, 0, first, block))[0])
     return steps * batch_size / (time.perf_counter() - start), model
 
 
@@ -138,14 +138,14 @@ def main(argv=None):
                    else sorted({50, config["train"]["batch_size"]}))
     count = (arguments.steps + arguments.block) * max(batch_sizes)
     if arguments.data:
-        data = common.load_dataset(arguments.data, config["data"]["dataset"])
+        data = datasets.load_dataset(arguments.data, config["data"]["dataset"])
         images, labels = data["x_train"][:count], data["y_train"][:count]
     else:
         rng = np.random.default_rng(0)
         shape = cnn._image_shape(config["model"]["image_dim_size"])
         images = rng.random((count, *shape), dtype=np.float32)
         labels = rng.integers(0, config["model"]["num_classes"], count)
-    targets = proc_mnist.to_targets(labels, config["model"]["num_classes"])
+    targets = trainer.to_targets(labels, config["model"]["num_classes"])
 
     section = config["train"]
     print(f"topology: {arguments.config or 'configs/default.toml'}, {arguments.steps} steps each, best of "

@@ -73,19 +73,20 @@ def tiny_npz(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_npz):
-    import common
+    import datasets
 
-    return common.split_validation(common.load_dataset(tiny_npz), 100)
+    return datasets.split_validation(datasets.load_dataset(tiny_npz), 100)
 
 
 @pytest.fixture(scope="session")
 def trained_tiny(tiny_data, tmp_path_factory):
     """A tiny model trained once per session and saved where the scripts can load it."""
-    import proc_mnist
+    import cnn
+    import trainer
 
-    model, metrics = proc_mnist.train(tiny_data, tiny_options(num_steps=150), progress=lambda line: None)
+    model, metrics = trainer.train(tiny_data, tiny_options(num_steps=150), progress=lambda line: None)
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    proc_mnist.save_model(model, path)
+    cnn.save_model(model, path)
     return path, metrics
 
 

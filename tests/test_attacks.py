@@ -88,7 +88,7 @@ def test_a_saturated_softmax_stops_only_the_probability_loss(trained_tiny):
 def test_backwork_with_the_margin_loss_fools_a_tiny_model(tiny_data, trained_tiny):
     options = {"backwork": {"num_examples": 2, "max_num_steps": 60, "min_num_steps": 0, "save_freq": 5,
                             "nearest_every": 5, "loss": "margin", "learning_rate": 0.05}}
-    results = cnn_backwork.get_faulty_input_layer(tiny_data, options, str(trained_tiny[0]), labels=[3, 7],
+    results = backwork_loop.get_faulty_input_layer(tiny_data, options, str(trained_tiny[0]), labels=[3, 7],
                                                   progress=lambda line: None)
     for label, result in results.items():
         assert result["options"]["loss"] == "margin"
@@ -142,7 +142,7 @@ def test_art_attacks_fool_a_tiny_model_from_noise(trained_tiny, tiny_data):
     for final, steps in [attacks.run_pgd(model, images, targets, 0.999, 300, 0.02, progress=lambda line: None),
                          attacks.run_square(model, images, targets, 0.999, 300, 0, progress=lambda line: None)]:
         assert np.all(steps > 0)
-        assert np.all(attacks.class_probabilities(model, final, targets) >= 0.999)
+        assert np.all(cnn.target_probabilities(model, final, targets) >= 0.999)
         assert final.min() >= 0 and final.max() <= 1
     # A step of nothing moves no image: the broken attack the sanity row exists for.
     _, steps = attacks.run_pgd(model, images, targets, 0.999, 20, 1e-12, progress=lambda line: None)

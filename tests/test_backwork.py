@@ -9,6 +9,7 @@ import cnn
 import cnn_backwork
 import common
 import configurator
+import results_format
 from common import UserError
 from conftest import fake_backwork_results, tiny_options
 
@@ -197,10 +198,10 @@ def test_command_line_writes_results_and_figures(trained_tiny, tiny_npz, tmp_pat
     arguments = [str(config), "--model", str(trained_tiny[0]), "--data", str(tiny_npz), "--labels", "4,5",
                  "--out", str(out)]
     assert cnn_backwork.main(arguments) == 0
-    results = common.load_results(out / "results_5.pkl")
+    results = results_format.load_results(out / "results_5.pkl")
     assert results["label"] == 5 and results["images"].shape == (3, 12, 12)
     assert results["options"]["max_num_steps"] == 50 and results["model"] == str(trained_tiny[0])
-    assert results["format_version"] == common.RESULTS_FORMAT_VERSION
+    assert results["format_version"] == results_format.RESULTS_FORMAT_VERSION
     for figure in ("backwork.png", "worst_training.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
@@ -234,8 +235,8 @@ def label_images_of(tiny_data, labels):
 def test_batched_labels_give_the_images_of_a_run_of_one_label(trained_tiny, tiny_data):
     model = cnn.load_trained_model(trained_tiny[0])
     config = {"backwork": {**backwork_options(max_num_steps=40, save_freq=10, min_num_steps=40), "seed": 3}}
-    alone = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, [3], progress=quiet)[3]
-    batched = cnn_backwork.get_faulty_input_layer(tiny_data, config, model, list(range(10)), progress=quiet)
+    alone = backwork_loop.get_faulty_input_layer(tiny_data, config, model, [3], progress=quiet)[3]
+    batched = backwork_loop.get_faulty_input_layer(tiny_data, config, model, list(range(10)), progress=quiet)
     np.testing.assert_allclose(batched[3]["images"], alone["images"], atol=1e-4)
     assert batched[3]["steps"] == alone["steps"] == 40
     np.testing.assert_array_equal(batched[3]["steps_to_reach"], alone["steps_to_reach"])
@@ -364,31 +365,31 @@ def test_a_diverging_label_stops_at_once_and_the_others_are_saved(trained_tiny, 
     model = cnn.load_trained_model(trained_tiny[0])
     saved = {}
     with pytest.raises(UserError, match=r"backwork of label 5 diverged at step 0 \(cost inf\)"):
-        cnn_backwork.get_faulty_input_layer(tiny_data, {"backwork": backwork_options(max_num_steps=50)}, model,
+        backwork_loop.get_faulty_input_layer(tiny_data, {"backwork": backwork_options(max_num_steps=50)}, model,
                                             [3, 5], progress=quiet, on_label=saved.__setitem__)
     assert list(saved) == [3] and np.all(np.isfinite(saved[3]["images"]))
 
 
 def test_results_files_are_matched_by_their_exact_name(tmp_path, capsys):
     def write(name, label):
-        common.save_results(tmp_path / name, fake_backwork_results(label, shape=(1, 2, 2)))
+        results_format.save_results(tmp_path / name, fake_backwork_results(label, shape=(1, 2, 2)))
 
     write("results_1.pkl", 1)
     write("results_1_old.pkl", 7)
     write("results_2.pkl.bak", 2)
     write("old_results_3.pkl", 3)
-    assert list(backwork_loop.load_label_results(tmp_path)) == [1]
+    assert list(results_format.load_label_results(tmp_path)) == [1]
     write("results_4.pkl", 5)  # A file renamed by hand.
     with pytest.raises(UserError, match="holds the results of label 5, not 4"):
-        backwork_loop.load_label_results(tmp_path)
+        results_format.load_label_results(tmp_path)
     (tmp_path / "results_6.pkl").write_bytes(b"\x80\x04truncated")
     warnings = []
-    assert list(backwork_loop.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
+    assert list(results_format.load_label_results(tmp_path, skip_unreadable=True, warn=warnings.append)) == [1]
     assert len(warnings) == 2 and warnings[0].startswith("warning: skipping results_4.pkl")
     assert "results_6.pkl" in warnings[1]
     with pytest.raises(UserError, match="refusing to load"):
         (tmp_path / "results_4.pkl").unlink()
-        backwork_loop.load_label_results(tmp_path)
+        results_format.load_label_results(tmp_path)
 
 
 def test_huge_label_range_is_refused_before_it_is_expanded():
@@ -407,7 +408,7 @@ def test_huge_label_range_is_refused_before_it_is_expanded():
 ])
 def test_backwork_values_out_of_range_are_refused(tiny_data, trained_tiny, key, value, allowed):
     with pytest.raises(UserError, match=rf"backwork.{key} = .* must be {allowed}"):
-        cnn_backwork.get_faulty_input_layer(tiny_data, {"backwork": {key: value}}, trained_tiny[0], [3])
+        backwork_loop.get_faulty_input_layer(tiny_data, {"backwork": {key: value}}, trained_tiny[0], [3])
 
 
 def test_a_run_says_when_it_replaces_an_earlier_results_file(trained_tiny, tiny_npz, tmp_path, capsys):
@@ -434,7 +435,7 @@ def test_evaluate_reports_how_other_models_classify_a_results_folder(trained_tin
     import shutil
 
     for label in (2, 7):  # Made from the first model (as a relative path to it would be recorded, too).
-        common.save_results(tmp_path / f"results_{label}.pkl",
+        results_format.save_results(tmp_path / f"results_{label}.pkl",
                             {**fake_backwork_results(label), "model": os.path.relpath(trained_tiny[0])})
     other = tmp_path / "other" / "model.keras"
     other.parent.mkdir()
@@ -481,7 +482,7 @@ def test_an_interrupt_is_honoured_after_the_block_under_way(trained_tiny, tiny_d
     # Probability caps of 1 are never reached: without the interrupt this would run 100,000 steps.
     options = {"backwork": backwork_options(max_num_steps=100_000, save_freq=5, prob_cap_min=1.0, prob_cap_mean=1.0)}
     with pytest.raises(KeyboardInterrupt):
-        cnn_backwork.get_faulty_input_layer(tiny_data, options, trained_tiny[0], [0, 1], progress=lambda line: None,
+        backwork_loop.get_faulty_input_layer(tiny_data, options, trained_tiny[0], [0, 1], progress=lambda line: None,
                                             on_label=lambda label, result: finished.append(label), on_record=on_record)
     # Noted, not raised inside the callback: both labels' records of that block were made, then it stopped.
     assert records == [(0, 5), (1, 5)] and finished == []

@@ -10,6 +10,8 @@ import backwork_loop
 import cnn_backwork
 import common
 import distributed
+import figures
+import results_format
 from common import UserError
 from conftest import fake_backwork_results, read_image_tags, read_scalars
 
@@ -146,7 +148,7 @@ def test_two_workers_give_the_results_of_one_run(worker_runs):
     shared, alone, printed = worker_runs
     assert "worker 0 of 2 (numbered from 0) takes labels [2, 5] of [2, 3, 5]" in printed[0]
     assert "worker 1 of 2 (numbered from 0) takes labels [3] of [2, 3, 5]" in printed[1]
-    split, single = backwork_loop.load_label_results(shared), backwork_loop.load_label_results(alone)
+    split, single = results_format.load_label_results(shared), results_format.load_label_results(alone)
     assert sorted(split) == sorted(single) == [2, 3, 5]
     for label in (2, 3, 5):
         np.testing.assert_allclose(split[label]["images"], single[label]["images"], rtol=0, atol=1e-5)
@@ -185,22 +187,22 @@ def test_the_last_line_says_when_every_label_is_there(tmp_path):
 
 
 def test_figures_are_drawn_again_when_another_worker_writes_during_a_draw(tmp_path, monkeypatch):
-    common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
+    results_format.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
     drawn = []
 
     def plot_results(results, path):
         drawn.append(sorted(results))
         if len(drawn) == 1:  # Another worker finishes label 4 while this one draws.
-            common.save_results(tmp_path / "results_4.pkl", fake_backwork_results(4))
+            results_format.save_results(tmp_path / "results_4.pkl", fake_backwork_results(4))
 
-    monkeypatch.setattr(cnn_backwork, "plot_results", plot_results)
-    monkeypatch.setattr(cnn_backwork, "plot_worst_training", lambda results, path: None)
+    monkeypatch.setattr(figures, "plot_results", plot_results)
+    monkeypatch.setattr(figures, "plot_worst_training", lambda results, path: None)
     assert sorted(cnn_backwork.draw_figures(tmp_path)) == [1, 4]
     assert drawn == [[1], [1, 4]]
 
 
 def test_a_rewritten_results_file_of_the_same_size_is_a_change(tmp_path):
-    common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
-    before = backwork_loop.results_signature(tmp_path)
-    common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1, seed=1))
-    assert backwork_loop.results_signature(tmp_path) != before
+    results_format.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
+    before = results_format.results_signature(tmp_path)
+    results_format.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1, seed=1))
+    assert results_format.results_signature(tmp_path) != before

@@ -159,7 +159,7 @@ def test_saved_model_loads_without_custom_objects(tmp_path):
 
     model = proc_mnist.build_model(tiny_topology(batch_norm=True))
     path = tmp_path / "model.keras"
-    proc_mnist.save_model(model, path)
+    cnn.save_model(model, path)
     loaded = keras.models.load_model(path)
     images = np.random.rand(3, 12, 12, 1).astype("float32")
     np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(model(images)), rtol=1e-5, atol=1e-6)

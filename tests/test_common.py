@@ -5,6 +5,7 @@ import pytest
 
 import common
 import configurator
+import datasets
 from common import UserError
 
 
@@ -50,15 +51,15 @@ def test_dumped_config_reads_back_identically(tmp_path):
 def test_load_dataset_scales_adds_channel_and_records_the_file(tiny_npz, monkeypatch):
     for name in ("MNIST_PATH", "DATA_PATH"):
         monkeypatch.delenv(name, raising=False)
-    data = common.load_dataset(tiny_npz)
+    data = datasets.load_dataset(tiny_npz)
     assert data["x_train"].dtype == np.float32 and data["x_train"].shape == (500, 12, 12, 1)
     assert 0.0 <= data["x_train"].min() and data["x_train"].max() == 1.0
     assert data["provenance"] == {"dataset": None, "file": str(tiny_npz),
                                   "sha256": hashlib.sha256(tiny_npz.read_bytes()).hexdigest(), "download": False}
-    assert common.count_classes(data) == 10
+    assert datasets.count_classes(data) == 10
     for name in ("MNIST_PATH", "DATA_PATH"):  # DATA_PATH is the general name, MNIST_PATH the old one.
         monkeypatch.setenv(name, str(tiny_npz))
-        np.testing.assert_array_equal(common.load_dataset()["y_test"], data["y_test"])
+        np.testing.assert_array_equal(datasets.load_dataset()["y_test"], data["y_test"])
         monkeypatch.delenv(name)
 
 
@@ -69,34 +70,34 @@ def test_mnist_path_is_not_used_for_another_dataset(tiny_npz, monkeypatch):
     monkeypatch.setenv("MNIST_PATH", str(tiny_npz))
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", lambda: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(UserError, match="could not download cifar10.*DATA_PATH"):
-        common.load_dataset(dataset="cifar10")
+        datasets.load_dataset(dataset="cifar10")
 
 
 def test_colour_images_with_column_labels_and_many_classes_load(colour_npz):
-    data = common.load_dataset(colour_npz)
+    data = datasets.load_dataset(colour_npz)
     assert data["x_train"].shape[1:] == (10, 14, 3) and data["y_train"].ndim == 1
-    assert data["y_train"].dtype == np.int64 and common.count_classes(data) == 3
+    assert data["y_train"].dtype == np.int64 and datasets.count_classes(data) == 3
     x = np.zeros((4, 5, 5, 3), np.uint8)
     np.savez(colour_npz.parent / "many.npz", x_train=x, y_train=np.array([[0], [1], [2], [99]]), x_test=x,
              y_test=np.array([[5], [6], [7], [8]]))
-    assert common.count_classes(common.load_dataset(colour_npz.parent / "many.npz")) == 100
+    assert datasets.count_classes(datasets.load_dataset(colour_npz.parent / "many.npz")) == 100
 
 
 def test_load_dataset_rejects_bad_files(tmp_path):
     x = np.zeros((4, 5, 5), np.uint8)
     np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.array([0, 1, 2, -1]), x_test=x, y_test=np.zeros(4, int))
     with pytest.raises(UserError, match="negative labels"):
-        common.load_dataset(tmp_path / "labels.npz")
+        datasets.load_dataset(tmp_path / "labels.npz")
     np.savez(tmp_path / "keys.npz", x_train=x)
     with pytest.raises(UserError, match="lacks x_train or y_train|lacks x_test"):
-        common.load_dataset(tmp_path / "keys.npz")
+        datasets.load_dataset(tmp_path / "keys.npz")
     with pytest.raises(UserError, match="--data PATH or DATA_PATH"):
-        common.load_dataset(tmp_path / "missing.npz")
+        datasets.load_dataset(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not an .npz archive"):
-        common.load_dataset(tmp_path / "junk.npz")
+        datasets.load_dataset(tmp_path / "junk.npz")
     with pytest.raises(UserError, match="data.dataset 'svhn' is unknown"):
-        common.load_dataset(dataset="svhn")
+        datasets.load_dataset(dataset="svhn")
     with pytest.raises(UserError, match="data.dataset = 'svhn' must be one of mnist, fashion_mnist, cifar10"):
         configurator.load_config(None, ["data.dataset=svhn"])
 
@@ -111,7 +112,7 @@ def test_download_failure_says_how_to_give_a_file(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
     with pytest.raises(UserError, match="could not download mnist.*--data PATH"):
-        common.load_dataset()
+        datasets.load_dataset()
 
 
 def test_a_download_records_the_dataset_and_the_cached_file(monkeypatch, tmp_path):
@@ -121,20 +122,20 @@ def test_a_download_records_the_dataset_and_the_cached_file(monkeypatch, tmp_pat
         monkeypatch.delenv(name, raising=False)
     x = np.zeros((4, 5, 5), np.uint8)
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
-    assert common.load_dataset(dataset="fashion_mnist")["provenance"] == {
+    assert datasets.load_dataset(dataset="fashion_mnist")["provenance"] == {
         "dataset": "fashion_mnist", "file": None, "sha256": None, "download": True}  # Four files: the name alone.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "mnist.npz").write_bytes(b"cached")
     monkeypatch.setattr(keras.datasets.mnist, "load_data", lambda: ((x, np.arange(4)), (x, np.arange(4))))
-    provenance = common.load_dataset()["provenance"]
+    provenance = datasets.load_dataset()["provenance"]
     assert provenance["dataset"] == "mnist" and provenance["sha256"] == hashlib.sha256(b"cached").hexdigest()
     assert configurator.load_config(None, ["data.dataset=cifar10"])["data"]["dataset"] == "cifar10"
 
 
 def test_provenance_comment_keeps_the_config_loading_back_unchanged(tmp_path):
     config = configurator.default_config()
-    comment = common.provenance_comment({"dataset": None, "file": "/x/y.npz", "sha256": "ab" * 32})
+    comment = datasets.provenance_comment({"dataset": None, "file": "/x/y.npz", "sha256": "ab" * 32})
     assert comment.startswith("# data: /x/y.npz, sha256 abab")
     path = write(tmp_path, comment + configurator.dump_toml(config), name="resolved.toml")
     assert configurator.load_config(path) == config
@@ -143,7 +144,7 @@ def test_provenance_comment_keeps_the_config_loading_back_unchanged(tmp_path):
 def test_split_validation_holds_out_the_last_examples(tiny_data):
     assert len(tiny_data["x_train"]) == 400 and len(tiny_data["x_val"]) == 100
     with pytest.raises(UserError, match="validation_size"):
-        common.split_validation(tiny_data, 10_000)
+        datasets.split_validation(tiny_data, 10_000)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -221,17 +222,17 @@ def test_damaged_data_files_are_one_line(tmp_path):
     data = (tmp_path / "good.npz").read_bytes()
     (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated.npz is not an .npz archive"):
-        common.load_dataset(tmp_path / "truncated.npz")
+        datasets.load_dataset(tmp_path / "truncated.npz")
     with zipfile.ZipFile(tmp_path / "claims.npz", "w") as archive:  # A header claiming 10^9 images.
         with archive.open("x_train.npy", "w") as member:
             header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
             np.lib.format.write_array_header_1_0(member, header)
             member.write(b"\0" * 100)
     with pytest.raises(UserError, match=r"x_train.npy claims shape \(1000000000, 28, 28\)"):
-        common.load_dataset(tmp_path / "claims.npz")
+        datasets.load_dataset(tmp_path / "claims.npz")
     (tmp_path / "folder.npz").mkdir()
     with pytest.raises(UserError, match="folder.npz is a folder"):
-        common.load_dataset(tmp_path / "folder.npz")
+        datasets.load_dataset(tmp_path / "folder.npz")
 
 
 def test_tensorflow_start_up_lines_are_silenced():
@@ -250,38 +251,38 @@ def test_a_local_file_is_recognised_by_its_contents_its_name_or_mnist_path(tiny_
         monkeypatch.delenv(name, raising=False)
     named = tmp_path / "fashion_mnist.npz"
     named.write_bytes(tiny_npz.read_bytes())
-    assert common.load_dataset(named)["provenance"]["dataset"] == "fashion_mnist"
-    assert common.data_label(named) == "fashion_mnist" and common.data_label(tiny_npz) == "tiny_mnist"
-    sha256 = common.file_sha256(tiny_npz)
-    monkeypatch.setitem(common.KNOWN_FILES, sha256, "cifar10")
-    assert common.load_dataset(tiny_npz)["provenance"]["dataset"] == "cifar10"
-    monkeypatch.delitem(common.KNOWN_FILES, sha256)
+    assert datasets.load_dataset(named)["provenance"]["dataset"] == "fashion_mnist"
+    assert datasets.data_label(named) == "fashion_mnist" and datasets.data_label(tiny_npz) == "tiny_mnist"
+    sha256 = datasets.file_sha256(tiny_npz)
+    monkeypatch.setitem(datasets.KNOWN_FILES, sha256, "cifar10")
+    assert datasets.load_dataset(tiny_npz)["provenance"]["dataset"] == "cifar10"
+    monkeypatch.delitem(datasets.KNOWN_FILES, sha256)
     monkeypatch.setenv("MNIST_PATH", str(tiny_npz))  # $MNIST_PATH names MNIST.
-    assert common.load_dataset()["provenance"]["dataset"] == "mnist" and common.data_label() == "mnist"
+    assert datasets.load_dataset()["provenance"]["dataset"] == "mnist" and datasets.data_label() == "mnist"
     # A config's data.file is read where --data is not given, before $DATA_PATH.
     monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing.npz"))
-    assert common.load_dataset(None, "mnist", str(named))["provenance"]["file"] == str(named)
+    assert datasets.load_dataset(None, "mnist", str(named))["provenance"]["file"] == str(named)
 
 
 def test_same_data_compares_contents_then_dataset_names():
     mnist_file = {"dataset": "mnist", "file": "a.npz", "sha256": "1" * 64, "download": False}
     download = {"dataset": "mnist", "file": None, "sha256": None, "download": True}
     unknown = {"dataset": None, "file": "b.npz", "sha256": "2" * 64, "download": False}
-    assert common.same_data(mnist_file, download) and common.same_data(unknown, dict(unknown))
-    assert not common.same_data(unknown, download) and not common.same_data(unknown, {**unknown, "sha256": "3" * 64})
-    assert not common.same_data(download, {**download, "dataset": "fashion_mnist"})
+    assert datasets.same_data(mnist_file, download) and datasets.same_data(unknown, dict(unknown))
+    assert not datasets.same_data(unknown, download) and not datasets.same_data(unknown, {**unknown, "sha256": "3" * 64})
+    assert not datasets.same_data(download, {**download, "dataset": "fashion_mnist"})
     old_record = {"dataset": None, "file": "/data/fashion_mnist.npz", "sha256": "4" * 64}  # Before recognition.
-    assert common.provenance_dataset(old_record) == "fashion_mnist" and common.provenance_dataset([1]) is None
-    assert common.describe_data(download) == "keras.datasets.mnist"
-    assert common.describe_data(unknown) == "b.npz (sha256 222222222222...)"
+    assert datasets.provenance_dataset(old_record) == "fashion_mnist" and datasets.provenance_dataset([1]) is None
+    assert datasets.describe_data(download) == "keras.datasets.mnist"
+    assert datasets.describe_data(unknown) == "b.npz (sha256 222222222222...)"
 
 
 def test_class_names_for_datasets_keras_names_and_indices_otherwise():
-    assert common.class_names("fashion_mnist", 10)[0] == "T-shirt/top" and common.class_names("cifar10", 10)[9] == "truck"
-    assert common.class_names("mnist", 10) == [str(digit) for digit in range(10)]
-    assert common.class_names("cifar100", 100)[42] == "42" and common.class_names(None, 3) == ["0", "1", "2"]
-    assert common.class_names("fashion_mnist", 11)[-1] == "none"  # The extra "none" output.
-    assert common.class_names("fashion_mnist", 3) == ["0", "1", "2"]  # Another class count: not these names.
+    assert datasets.class_names("fashion_mnist", 10)[0] == "T-shirt/top" and datasets.class_names("cifar10", 10)[9] == "truck"
+    assert datasets.class_names("mnist", 10) == [str(digit) for digit in range(10)]
+    assert datasets.class_names("cifar100", 100)[42] == "42" and datasets.class_names(None, 3) == ["0", "1", "2"]
+    assert datasets.class_names("fashion_mnist", 11)[-1] == "none"  # The extra "none" output.
+    assert datasets.class_names("fashion_mnist", 3) == ["0", "1", "2"]  # Another class count: not these names.
 
 
 def test_a_saved_config_records_the_data_used_and_still_loads(tmp_path):
@@ -289,7 +290,7 @@ def test_a_saved_config_records_the_data_used_and_still_loads(tmp_path):
     provenance = {"dataset": None, "file": "/x/mine.npz", "sha256": "ab" * 32, "download": False}
     saved = configurator.with_data_record(config, provenance)
     assert saved["data"] == {**config["data"], "dataset": "", "file": "/x/mine.npz", "sha256": "ab" * 32}
-    path = write(tmp_path, common.provenance_comment(provenance) + configurator.dump_toml(saved))
+    path = write(tmp_path, datasets.provenance_comment(provenance) + configurator.dump_toml(saved))
     assert configurator.load_config(path) == saved
     download = configurator.with_data_record(config, {"dataset": "cifar10", "file": "/c/x", "sha256": "cd" * 32,
                                                       "download": True})

@@ -7,20 +7,24 @@ import pytest
 
 import common
 import configurator
+import datasets
+import figures
 import proc_mnist
+import results_format
+import trainer
 from common import UserError
 from conftest import COLOUR_CLASSES, COLOUR_SHAPE, colour_options
 
 
 def test_a_model_that_does_not_fit_the_data_names_the_key_to_set(colour_npz, tmp_path):
-    data = common.load_dataset(colour_npz)
+    data = datasets.load_dataset(colour_npz)
     with pytest.raises(UserError, match=r"images of shape \[10, 14, 3\].*set model.image_dim_size = \[10, 14, 3\]"):
-        proc_mnist.train(data, {"train": {"num_steps": 1}})
+        trainer.train(data, {"train": {"num_steps": 1}})
     options = colour_options()
     options["model"]["num_classes"] = 10
     with pytest.raises(UserError, match="the data has 3 classes but model.num_classes is 10; "
                                         "set model.num_classes = 3"):
-        proc_mnist.train(data, options)
+        trainer.train(data, options)
 
 
 def test_non_mnist_runs_get_their_own_default_folder(tiny_npz, tmp_path, monkeypatch):
@@ -81,11 +85,11 @@ def colour_pipeline(colour_npz, tmp_path_factory):
 
 def test_the_whole_pipeline_runs_on_non_square_colour_images(colour_pipeline):
     run, augmented, _ = colour_pipeline
-    results = common.load_results(run / "backwork" / "results_1.pkl")
+    results = results_format.load_results(run / "backwork" / "results_1.pkl")
     assert results["images"].shape == (2, *COLOUR_SHAPE) and results["probs"].shape == (2, COLOUR_CLASSES)
     report = json.loads((augmented / "report.json").read_text())
     assert report["complete"] and len(report["rounds"]) == 2
-    saliency = common.load_results(run / "saliency" / "saliency_test.pkl")
+    saliency = results_format.load_results(run / "saliency" / "saliency_test.pkl")
     assert saliency["guided"].shape == (2, *COLOUR_SHAPE)
     for figure in (run / "backwork" / "backwork.png", run / "saliency" / "saliency_test.png",
                    run / "saliency" / "saliency_results_1.png"):
@@ -106,8 +110,8 @@ def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
             "dataset": "", "file": str(npz), "sha256": expected["sha256"], "validation_size": 40}
     for path in (run / "backwork" / "results_0.pkl", run / "saliency" / "saliency_test.pkl",
                  augmented / "heldout" / "results_2.pkl", augmented / "round1" / "backwork" / "results_1.pkl"):
-        assert common.load_results(path)["data"] == expected, path
-    from_results = common.load_results(run / "saliency" / "saliency_results_1.pkl")["data"]
+        assert results_format.load_results(path)["data"] == expected, path
+    from_results = results_format.load_results(run / "saliency" / "saliency_results_1.pkl")["data"]
     assert from_results["file"] == str(run / "backwork" / "results_1.pkl") and len(from_results["sha256"]) == 64
 
 
@@ -118,7 +122,7 @@ def test_figures_draw_colour_inputs_in_colour_and_grey_ones_in_grey(tmp_path):
     rng = np.random.default_rng(0)
     colour, grey = rng.uniform(0, 1, (3, *COLOUR_SHAPE)), rng.uniform(0, 1, (3, 10, 14))
     for images, name in [(colour, "colour.png"), (grey, "grey.png")]:
-        cnn_backwork.plot_image_grid([("label 0", images, ["a", "b", "c"])], "test", tmp_path / name)
+        figures.plot_image_grid([("label 0", images, ["a", "b", "c"])], "test", tmp_path / name)
     assert _colourful(tmp_path / "colour.png") and not _colourful(tmp_path / "grey.png")
     assert guided_backprop._channels_to_display(colour[0], is_map=False).shape == COLOUR_SHAPE
     assert guided_backprop._channels_to_display(colour[0], is_map=True).shape == COLOUR_SHAPE[:2]
@@ -137,7 +141,7 @@ def test_every_script_writes_tensorboard_logs(colour_pipeline):
     assert training["train/learning_rate"][0][1] == pytest.approx(1e-2)  # The tiny config's constant rate.
     backwork = read_scalars(run / "backwork" / "logs")
     for label in range(COLOUR_CLASSES):
-        history = common.load_results(run / "backwork" / f"results_{label}.pkl")["history"]
+        history = results_format.load_results(run / "backwork" / f"results_{label}.pkl")["history"]
         for name in ("cost", "p_min", "p_mean"):
             assert [step for step, _ in backwork[f"label_{label}/{name}"]] == [record["step"] for record in history]
         assert [value for _, value in backwork[f"label_{label}/cost"]] == pytest.approx(
@@ -153,7 +157,7 @@ def test_every_script_writes_tensorboard_logs(colour_pipeline):
 
 
 def test_scripts_given_a_model_take_its_dataset_from_its_config(tmp_path):
-    (tmp_path / "config.toml").write_text(common.provenance_comment(
+    (tmp_path / "config.toml").write_text(datasets.provenance_comment(
         {"dataset": "cifar10", "file": None, "sha256": None}) + configurator.dump_toml(
         configurator.load_config(None, ["data.dataset=cifar10", "data.validation_size=7"])))
     config = configurator.model_data_config(tmp_path / "model.keras")
@@ -200,12 +204,12 @@ def test_every_script_given_a_model_refuses_other_data_unless_allowed(colour_pip
     assert guided_backprop.main(["--model", model, "--num", "1", "--method", "vanilla", "--out", str(tmp_path / "sal"),
                                  "--data", str(other), "--allow-other-data"]) == 0
     assert f"note: --allow-other-data: model {model} was trained on {npz}" in capsys.readouterr().out
-    recorded = common.load_results(tmp_path / "sal" / "saliency_test.pkl")["data"]
+    recorded = results_format.load_results(tmp_path / "sal" / "saliency_test.pkl")["data"]
     assert recorded["file"] == str(other) and recorded["model_data"]["file"] == str(npz)
     # With no --data, the model's own file (its config's data.file) is read: nothing to refuse.
     assert guided_backprop.main(["--model", model, "--num", "1", "--method", "vanilla",
                                  "--out", str(tmp_path / "own")]) == 0
-    assert "model_data" not in common.load_results(tmp_path / "own" / "saliency_test.pkl")["data"]
+    assert "model_data" not in results_format.load_results(tmp_path / "own" / "saliency_test.pkl")["data"]
 
 
 def test_ood_reports_how_confident_models_are_on_another_dataset(colour_pipeline, tmp_path, capsys):
@@ -217,14 +221,14 @@ def test_ood_reports_how_confident_models_are_on_another_dataset(colour_pipeline
     report = json.loads((tmp_path / "ood_other_colour.json").read_text())
     numbers = report["models"][str(run / "model.keras")]
     model = __import__("cnn").load_trained_model(run / "model.keras")
-    top = np.asarray(model(common.load_dataset(other)["x_test"])).max(axis=1)
+    top = np.asarray(model(datasets.load_dataset(other)["x_test"])).max(axis=1)
     assert numbers["images"] == 40 and numbers["mean_top_p"] == pytest.approx(top.mean(), rel=1e-5)
     assert numbers["top_p_at_0.99"] == np.mean(top >= 0.99) and numbers["top_p_at_0.999"] == np.mean(top >= 0.999)
     shares = [row["predicted"] for row in numbers["most_predicted"]]
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0)  # 3 classes: all listed.
     assert report["ood_data"]["file"] == str(other) and "mean top p" in capsys.readouterr().out
     by_class = numbers["by_ood_class"]
-    other_labels = common.load_dataset(other)["y_test"]
+    other_labels = datasets.load_dataset(other)["y_test"]
     assert [row["images"] for row in by_class] == np.bincount(other_labels)[np.unique(other_labels)].tolist()
     assert sum(row["confident"] * row["images"] for row in by_class) == pytest.approx(
         numbers["top_p_at_0.99"] * numbers["images"])
@@ -288,10 +292,10 @@ def test_backwork_figures_and_table_name_the_classes(dataset, label_1, label_7, 
     import cnn_backwork
 
     drawn = []
-    monkeypatch.setattr(cnn_backwork, "plot_image_grid", lambda rows, title, path: drawn.append(rows))
+    monkeypatch.setattr(figures, "plot_image_grid", lambda rows, title, path: drawn.append(rows))
     results = _named_results(dataset)
-    cnn_backwork.plot_results(results, tmp_path / "a.png")
-    cnn_backwork.plot_worst_training(results, tmp_path / "b.png")
+    figures.plot_results(results, tmp_path / "a.png")
+    figures.plot_worst_training(results, tmp_path / "b.png")
     assert [row[0] for row in drawn[0]] == [f"label {label_1}", f"label {label_7}"]
     assert drawn[1][1][2][0].endswith(f"says {label_7}")  # The worst training example's predicted class.
     table = cnn_backwork.summary_table(results).splitlines()

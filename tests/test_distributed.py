@@ -20,6 +20,7 @@ import common
 import configurator
 import distributed
 import proc_mnist
+import trainer
 from conftest import tiny_options
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -34,10 +35,10 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, "tests")
 import numpy as np
-import cnn, common, distributed, proc_mnist
+import cnn, common, datasets, distributed, proc_mnist, trainer
 from conftest import tiny_options
 
-data = common.split_validation(common.load_dataset(sys.argv[1]), 100)
+data = datasets.split_validation(datasets.load_dataset(sys.argv[1]), 100)
 silent = {"progress": lambda line: None}
 
 def options(steps, distribute):
@@ -49,14 +50,14 @@ def options(steps, distribute):
 def largest_difference(first, second):
     return max(float(np.max(np.abs(a - b))) for a, b in zip(first.get_weights(), second.get_weights()))
 
-single, _ = proc_mnist.train(data, options(20, "none"), **silent)
+single, _ = trainer.train(data, options(20, "none"), **silent)
 strategy = distributed.make_strategy("mirrored")
-mirrored, metrics = proc_mnist.train(data, options(20, "mirrored"), strategy=strategy, **silent)
-half, _ = proc_mnist.train(data, options(10, "mirrored"), strategy=strategy, **silent)
-proc_mnist.save_model(half, sys.argv[2])
+mirrored, metrics = trainer.train(data, options(20, "mirrored"), strategy=strategy, **silent)
+half, _ = trainer.train(data, options(10, "mirrored"), strategy=strategy, **silent)
+cnn.save_model(half, sys.argv[2])
 with strategy.scope():
     reloaded = cnn.load_trained_model(sys.argv[2], compile=True)
-resumed, resumed_metrics = proc_mnist.train(data, options(20, "mirrored"), model=reloaded, strategy=strategy, **silent)
+resumed, resumed_metrics = trainer.train(data, options(20, "mirrored"), model=reloaded, strategy=strategy, **silent)
 untrained = proc_mnist.build_model(options(1, "none")["model"])
 
 # Dropout: each replica its own masks, and the seed states still equal afterwards.
@@ -234,9 +235,9 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
 
 def test_xla_trains_as_the_plain_loop_does(tiny_data):
     options = tiny_options(30)
-    plain, plain_metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    plain, plain_metrics = trainer.train(tiny_data, options, **SILENT)
     options["train"]["xla"] = "on"
-    compiled, compiled_metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    compiled, compiled_metrics = trainer.train(tiny_data, options, **SILENT)
     assert compiled_metrics["xla"] and not plain_metrics["xla"]  # "auto" is off on a CPU.
     for expected, actual in zip(plain.get_weights(), compiled.get_weights()):
         np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
@@ -245,11 +246,11 @@ def test_xla_trains_as_the_plain_loop_does(tiny_data):
 def test_mixed_bfloat16_trains_and_is_analysed_in_float32(tiny_data, tmp_path):
     options = tiny_options(150)
     options["train"].update(mixed_precision="mixed_bfloat16", mixed_precision_force=True)  # On any CPU.
-    model, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    model, metrics = trainer.train(tiny_data, options, **SILENT)
     assert metrics["mixed_precision"] == "mixed_bfloat16" and metrics["test_accuracy"] > 0.8
     assert model.get_layer("conv1_conv").compute_dtype == "bfloat16"
     assert model.get_layer("logits").compute_dtype == "float32" and model.output.dtype == "float32"
-    proc_mnist.save_model(model, tmp_path / "model.keras")
+    cnn.save_model(model, tmp_path / "model.keras")
     resumable = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
     assert cnn.precision_of(resumable) == "mixed_bfloat16"  # Training goes on as it began.
     analysed = cnn.load_trained_model(tmp_path / "model.keras")
@@ -322,12 +323,12 @@ def test_slow_mixed_bfloat16_stops_in_one_line_unless_forced(tiny_data, monkeypa
     options = tiny_options(2)
     options["train"]["mixed_precision"] = "mixed_bfloat16"
     with pytest.raises(common.UserError) as error:
-        proc_mnist.train(tiny_data, options, **SILENT)
+        trainer.train(tiny_data, options, **SILENT)
     message = str(error.value)
     assert "would train several times slower than float32 here (0.13x" in message and reason in message
     assert "--set train.mixed_precision_force=true" in message and "\n" not in message
     options["train"]["mixed_precision_force"] = True
-    _, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    _, metrics = trainer.train(tiny_data, options, **SILENT)
     assert metrics["mixed_precision"] == "mixed_bfloat16" and metrics["steps"] == 2
 
 
@@ -335,18 +336,18 @@ def test_mixed_bfloat16_goes_on_where_the_cpu_has_it(tiny_data, monkeypatch):
     fake_hardware(monkeypatch, True)
     options = tiny_options(2)
     options["train"]["mixed_precision"] = "mixed_bfloat16"
-    _, metrics = proc_mnist.train(tiny_data, options, **SILENT)
+    _, metrics = trainer.train(tiny_data, options, **SILENT)
     assert metrics["mixed_precision"] == "mixed_bfloat16"
 
 
 def test_a_slow_saved_bfloat16_model_is_refused_whatever_the_config_says(tiny_data, monkeypatch):
     options = tiny_options(2)
     options["train"].update(mixed_precision="mixed_bfloat16", mixed_precision_force=True)
-    model, _ = proc_mnist.train(tiny_data, options, **SILENT)
+    model, _ = trainer.train(tiny_data, options, **SILENT)
     fake_hardware(monkeypatch, False)
     options["train"].update(mixed_precision="none", mixed_precision_force=False, num_steps=4)
     with pytest.raises(common.UserError, match="mixed_bfloat16 would train several times slower"):
-        proc_mnist.train(tiny_data, options, model=model, **SILENT)
+        trainer.train(tiny_data, options, model=model, **SILENT)
 
 
 @pytest.mark.parametrize("cpu_bfloat16, expected", [(True, "mixed_bfloat16"), (False, "none")])

@@ -7,8 +7,10 @@ import pytest
 
 import cnn
 import common
+import datasets
 import guided_backprop
 import proc_mnist
+import results_format
 from conftest import IMAGE_SIZE, fake_backwork_results, tiny_topology
 
 
@@ -269,9 +271,9 @@ def test_command_line_writes_maps_and_figure(trained_tiny, tiny_npz, tmp_path, c
     out = tmp_path / "saliency"
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--num", "3", "--smooth", "2", "--out", str(out)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(out / "saliency_test.pkl")
+    results = results_format.load_results(out / "saliency_test.pkl")
     assert {"images", "labels", "probs", "vanilla", "guided", "vanilla_smooth", "guided_smooth"} <= set(results)
-    test_images = common.load_dataset(tiny_npz)["x_test"][:3]
+    test_images = datasets.load_dataset(tiny_npz)["x_test"][:3]
     np.testing.assert_array_equal(results["images"], test_images)
     assert results["probs"].shape == (3, 10)
     np.testing.assert_array_equal(results["labels"], results["probs"].argmax(axis=1))
@@ -288,7 +290,7 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
     arguments = ["--model", str(path), "--data", str(tiny_npz), "--label", "4", "--num", "2",
                  "--method", "guided", "--out", str(tmp_path)]
     assert guided_backprop.main(arguments) == 0
-    results = common.load_results(tmp_path / "saliency_test_class4.pkl")
+    results = results_format.load_results(tmp_path / "saliency_test_class4.pkl")
     assert results["image_labels"].tolist() == [4, 4] and results["labels"].tolist() == [4, 4]
     assert "vanilla" not in results and results["guided"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
 
@@ -296,9 +298,9 @@ def test_command_line_picks_test_images_of_a_label(trained_tiny, tiny_npz, tmp_p
 def test_command_line_explains_backworked_images(trained_tiny, tmp_path):
     path, _ = trained_tiny
     backwork = tmp_path / "results_3.pkl"
-    common.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
+    results_format.save_results(backwork, fake_backwork_results(3, shape=(4, IMAGE_SIZE, IMAGE_SIZE)))
     assert guided_backprop.main(["--model", str(path), "--images", str(backwork), "--method", "vanilla"]) == 0
-    results = common.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
+    results = results_format.load_results(path.parent / "saliency" / "saliency_results_3.pkl")  # Next to the model.
     assert results["vanilla"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 1)
     assert results["image_labels"].tolist() == [3] * 4
     with pytest.raises(common.UserError, match="--label 10 is not a class of model"):

@@ -2,6 +2,7 @@
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,40 @@ def test_the_project_modules_import_no_circle():
 
 def test_common_imports_no_other_project_module():
     assert project_imports("common") == set()
-    assert project_imports("configurator") == {"common"}
+    assert project_imports("configurator") == {"common", "datasets"}
+
+
+# The results format and the datasets are the shared data shapes every other module reads:
+# they stand on common alone, so reading a file never pulls in a network or a script.
+@pytest.mark.parametrize("module", ["results_format", "datasets"])
+def test_the_data_modules_import_only_common(module):
+    assert project_imports(module) == {"common"}
+
+
+def test_no_script_imports_another_script():
+    scripts = {Path(script).stem for script in SCRIPTS}
+    assert len(scripts) == 4 and all((PROJECT / script).is_file() for script in SCRIPTS)
+    for module in MODULES:
+        assert not project_imports(module) & scripts, f"{module}.py imports a script: {project_imports(module) & scripts}"
+
+
+MAX_MODULE_LINES = 800  # A module longer than this holds more than one topic.
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_is_longer_than_one_topic(module):
+    assert len((PROJECT / f"{module}.py").read_text().splitlines()) <= MAX_MODULE_LINES
+
+
+def test_the_readme_stays_a_guide():
+    assert len((PROJECT / "README.md").read_bytes()) <= 20_000  # The details live in docs/.
+
+
+def test_the_readme_layout_table_names_every_module():
+    readme = (PROJECT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    named = {line.split("`")[1][:-3] for line in table.splitlines() if line.startswith("| `") and ".py`" in line}
+    assert named == set(MODULES)
 
 
 # Runs a script as python would, then says whether TensorFlow (or Keras) was imported.

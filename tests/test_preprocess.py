@@ -10,13 +10,15 @@ import common
 import configurator
 import preprocess_data
 import proc_mnist
+import results_format
+import trainer
 from common import UserError
 from conftest import fake_backwork_results
 
 
 def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, seed=0):
     for label in labels:
-        common.save_results(folder / f"results_{label}.pkl",
+        results_format.save_results(folder / f"results_{label}.pkl",
                             fake_backwork_results(label, shape, num_classes, seed))
     return folder
 
@@ -66,7 +68,7 @@ def test_difficulty_fractions_from_a_synthetic_steps_array():
 
 def test_transfer_numbers_equal_a_direct_predict(trained_tiny, tmp_path):
     model = cnn.load_trained_model(trained_tiny[0])
-    results = backwork_loop.load_label_results(write_results(tmp_path, labels=[2, 7]))
+    results = results_format.load_label_results(write_results(tmp_path, labels=[2, 7]))
     numbers = preprocess_data.fooling_numbers(model, results, cap=0.999, prefix="transfer")
     direct = np.concatenate([np.asarray(model(results[label]["images"][..., None]))[:, label] for label in (2, 7)])
     assert numbers["transfer_mean_p"] == pytest.approx(direct.mean(), rel=1e-5)
@@ -157,7 +159,7 @@ def test_a_stopped_retraining_ends_the_study_with_an_incomplete_report(trained_t
         return model, {"steps": 3, "seconds": 0.1, "interrupted": stop == "interrupted",
                        "diverged": stop == "diverged"}
 
-    monkeypatch.setattr(proc_mnist, "train", stopped_training)
+    monkeypatch.setattr(trainer, "train", stopped_training)
     with pytest.raises(expected):
         preprocess_data.main(quick_study_arguments(trained_tiny, tiny_npz, tmp_path))
     report = json.loads((tmp_path / "aug" / "report.json").read_text())
@@ -210,7 +212,7 @@ def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, t
     broken["images"][0, 0, 0] = np.nan
     import pickle
 
-    (tmp_path / "results_4.pkl").write_bytes(pickle.dumps(common._encode(broken, "results")))
+    (tmp_path / "results_4.pkl").write_bytes(pickle.dumps(results_format._encode(broken, "results")))
     with pytest.raises(UserError, match="results_4.pkl: field 'images' holds NaN"):
         preprocess_data.augment_data(tiny_data, tmp_path)
 
@@ -231,14 +233,14 @@ def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_n
     assert report["target"] == "extra_class" and [m["round"] for m in report["rounds"]] == [0, 1, 2]
     assert all(0 <= m["heldout_none_prob"] <= 1 for m in report["rounds"][1:])
     assert cnn.load_trained_model(tmp_path / "aug" / "model.keras").output_shape == (None, 11)
-    heldout = preprocess_data.final_images(backwork_loop.load_label_results(tmp_path / "aug" / "heldout"))
+    heldout = preprocess_data.final_images(results_format.load_label_results(tmp_path / "aug" / "heldout"))
     assert len(trained_on) == 2
     for training_images in trained_on:
         flat = training_images.reshape(len(training_images), -1)
         for image in heldout.reshape(len(heldout), -1):
             assert not np.any(np.all(flat == image, axis=1))
     # The second round trained on the first round's fresh images: they must be in its set.
-    fresh = preprocess_data.final_images(backwork_loop.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
+    fresh = preprocess_data.final_images(results_format.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
     assert np.any(np.all(trained_on[1].reshape(len(trained_on[1]), -1) == fresh[0].ravel(), axis=1))
 
 

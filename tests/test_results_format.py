@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import common
+import results_format
 from common import UserError
 from conftest import fake_backwork_results
 
@@ -21,8 +22,8 @@ PROJECT = Path(common.__file__).resolve().parent
 def test_round_trip_keeps_arrays_and_plain_values(tmp_path):
     results = fake_backwork_results(3)
     results["options"] = {"a": [1, 2.5, "x", None, True], "b": b"raw"}
-    common.save_results(tmp_path / "results_3.pkl", results)
-    loaded = common.load_results(tmp_path / "results_3.pkl")
+    results_format.save_results(tmp_path / "results_3.pkl", results)
+    loaded = results_format.load_results(tmp_path / "results_3.pkl")
     for key in ("images", "probs", "steps_to_reach"):
         np.testing.assert_array_equal(loaded[key], results[key])
         assert loaded[key].dtype == results[key].dtype and loaded[key].flags.writeable
@@ -31,7 +32,7 @@ def test_round_trip_keeps_arrays_and_plain_values(tmp_path):
 
 
 def test_the_pickle_names_no_class_at_all(tmp_path):
-    common.save_results(tmp_path / "results_3.pkl", fake_backwork_results(3))
+    results_format.save_results(tmp_path / "results_3.pkl", fake_backwork_results(3))
     data = (tmp_path / "results_3.pkl").read_bytes()
     raw = pickle.loads(data)  # Plain pickle: would build any class the file named.
     assert raw["images"]["__ndarray__"] == "float32" and isinstance(raw["images"]["data"], bytes)
@@ -40,13 +41,13 @@ def test_the_pickle_names_no_class_at_all(tmp_path):
 
 def test_unsafe_values_are_not_written(tmp_path):
     with pytest.raises(ValueError, match="cannot be saved"):
-        common.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "model": object()})
+        results_format.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "model": object()})
     with pytest.raises(ValueError, match="dtype object"):
-        common.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "x": np.array([None])})
+        results_format.save_results(tmp_path / "bad.pkl", {**fake_backwork_results(1), "x": np.array([None])})
     nan_images = fake_backwork_results(1)
     nan_images["images"][0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="'images' holds NaN"):
-        common.save_results(tmp_path / "bad.pkl", nan_images)
+        results_format.save_results(tmp_path / "bad.pkl", nan_images)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -56,7 +57,7 @@ def array_record(dtype, shape, data):
 
 def valid_plain():
     """A format-2 results dict as it sits in the pickle (arrays as records)."""
-    return pickle.loads(pickle.dumps(common._encode({**fake_backwork_results(2), "format_version": 2,
+    return pickle.loads(pickle.dumps(results_format._encode({**fake_backwork_results(2), "format_version": 2,
                                                      "kind": "backwork"}, "results")))
 
 
@@ -149,7 +150,7 @@ def test_hostile_files_are_refused_in_one_line(tmp_path, name, capsys):
     path = tmp_path / "results_2.pkl"
     path.write_bytes(data)
     with pytest.raises(UserError) as refusal:
-        common.load_results(path)
+        results_format.load_results(path)
     message = str(refusal.value)
     assert phrase in message and str(path) in message and "\n" not in message
     assert len(message) < len(str(path)) + 400  # Whatever the file holds, the line stays short.
@@ -160,10 +161,10 @@ def test_hostile_files_cannot_crash_a_reader_process(tmp_path):
     """In a process of its own, where a segmentation fault or a MemoryError would show."""
     for name, (data, _) in hostile_files().items():
         (tmp_path / f"{name}.pkl").write_bytes(data)
-    script = ("import sys, common\n"
+    script = ("import sys, common, results_format\n"
               "for path in sys.argv[1:]:\n"
               "    try:\n"
-              "        common.load_results(path)\n"
+              "        results_format.load_results(path)\n"
               "        print('LOADED', path)\n"
               "    except common.UserError:\n"
               "        print('refused')\n")
@@ -177,9 +178,9 @@ def test_hostile_files_cannot_crash_a_reader_process(tmp_path):
 def test_oversized_file_is_refused_before_reading(tmp_path):
     path = tmp_path / "results_1.pkl"
     with open(path, "wb") as file:
-        file.truncate(common.MAX_RESULTS_BYTES + 1)  # Sparse: no disk used.
+        file.truncate(results_format.MAX_RESULTS_BYTES + 1)  # Sparse: no disk used.
     with pytest.raises(UserError, match="more than a results file holds"):
-        common.load_results(path)
+        results_format.load_results(path)
 
 
 @pytest.mark.parametrize("change,field", [
@@ -202,10 +203,10 @@ def test_every_field_the_readers_use_is_checked(tmp_path, change, field):
     results = {**fake_backwork_results(2), "format_version": 2, "kind": "backwork"}
     change(results)
     path = tmp_path / "results_2.pkl"
-    path.write_bytes(plain_pickle.dumps(common._encode(results, "results")))
+    path.write_bytes(plain_pickle.dumps(results_format._encode(results, "results")))
     with pytest.raises(UserError, match=f"refusing to load {path}: field " + field.replace("[", r"\[")
                                         .replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
-        common.load_results(path)
+        results_format.load_results(path)
 
 
 def test_metrics_json_never_holds_a_bare_nan(tmp_path):
@@ -218,7 +219,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
     previous = os.umask(0o027)
     try:
-        common.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
+        results_format.save_results(tmp_path / "results_1.pkl", fake_backwork_results(1))
         common.write_json(tmp_path / "metrics.json", {})
     finally:
         os.umask(previous)
@@ -234,7 +235,7 @@ def test_the_scripts_refuse_hostile_files_in_one_line_and_write_nothing(name, tm
     hostile = tmp_path / "results"
     hostile.mkdir()
     for label in range(10):
-        common.save_results(hostile / f"results_{label}.pkl", fake_backwork_results(label))
+        results_format.save_results(hostile / f"results_{label}.pkl", fake_backwork_results(label))
     (hostile / "results_3.pkl").write_bytes(data)
     model = tmp_path / "run" / "model.keras"
     model.parent.mkdir()

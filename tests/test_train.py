@@ -13,6 +13,7 @@ import cnn
 import common
 import configurator
 import proc_mnist
+import trainer
 from conftest import tiny_options
 
 SILENT = {"progress": lambda line: None}
@@ -29,7 +30,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_data):
     def weights(seed):
         options = tiny_options(num_steps=20)
         options["train"]["seed"] = seed
-        model, _ = proc_mnist.train(tiny_data, options, **SILENT)
+        model, _ = trainer.train(tiny_data, options, **SILENT)
         return np.concatenate([w.ravel() for w in model.get_weights()])
 
     first = weights(0)
@@ -38,30 +39,30 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_data):
 
 
 def test_batches_cover_each_epoch_and_resume_in_order():
-    everything = proc_mnist.batch_indices(10, 3, seed=5, first_step=0, num_steps=9)
+    everything = trainer.batch_indices(10, 3, seed=5, first_step=0, num_steps=9)
     for epoch in range(3):  # 3 full batches per epoch; the remainder waits for the next epoch.
         seen = everything[3 * epoch:3 * epoch + 3].ravel()
         assert len(set(seen)) == 9 and set(seen) <= set(range(10))
-    np.testing.assert_array_equal(proc_mnist.batch_indices(10, 3, 5, first_step=4, num_steps=5), everything[4:])
+    np.testing.assert_array_equal(trainer.batch_indices(10, 3, 5, first_step=4, num_steps=5), everything[4:])
 
 
 def test_soft_labels_train_towards_their_targets(tiny_data):
     uniform = np.full((len(tiny_data["y_train"]), 10), 0.1, np.float32)
     options = tiny_options(num_steps=60)
-    model, _ = proc_mnist.train({**tiny_data, "y_train": uniform}, options, **SILENT)
+    model, _ = trainer.train({**tiny_data, "y_train": uniform}, options, **SILENT)
     probabilities = np.asarray(model(tiny_data["x_test"][:50]))
     assert probabilities.max(axis=1).mean() < 0.2
 
 
 def test_resumed_training_equals_uninterrupted(tiny_data, tmp_path):
     options = tiny_options(num_steps=60)
-    straight, _ = proc_mnist.train(tiny_data, options, **SILENT)
+    straight, _ = trainer.train(tiny_data, options, **SILENT)
     options["train"]["num_steps"] = 30
-    half, _ = proc_mnist.train(tiny_data, options, **SILENT)
-    proc_mnist.save_model(half, tmp_path / "model.keras")
+    half, _ = trainer.train(tiny_data, options, **SILENT)
+    cnn.save_model(half, tmp_path / "model.keras")
     reloaded = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
     options["train"]["num_steps"] = 60
-    resumed, metrics = proc_mnist.train(tiny_data, options, model=reloaded, **SILENT)
+    resumed, metrics = trainer.train(tiny_data, options, model=reloaded, **SILENT)
     assert metrics["steps"] == 60 and metrics["history"][0]["step"] == 50
     for expected, actual in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
@@ -87,7 +88,7 @@ def test_command_line_run_writes_every_output(tiny_npz, tmp_path, capsys):
     assert "step 20/40" in capsys.readouterr().out
 
 
-def interrupt_at_call(monkeypatch, call_number, real=proc_mnist.make_train_function):
+def interrupt_at_call(monkeypatch, call_number, real=trainer.make_train_function):
     """Make the call_number-th compiled call raise KeyboardInterrupt after it ran (as Ctrl-C does)."""
     calls = []
 
@@ -103,13 +104,13 @@ def interrupt_at_call(monkeypatch, call_number, real=proc_mnist.make_train_funct
 
         return run_then_maybe_interrupt
 
-    monkeypatch.setattr(proc_mnist, "make_train_function", make)
+    monkeypatch.setattr(trainer, "make_train_function", make)
     return calls
 
 
 def test_interrupt_is_honoured_after_one_short_call_and_resume_finishes(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step: the shortest.
+    monkeypatch.setattr(trainer, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step: the shortest.
     calls = interrupt_at_call(monkeypatch, 3)
     config = str(write_config(tmp_path))
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
@@ -175,7 +176,7 @@ def hand_formula(section, step):
 @pytest.mark.parametrize("warmup", [0, 20])
 def test_schedules_give_the_hand_formula(name, warmup):
     section = schedule_section(schedule=name, warmup_steps=warmup)
-    schedule = proc_mnist.learning_rate_schedule(section)
+    schedule = trainer.learning_rate_schedule(section)
     for step in [0, 1, 10, 19, 20, 21, 50, 99, 100, 150]:
         expected = hand_formula(section, step)
         actual = float(schedule(step)) if callable(schedule) else schedule
@@ -195,7 +196,7 @@ def test_schedules_give_the_hand_formula(name, warmup):
 ])
 def test_bad_recipe_values_are_refused_by_name(key, value, message):
     with pytest.raises(common.UserError, match=message):
-        proc_mnist.learning_rate_schedule(schedule_section(**{key: value}))
+        trainer.learning_rate_schedule(schedule_section(**{key: value}))
 
 
 def test_recipe_keys_take_their_types_strictly():
@@ -211,7 +212,7 @@ def test_original_config_is_the_original_recipe():
     config = configurator.load_config(Path(common.PROJECT_DIR) / "configs" / "original.toml")
     section = config["train"]
     assert (section["learning_rate"], section["batch_size"], section["num_steps"]) == (1e-4, 50, 20000)
-    assert proc_mnist.learning_rate_schedule(section) == 1e-4
+    assert trainer.learning_rate_schedule(section) == 1e-4
     assert section["label_smoothing"] == 0 and section["shift_pixels"] == 0
     assert config["model"] == configurator.default_config()["model"]
 
@@ -223,22 +224,22 @@ def recipe_options(num_steps):
 
 
 def test_schedule_and_shifts_survive_save_load_and_resume_equals_uninterrupted(tiny_data, tmp_path):
-    straight, _ = proc_mnist.train(tiny_data, recipe_options(60), **SILENT)
+    straight, _ = trainer.train(tiny_data, recipe_options(60), **SILENT)
     options = recipe_options(60)
     options["train"]["num_steps"] = 30  # Stops early; the schedule still spans 60 steps (built from 60 below).
     keras.utils.set_random_seed(0)  # As train() seeds before it builds a model.
     model = proc_mnist.build_model(options["model"])
-    proc_mnist.compile_for_training(model, proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
-    half, _ = proc_mnist.train(tiny_data, options, model=model, **SILENT)
-    proc_mnist.save_model(half, tmp_path / "model.keras")
+    trainer.compile_for_training(model, trainer.learning_rate_schedule(recipe_options(60)["train"]))
+    half, _ = trainer.train(tiny_data, options, model=model, **SILENT)
+    cnn.save_model(half, tmp_path / "model.keras")
     reloaded = cnn.load_trained_model(tmp_path / "model.keras", compile=True)
     schedule = reloaded.optimizer._learning_rate
     assert type(schedule).__name__ == "CosineDecay" and schedule.decay_steps == 50 and schedule.warmup_steps == 10
-    resumed, metrics = proc_mnist.train(tiny_data, recipe_options(60), model=reloaded, **SILENT)
+    resumed, metrics = trainer.train(tiny_data, recipe_options(60), model=reloaded, **SILENT)
     assert metrics["steps"] == 60
     for expected, actual in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
-    unshifted, _ = proc_mnist.train(tiny_data, {**recipe_options(60), "train": {**recipe_options(60)["train"],
+    unshifted, _ = trainer.train(tiny_data, {**recipe_options(60), "train": {**recipe_options(60)["train"],
                                                                                "shift_pixels": 0}}, **SILENT)
     assert not np.allclose(unshifted.get_weights()[0], straight.get_weights()[0])  # The shifts did something.
 
@@ -246,14 +247,14 @@ def test_schedule_and_shifts_survive_save_load_and_resume_equals_uninterrupted(t
 def test_shifts_move_whole_images_by_at_most_the_given_pixels():
     images = np.zeros((3, 6, 6, 1), np.float32)
     images[:, 2, 3, 0] = 1.0
-    shifted = np.asarray(proc_mnist._shifted(images, np.array([[1, -2], [0, 0], [-2, 1]], np.int32)))
+    shifted = np.asarray(trainer._shifted(images, np.array([[1, -2], [0, 0], [-2, 1]], np.int32)))
     assert shifted[0, 3, 1, 0] == 1 and shifted[1, 2, 3, 0] == 1 and shifted[2, 0, 4, 0] == 1
     assert shifted.sum() == 3
 
 
 def test_flips_mirror_the_flagged_images_left_right():
     images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1)
-    flipped = np.asarray(proc_mnist._flipped(images, np.array([True, False])))
+    flipped = np.asarray(trainer._flipped(images, np.array([True, False])))
     np.testing.assert_array_equal(flipped[0], images[0, :, ::-1])
     np.testing.assert_array_equal(flipped[1], images[1])
 
@@ -267,7 +268,7 @@ def test_flip_mirrors_about_half_the_batch_per_step_and_leaves_the_shifts_alone(
     indices = tf.range(400)
 
     def batch(flip, shift_pixels=1):
-        return np.asarray(proc_mnist._batch_function(images, targets, 0.0, shift_pixels, 7, optimizer, flip)(indices)[0])
+        return np.asarray(trainer._batch_function(images, targets, 0.0, shift_pixels, 7, optimizer, flip)(indices)[0])
 
     def mirrored():
         shifted, both = batch(False), batch(True)
@@ -288,14 +289,14 @@ def test_flip_mirrors_about_half_the_batch_per_step_and_leaves_the_shifts_alone(
 
 def test_nan_loss_stops_at_once_and_keeps_the_last_finite_weights(tiny_data):
     bad = tiny_data["x_train"].copy()
-    first_batches = proc_mnist.batch_indices(len(bad), 20, seed=0, first_step=0, num_steps=40)
+    first_batches = trainer.batch_indices(len(bad), 20, seed=0, first_step=0, num_steps=40)
     bad[first_batches[7][3]] = np.nan  # First seen at step 7 (counting from 0).
-    model, metrics = proc_mnist.train({**tiny_data, "x_train": bad}, tiny_options(40), **SILENT)
+    model, metrics = trainer.train({**tiny_data, "x_train": bad}, tiny_options(40), **SILENT)
     assert metrics["diverged"] is True and metrics["interrupted"] is False
     assert metrics["steps"] == 7 and int(model.optimizer.iterations.numpy()) == 7
     assert metrics["stop_reason"].startswith("diverged at step 8 (")
-    assert proc_mnist.weights_are_finite(model)
-    reference, _ = proc_mnist.train(tiny_data, tiny_options(7), **SILENT)
+    assert trainer.weights_are_finite(model)
+    reference, _ = trainer.train(tiny_data, tiny_options(7), **SILENT)
     for expected, actual in zip(reference.get_weights(), model.get_weights()):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
@@ -320,12 +321,12 @@ def test_divergence_exits_2_with_one_line_saves_no_nan_model_and_strict_json(tin
     assert metrics["diverged"] is True and metrics["steps"] >= 1
     assert all(record["val_accuracy"] is None for record in metrics["history"])  # No validation set: null.
     model = cnn.load_trained_model(out / "model.keras", compile=True)
-    assert proc_mnist.weights_are_finite(model) and int(model.optimizer.iterations.numpy()) == metrics["steps"]
+    assert trainer.weights_are_finite(model) and int(model.optimizer.iterations.numpy()) == metrics["steps"]
 
 
 def test_interrupt_during_the_final_evaluation_still_saves(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_accuracy, calls = proc_mnist.accuracy, []
+    real_accuracy, calls = trainer.accuracy, []
 
     def interrupted_on_the_test_set(*args, **kwargs):
         calls.append(1)
@@ -333,7 +334,7 @@ def test_interrupt_during_the_final_evaluation_still_saves(tiny_npz, tmp_path, m
             raise KeyboardInterrupt
         return real_accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(proc_mnist, "accuracy", interrupted_on_the_test_set)
+    monkeypatch.setattr(trainer, "accuracy", interrupted_on_the_test_set)
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
     metrics = strict_json(out / "metrics.json")
     assert metrics["steps"] == 40 and metrics["interrupted"] is True and metrics["test_accuracy"] is None
@@ -341,7 +342,7 @@ def test_interrupt_during_the_final_evaluation_still_saves(tiny_npz, tmp_path, m
 
 
 def test_interrupt_during_the_save_finishes_it_and_a_second_aborts_cleanly(tiny_npz, tmp_path, monkeypatch):
-    real_save_model = proc_mnist.save_model
+    real_save_model = cnn.save_model
     config = str(write_config(tmp_path))
 
     def save_with_interrupts(count):
@@ -369,12 +370,12 @@ def sessions_run(tiny_npz, tmp_path, monkeypatch):
     """One run in three sessions: interrupted at step 3, at step 25, then finished at 40."""
     out = tmp_path / "run"
     config = str(write_config(tmp_path))
-    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)
+    monkeypatch.setattr(trainer, "TARGET_CALL_SECONDS", 1e-9)
     interrupt_at_call(monkeypatch, 3)
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
     first = strict_json(out / "metrics.json")
     monkeypatch.undo()
-    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)
+    monkeypatch.setattr(trainer, "TARGET_CALL_SECONDS", 1e-9)
     interrupt_at_call(monkeypatch, 22)
     assert proc_mnist.main(["--data", str(tiny_npz), "--out", str(out), "--resume"]) == 130
     second = strict_json(out / "metrics.json")
@@ -419,7 +420,7 @@ def no_training(*args, **kwargs):
 def test_damaged_metrics_or_model_without_optimizer_refused_before_training(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 0
-    monkeypatch.setattr(proc_mnist, "train", no_training)
+    monkeypatch.setattr(trainer, "train", no_training)
     resume = ["--data", str(tiny_npz), "--out", str(out), "--resume", "--steps", "60"]
     good_metrics = (out / "metrics.json").read_text()
     for damaged in [good_metrics[:len(good_metrics) // 2], "[]", '{"steps": "many", "seconds": 1, "history": []}']:
@@ -428,7 +429,7 @@ def test_damaged_metrics_or_model_without_optimizer_refused_before_training(tiny
             proc_mnist.main(resume)
     (out / "metrics.json").write_text(good_metrics)
     uncompiled = proc_mnist.build_model(tiny_options()["model"])
-    proc_mnist.save_model(uncompiled, out / "model.keras")
+    cnn.save_model(uncompiled, out / "model.keras")
     with pytest.raises(common.UserError, match="saved without its optimizer state"):
         proc_mnist.main(resume)
 
@@ -469,9 +470,9 @@ def test_fused_adam_equals_keras_adam(tiny_data):
     models = []
     for fused in (True, False):
         keras.utils.set_random_seed(0)
-        model = proc_mnist.compile_for_training(proc_mnist.build_model(options["model"]),
-                                                proc_mnist.learning_rate_schedule(recipe_options(60)["train"]))
-        apply = proc_mnist._fused_adam(model.optimizer) if fused else (
+        model = trainer.compile_for_training(proc_mnist.build_model(options["model"]),
+                                                trainer.learning_rate_schedule(recipe_options(60)["train"]))
+        apply = trainer._fused_adam(model.optimizer) if fused else (
             lambda gradients, variables: model.optimizer.apply_gradients(zip(gradients, variables)))
         assert apply is not None
         for step in range(5):
@@ -486,8 +487,8 @@ def test_fused_adam_equals_keras_adam(tiny_data):
                             models[1].get_weights() + [v.numpy() for v in models[1].optimizer.variables]):
         np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-7)
     assert not np.allclose(models[0].get_weights()[0], proc_mnist.build_model(options["model"]).get_weights()[0])
-    assert proc_mnist._fused_adam(keras.optimizers.SGD()) is None
-    assert proc_mnist._fused_adam(keras.optimizers.Adam(amsgrad=True)) is None
+    assert trainer._fused_adam(keras.optimizers.SGD()) is None
+    assert trainer._fused_adam(keras.optimizers.Adam(amsgrad=True)) is None
 
 
 def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(tiny_npz, tmp_path):
@@ -504,7 +505,7 @@ def test_resuming_a_run_saved_before_the_recipe_keys_keeps_its_original_recipe(t
 
 
 def test_calls_are_sized_by_time_and_end_on_progress_lines(tiny_npz, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e9)  # As long as allowed: up to the next line.
+    monkeypatch.setattr(trainer, "TARGET_CALL_SECONDS", 1e9)  # As long as allowed: up to the next line.
     calls = interrupt_at_call(monkeypatch, call_number=0)
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(tmp_path / "run")]) == 0
     assert calls == [1, 1, 18, 20]  # The first call traces, the second is timed, then whole blocks.
@@ -535,7 +536,7 @@ def test_an_interrupted_run_keeps_its_tensorboard_logs_closed(tiny_npz, tmp_path
         return writer
 
     out = tmp_path / "run"
-    monkeypatch.setattr(proc_mnist, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step.
+    monkeypatch.setattr(trainer, "TARGET_CALL_SECONDS", 1e-9)  # Every call one step.
     interrupt_at_call(monkeypatch, 25)
     monkeypatch.setattr(tf.summary, "create_file_writer", noting_create)
     assert proc_mnist.main([str(write_config(tmp_path)), "--data", str(tiny_npz), "--out", str(out)]) == 130
@@ -580,7 +581,7 @@ def test_tensorboard_reads_the_event_files(tiny_data, tmp_path):
     options["train"]["log_every"] = 20
     images = np.random.default_rng(0).uniform(0, 1, (2, 12, 9)).astype(np.float32)
     with common.summary_writer(tmp_path / "logs") as writer:
-        _, metrics = proc_mnist.train(tiny_data, options, writer=writer, **SILENT)
+        _, metrics = trainer.train(tiny_data, options, writer=writer, **SILENT)
         common.write_images(writer, 7, "label_3/images", images)
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "logs"),
                                                      size_guidance={event_accumulator.TENSORS: 0})
