@@ -246,8 +246,8 @@ class AttackSuite:
     def _backwork(self, model, loss, seed, max_steps, cache):
         start = time.perf_counter()
         options = {**self.backwork, "loss": loss, "seed": seed, "max_num_steps": max_steps}
-        results = backwork_loop.get_faulty_input_layer(self.data, {"backwork": options}, model, self.labels,
-                                                      progress=lambda line: None, reference_cache=cache)
+        results = backwork_loop.backwork_labels(self.data, options, model, self.labels,
+                                                progress=lambda line: None, reference_cache=cache)
         steps, distances = results_format.steps_and_distances(results)
         row = {**attack_row(steps, distances, max_steps, "steps"), "family": "backwork",
                "seed": seed, "seconds": time.perf_counter() - start}

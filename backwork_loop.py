@@ -293,8 +293,8 @@ class Backworker:
     def __init__(self, model, options, num_labels=1, reference_cache=None):
         """reference_cache, a dict, keeps each label's training activations for the next
         Backworker of the same model (the attack suite runs several): they depend only on
-        the model and the training images, and computing them is a large part of a run."""
-        check_options(options)
+        the model and the training images, and computing them is a large part of a run.
+        options is a checked [backwork] section (backwork_label and get_faulty_input_layer check theirs)."""
         if num_labels < 1:
             raise UserError("backwork needs at least one label; choose some with --labels")
         self.model, self.options, self.num_labels = model, options, num_labels
@@ -508,6 +508,7 @@ def backwork_label(model, label_images, label, options, progress=print):
 
     One label alone: the reference the tests compare a batch of labels with.
     """
+    check_options(options)
     return Backworker(model, options).run({label: label_images}, progress)[label]
 
 
@@ -524,9 +525,16 @@ def get_faulty_input_layer(data, model_options=None, model="runs/default/model.k
     'backwork' section overrides the defaults; model a Keras model or the path of one.
     on_label(label, results) is called as each label stops (the script saves there), and
     on_record(label, step, cost, probabilities) at each record (the script logs there);
-    reference_cache as Backworker's.
+    reference_cache as Backworker's. The one entry that checks its options (a notebook's);
+    the scripts pass a checked config's section to backwork_labels.
     """
     options = configurator.merge_config(configurator.default_config(), model_options or {}, "model_options")["backwork"]
+    return backwork_labels(data, options, model, labels, progress, on_label, on_record, reference_cache)
+
+
+def backwork_labels(data, options, model, labels=None, progress=print, on_label=None, on_record=None,
+                    reference_cache=None):
+    """get_faulty_input_layer with options, a [backwork] section that was checked already."""
     model_path = str(model) if isinstance(model, (str, Path)) else model.name
     if isinstance(model, (str, Path)):
         model = cnn.load_trained_model(model, data["x_train"])

@@ -314,15 +314,14 @@ def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path)
                                                 f"label_{label}/p_min": probabilities.min(),
                                                 f"label_{label}/p_mean": probabilities.mean()})
 
-        return backwork_loop.get_faulty_input_layer(data, config, model, labels, on_label=save, on_record=log)
+        return backwork_loop.backwork_labels(data, config["backwork"], model, labels, on_label=save, on_record=log)
 
 
 def main(argv=None):
     args = parse_arguments(argv)
-    if args.num_examples is not None:
-        args.set.append(f"backwork.num_examples={args.num_examples}")
     base = configurator.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
-    config = configurator.resolve_cli_config(args, "backwork", base=base)  # Ranges are checked here, before loading.
+    config = configurator.resolve_cli_config(args, "backwork", base=base,  # Ranges are checked here, before loading.
+                                             flags={"backwork": {"num_examples": args.num_examples}})  # Ranges are checked here, before loading.
     report = "--evaluate" if args.evaluate else "--ood" if args.ood else None
     if args.evaluate and args.ood:
         raise UserError("--evaluate and --ood are two reports; give one of them per run")

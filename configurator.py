@@ -304,12 +304,15 @@ def add_common_arguments(parser, section):
                              "says which); reported, and recorded in what is written")
 
 
-def resolve_cli_config(args, section, base=None):
-    """The config a script runs with: defaults (or base), the config file, --set and --seed."""
-    overrides = list(args.set)
+def resolve_cli_config(args, section, base=None, flags=None):
+    """The config a script runs with: defaults (or base), the config file, --set, then the command's own
+    flags ({section: {key: value}}, None values left out) and --seed as config values, each checked as merged."""
+    config = load_config(args.config, args.set, base=base)
+    flags = {name: dict(values) for name, values in (flags or {}).items()}
     if args.seed is not None:
-        overrides.append(f"{section}.seed={args.seed}")
-    return load_config(args.config, overrides, base=base)
+        flags.setdefault(section, {})["seed"] = args.seed
+    given = {name: {key: value for key, value in values.items() if value is not None} for name, values in flags.items()}
+    return check_config(merge_config(config, given, source="command line"))
 
 
 

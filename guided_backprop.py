@@ -327,12 +327,9 @@ def parse_arguments(argv):
 def resolve_config(args):
     """Defaults (the model's [data]), then the config file and --set, then the flags, each checked as merged."""
     base = configurator.model_data_config(args.model) if args.config is None else None
-    config = configurator.resolve_cli_config(args, "saliency", base=base)
     flags = {"images": args.images, "num": args.num, "label": args.label, "method": args.method,
              "smooth_samples": args.smooth}
-    configurator.merge_config(config, {"saliency": {key: value for key, value in flags.items() if value is not None}},
-                              source="command line")
-    return config
+    return configurator.resolve_cli_config(args, "saliency", base=base, flags={"saliency": flags})
 
 
 def load_test_images(data, label, num):

@@ -211,7 +211,7 @@ def _check_training_finished(metrics, round_index):
 def backwork(model, data, config, labels, out_dir, progress=print):
     """Backwork labels of model into out_dir (results and backwork.png); returns results and seconds."""
     start = time.perf_counter()
-    results = backwork_loop.get_faulty_input_layer(data, config, model, labels, progress=progress)
+    results = backwork_loop.backwork_labels(data, config["backwork"], model, labels, progress=progress)
     save_backwork(results, out_dir)
     return results, time.perf_counter() - start
 
@@ -509,13 +509,12 @@ def resolve_config(args):
     if args.config is None and trained_with.is_file():
         base = configurator.saved_config(trained_with)
         print(f"starting from {trained_with}, the config the model was trained with")
-    flags = {"from_scratch": "true" if args.from_scratch else None, "rounds": args.rounds, "target": args.target,
-             "ood_data": None if args.ood is None else configurator.toml_value(args.ood)}
-    args.set.extend(f"augment.{key}={value}" for key, value in flags.items() if value is not None)
-    config = configurator.resolve_cli_config(args, "augment", base=base)
+    flags = {"from_scratch": True if args.from_scratch else None, "rounds": args.rounds, "target": args.target,
+             "ood_data": args.ood}
+    config = configurator.resolve_cli_config(args, "augment", base=base, flags={"augment": flags})
     if args.steps is not None:
-        key = "train.num_steps" if config["augment"]["from_scratch"] else "augment.retrain_steps"
-        config = configurator.merge_config(config, configurator.parse_override(f"{key}={args.steps}"), "--steps")
+        section, key = ("train", "num_steps") if config["augment"]["from_scratch"] else ("augment", "retrain_steps")
+        config = configurator.merge_config(config, {section: {key: args.steps}}, "--steps")
     if config["augment"]["heldout_seed"] == config["backwork"]["seed"]:
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
@@ -638,8 +637,8 @@ def transfer_sets(data, config, heldout, transfer_path, num_classes):
         other = cnn.load_trained_model(transfer_path, data["x_train"], num_classes=num_classes)
         backwork_section = {**config["backwork"], "num_examples": config["augment"]["attack_examples"]}
         print(f"backworking {transfer_path} for the transfer attack")
-        results = backwork_loop.get_faulty_input_layer(data, {"backwork": backwork_section}, other,
-                                                      range(num_classes), progress=lambda line: None)
+        results = backwork_loop.backwork_labels(data, backwork_section, other,
+                                                range(num_classes), progress=lambda line: None)
         sets["independent_model"] = _as_transfer_set(results)
     return sets
 

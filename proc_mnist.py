@@ -130,22 +130,20 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
-    out_dir = Path(args.out) if args.out else default_out_dir(args.config, configurator.resolve_cli_config(args, "train"),
-                                                              args.data)
-    base, model, earlier = None, None, None
+    flags = {"train": {"num_steps": args.steps}}
+    config = configurator.resolve_cli_config(args, "train", flags=flags)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config, config, args.data)
+    model, earlier = None, None
     if args.resume:
         if not (out_dir / "model.keras").is_file():
             raise UserError(f"nothing to resume in {out_dir}: it has no model.keras; drop --resume or fix --out")
-        base = configurator.saved_config(out_dir / "config.toml")
         earlier = _read_earlier_metrics(out_dir)
-    if args.steps is not None:
-        args.set.append(f"train.num_steps={args.steps}")
-    config = configurator.resolve_cli_config(args, "train", base=base)
+        # The run's own saved config underneath the config file, --set and the flags.
+        config = configurator.resolve_cli_config(args, "train", base=configurator.saved_config(out_dir / "config.toml"),
+                                                 flags=flags)
     # First of all TensorFlow work: a cluster's collective ops are set up as the strategy is made.
-    strategy = distributed.make_strategy(config["train"]["distribute"])
-    distributed.check_batch_split(config["train"]["batch_size"], strategy)
-    # "auto" resolved once, here (it may ask TensorFlow for a GPU), so the saved config.toml says what ran.
-    config["train"]["mixed_precision"] = cnn.resolve_precision(config["train"]["mixed_precision"])
+    # "auto" precision is resolved here, once (it may ask TensorFlow for a GPU), so the saved config.toml says what ran.
+    config, strategy = trainer.prepare(config)
     chief = distributed.is_chief(strategy)
     data = datasets.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
     if args.resume:
@@ -168,7 +166,7 @@ def main(argv=None):
     # logs to its own logs/<date-time>, so TensorBoard shows the sessions one after the other.
     log_dir = common.session_log_dir(out_dir / "logs")
     with common.summary_writer(log_dir) if chief else contextlib.nullcontext() as writer:
-        model, metrics = trainer.train(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
+        model, metrics = trainer.train_prepared(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
     with common.InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
 

@@ -462,8 +462,16 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
     (this call), interrupted, diverged, stop_reason, test_accuracy (None if not measured),
     history (one record per log_every steps: step, loss, seconds, val_accuracy).
     """
-    config, strategy = _prepared(config, model, strategy)
+    config, strategy = prepare(config, strategy)
+    return train_prepared(data, config, model, progress, writer, strategy, extra_term)
+
+
+def train_prepared(data, config, model=None, progress=print, writer=None, strategy=None, extra_term=None):
+    """train() with a config and strategy that prepare() made: nothing checked or resolved again."""
     section = config["train"]
+    # The precision the model computes in (a resumed model goes on in its own) must be fast here.
+    cnn.check_precision_speed(section["mixed_precision"] if model is None else cnn.precision_of(model),
+                              section["mixed_precision_force"])
     # Variables are made in the strategy's scope (mirrored); the loop runs outside it, where
     # Keras' optimizer updates every replica's copy with the gradients summed over replicas.
     with distributed.scope(strategy):
@@ -490,8 +498,10 @@ def train(data, config=None, model=None, progress=print, writer=None, strategy=N
     return model, metrics
 
 
-def _prepared(config, model, strategy):
-    """train's config (a notebook's partial one filled in and checked) and strategy; precision resolved."""
+def prepare(config, strategy=None):
+    """(config, strategy) for train_prepared: a partial config filled in and checked, the strategy made
+    (train.distribute) and the batch checked against it, "auto" precision resolved, the seed set.
+    The one place where train's config is checked; a command calls it once, then train_prepared."""
     import keras
 
     config = configurator.complete_config(config)
@@ -500,8 +510,6 @@ def _prepared(config, model, strategy):
         strategy = distributed.make_strategy(section["distribute"])
     distributed.check_batch_split(section["batch_size"], strategy)
     section["mixed_precision"] = cnn.resolve_precision(section["mixed_precision"])
-    cnn.check_precision_speed(section["mixed_precision"] if model is None else cnn.precision_of(model),
-                              section["mixed_precision_force"])
     keras.utils.set_random_seed(section["seed"])
     return config, strategy
 
