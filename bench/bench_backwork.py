@@ -60,12 +60,11 @@ def measure(variant, num_references, model_path, num_examples, repeats):
     import backwork_cost
     import cnn
     import configurator
-    import proc_mnist
 
     import keras
 
     keras.utils.set_random_seed(0)
-    model = cnn.load_trained_model(model_path) if model_path else proc_mnist.build_model({})
+    model = cnn.load_trained_model(model_path) if model_path else cnn.build_model({})
     features = backwork_cost.feature_model(model)
     rng = np.random.default_rng(0)
     shape = (num_references,) + tuple(model.input_shape[1:])
@@ -166,9 +165,8 @@ def gradient_rows(arguments):
 
     import backwork_cost
     import cnn
-    import proc_mnist
 
-    model = cnn.load_trained_model(arguments.model) if arguments.model else proc_mnist.build_model({})
+    model = cnn.load_trained_model(arguments.model) if arguments.model else cnn.build_model({})
     plain = backwork_cost.feature_model(model)
     networks = {"Keras layers": plain, "input_gradient_model": cnn.input_gradient_model(plain)}
     images = tf.constant(np.random.default_rng(0).uniform(size=(arguments.examples, *model.input_shape[1:]))

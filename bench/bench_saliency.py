@@ -23,7 +23,6 @@ import cnn  # noqa: E402
 import common  # noqa: E402
 import configurator  # noqa: E402
 import guided_backprop  # noqa: E402
-import proc_mnist  # noqa: E402
 from bench.machine import cpu_line  # noqa: E402
 
 GOAL = 1.5  # guided backpropagation may cost at most this many plain gradients
@@ -62,7 +61,7 @@ def main(argv=None):
         import keras
 
         keras.utils.set_random_seed(0)
-        model = proc_mnist.build_model(configurator.default_config()["model"])
+        model = cnn.build_model(configurator.default_config()["model"])
     rng = np.random.default_rng(0)
     images = rng.random((args.batch, *model.input_shape[1:]), dtype=np.float32)  # (batch, 28, 28, 1)
     labels = np.arange(args.batch) % model.output_shape[-1]  # Fixed classes: no argmax differences.

@@ -34,7 +34,7 @@ import cnn  # noqa: E402
 import datasets  # noqa: E402
 from bench.machine import cpu_line  # noqa: E402  (re-exported: the tests call bench_train.cpu_line)
 import configurator  # noqa: E402
-import proc_mnist  # noqa: E402
+import trainer  # noqa: E402
 
 
 FORCED_BFLOAT16_STEPS = 20  # --bfloat16 where it is slow: this many timed steps, one run (0.13x float32's speed).
@@ -89,7 +89,7 @@ def time_ours(config, images, targets, steps, block, batch_size, recipe=False, p
     the config (its label smoothing, shifts and flips too); precision is a train.mixed_precision value."""
     section = config["train"]
     with cnn.precision_policy(precision):
-        model = proc_mnist.build_model(config["model"])
+        model = cnn.build_model(config["model"])
     trainer.compile_for_training(model, section["learning_rate"])
     smoothing, shifts, flip = ((section["label_smoothing"], section["shift_pixels"], section["flip"]) if recipe
                                else (0.0, 0, False))
@@ -104,7 +104,7 @@ def time_ours(config, images, targets, steps, block, batch_size, recipe=False, p
 def time_fit(config, images, targets, steps, batch_size):
     import keras
 
-    model = proc_mnist.build_model(config["model"])
+    model = cnn.build_model(config["model"])
     model.compile(optimizer=keras.optimizers.Adam(config["train"]["learning_rate"]),
                   loss="categorical_crossentropy", jit_compile=False)
     model.fit(images[:batch_size * 10], targets[:batch_size * 10], batch_size=batch_size, epochs=1, verbose=0)

@@ -8,12 +8,11 @@ import attacks
 import backwork_cost
 import backwork_loop
 import cnn
-import cnn_backwork
 import common
 import configurator
 import preprocess_data
 from common import UserError
-from test_preprocess import quick_study_arguments
+from helpers import quick_study_arguments, record_retraining
 
 LOSS_OPTIONS = {"margin_kappa": 20.0}
 
@@ -63,8 +62,6 @@ def test_losses_have_their_closed_forms():
 def test_a_saturated_softmax_stops_only_the_probability_loss(trained_tiny):
     """Through a real network: where p(label) < 1e-6 the probability loss has (almost) no input gradient."""
     import tensorflow as tf
-
-    import proc_mnist
 
     model = cnn.load_trained_model(trained_tiny[0])
     logits_model = cnn.logits_model(model)
@@ -216,13 +213,7 @@ def report_figure_texts(report, path, dataset, monkeypatch):
 
 def test_control_retrains_on_the_original_examples_alone(trained_tiny, tiny_npz, tmp_path, monkeypatch):
     trained_on = []
-    real_retrain = preprocess_data.retrain
-
-    def recording_retrain(model, data, config, round_index, progress=print):
-        trained_on.append(len(data["x_train"]))
-        return real_retrain(model, data, config, round_index, progress)
-
-    monkeypatch.setattr(preprocess_data, "retrain", recording_retrain)
+    record_retraining(monkeypatch, lambda data: trained_on.append(len(data["x_train"])))
     arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path) + [
         "--target", "control", "--set", 'augment.attacks=["margin"]']
     assert preprocess_data.main(arguments) == 0

@@ -11,7 +11,7 @@ import common
 import configurator
 import results_format
 from common import UserError
-from conftest import fake_backwork_results, tiny_options
+from conftest import fake_backwork_results
 
 
 def direct_distances(rows, references):

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-import backwork_loop
 import cnn_backwork
 import common
 import distributed

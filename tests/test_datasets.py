@@ -116,7 +116,6 @@ def test_every_output_records_the_data_it_was_made_from(colour_pipeline):
 
 
 def test_figures_draw_colour_inputs_in_colour_and_grey_ones_in_grey(tmp_path):
-    import cnn_backwork
     import guided_backprop
 
     rng = np.random.default_rng(0)

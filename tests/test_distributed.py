@@ -128,15 +128,31 @@ def stop_one_of_two_workers(arguments, stop):
     """Start two workers; once the chief logs step 40, stop(worker 1); return both (returncode, stdout, stderr)."""
     processes = start_two_workers(arguments)
     try:
-        for line in processes[0].stdout:
-            if line.startswith("step 40/"):  # Both workers are training (they go in step).
-                stop(processes[1])
-                break
+        if not chief_reached(processes[0], "step 40/", seconds=180):  # Both workers are training (they go in step).
+            raise AssertionError("the chief never logged step 40 within 180 s")
+        stop(processes[1])
         outputs = [process.communicate(timeout=60) for process in processes]
     finally:
         for process in processes:
             process.kill()
     return [(process.returncode, *output) for process, output in zip(processes, outputs)]
+
+
+def chief_reached(process, prefix, seconds):
+    """Whether process printed a line starting with prefix within seconds (its stdout read on a thread,
+    so that a worker that hangs or prints nothing cannot hang the test)."""
+    import threading
+
+    found = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    return found.wait(seconds)
 
 
 def test_two_local_workers_train_to_the_end_and_only_the_chief_writes(tiny_npz, tmp_path):
@@ -190,7 +206,11 @@ def start_two_workers(arguments):
 def run_two_workers(arguments):
     """proc_mnist.py with arguments as two workers of a localhost cluster; their outputs, once both exit 0."""
     processes = start_two_workers(arguments)
-    outputs = [process.communicate(timeout=300) for process in processes]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:  # A worker left waiting for its dead peer would otherwise outlive the test.
+        for process in processes:
+            process.kill()
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
     return [stdout for stdout, _ in outputs]

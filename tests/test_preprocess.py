@@ -3,24 +3,15 @@ import json
 import numpy as np
 import pytest
 
-import backwork_loop
 import cnn
 import cnn_backwork
-import common
 import configurator
 import preprocess_data
-import proc_mnist
 import results_format
 import trainer
 from common import UserError
 from conftest import fake_backwork_results
-
-
-def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, seed=0):
-    for label in labels:
-        results_format.save_results(folder / f"results_{label}.pkl",
-                            fake_backwork_results(label, shape, num_classes, seed))
-    return folder
+from helpers import QUICK_ATTACKS, quick_study_arguments, record_retraining, write_results
 
 
 def test_random_augmentation_adds_uniform_labels_and_shuffles(tiny_data):
@@ -138,20 +129,6 @@ def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_d
 
 
 # The attack suite with tiny budgets: every attack runs, in seconds.
-QUICK_ATTACKS = ["--set", "augment.attack_examples=2", "--set", "augment.pgd_steps=30",
-                 "--set", "augment.square_queries=30"]
-
-
-def quick_study_arguments(trained_tiny, tiny_npz, tmp_path):
-    results = write_results(tmp_path / "results")
-    return ["--results", str(results), "--model", str(trained_tiny[0]), "--data", str(tiny_npz),
-            "--out", str(tmp_path / "aug"), "--set", "data.validation_size=100", "--set", "augment.num_blank=5",
-            "--set", "augment.num_noise=5", "--set", "augment.num_eval_noise=5", "--steps", "5",
-            "--set", "backwork.max_num_steps=20", "--set", "backwork.min_num_steps=10",
-            "--set", "augment.difficulty_budgets=[10, 20]",
-            "--set", "backwork.num_examples=2", "--set", "backwork.learning_rate=0.05", *QUICK_ATTACKS]
-
-
 @pytest.mark.parametrize("stop,expected", [("interrupted", KeyboardInterrupt), ("diverged", UserError)])
 def test_a_stopped_retraining_ends_the_study_with_an_incomplete_report(trained_tiny, tiny_npz, tmp_path,
                                                                        monkeypatch, stop, expected):
@@ -219,13 +196,7 @@ def test_results_file_instead_of_folder_and_bad_images_are_one_line(tiny_data, t
 
 def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_npz, tmp_path, monkeypatch):
     trained_on = []
-    real_retrain = preprocess_data.retrain
-
-    def recording_retrain(model, data, config, round_index, progress=print):
-        trained_on.append(data["x_train"])
-        return real_retrain(model, data, config, round_index, progress)
-
-    monkeypatch.setattr(preprocess_data, "retrain", recording_retrain)
+    record_retraining(monkeypatch, lambda data: trained_on.append(data["x_train"]))
     arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path)
     arguments += ["--target", "extra_class", "--rounds", "2"]
     assert preprocess_data.main(arguments) == 0
