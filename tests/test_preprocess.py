@@ -204,14 +204,14 @@ def test_extra_class_study_never_trains_on_the_held_out_set(trained_tiny, tiny_n
     assert report["target"] == "extra_class" and [m["round"] for m in report["rounds"]] == [0, 1, 2]
     assert all(0 <= m["heldout_none_prob"] <= 1 for m in report["rounds"][1:])
     assert cnn.load_trained_model(tmp_path / "aug" / "model.keras").output_shape == (None, 11)
-    heldout = preprocess_data.final_images(results_format.load_label_results(tmp_path / "aug" / "heldout"))
+    heldout = results_format.final_images(results_format.load_label_results(tmp_path / "aug" / "heldout"))
     assert len(trained_on) == 2
     for training_images in trained_on:
         flat = training_images.reshape(len(training_images), -1)
         for image in heldout.reshape(len(heldout), -1):
             assert not np.any(np.all(flat == image, axis=1))
     # The second round trained on the first round's fresh images: they must be in its set.
-    fresh = preprocess_data.final_images(results_format.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
+    fresh = results_format.final_images(results_format.load_label_results(tmp_path / "aug" / "round1" / "backwork"))
     assert np.any(np.all(trained_on[1].reshape(len(trained_on[1]), -1) == fresh[0].ravel(), axis=1))
 
 

@@ -352,13 +352,13 @@ def test_interrupt_during_the_save_finishes_it_and_a_second_aborts_cleanly(tiny_
             real_save_model(model, path)
         return save
 
-    monkeypatch.setattr(proc_mnist, "save_model", save_with_interrupts(1))
+    monkeypatch.setattr(cnn, "save_model", save_with_interrupts(1))
     out = tmp_path / "once"
     assert proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)]) == 130
     assert strict_json(out / "metrics.json")["steps"] == 40
     assert cnn.load_trained_model(out / "model.keras").output_shape == (None, 10)
 
-    monkeypatch.setattr(proc_mnist, "save_model", save_with_interrupts(2))
+    monkeypatch.setattr(cnn, "save_model", save_with_interrupts(2))
     out = tmp_path / "twice"
     with pytest.raises(KeyboardInterrupt):
         proc_mnist.main([config, "--data", str(tiny_npz), "--out", str(out)])
