@@ -1,0 +1,358 @@
+"""Certified upper bounds on a model's class probabilities over an l-infinity ball (interval bounds).
+
+An out-of-distribution point x (noise, a letter, a clothing image for a digit model) should get
+a low confidence, and so should every image near it: an attack searches the ball
+B = {z : |z - x|_inf <= eps} intersected with the image box [0, 1]^d for a confident image. An
+attack that fails proves nothing; a bound that holds for every z in B does. GOOD (Bitterwolf,
+Meinke and Hein, NeurIPS 2020) and ProoD (Meinke, Bitterwolf and Hein, NeurIPS 2022) report GAUC:
+the AUC of such a certified upper bound on the confidence, computed as below.
+
+Interval bound propagation (IBP; Gowal et al. 2018). Start from the box that contains B,
+lower = clip(x - eps, 0, 1), upper = clip(x + eps, 0, 1), and push it through the network one
+layer at a time, each step giving a box that contains every output the layer can produce from
+its input box:
+
+- affine layers (Dense, Conv2D, BatchNormalization at inference), y = W v + b, in centre/radius
+  form: with c = (upper + lower) / 2 and r = (upper - lower) / 2, y lies in c' +- r' where
+  c' = W c + b and r' = |W| r. This is exact for one affine layer (the box's worst corner is
+  attained), and a negative weight or batch-norm scale needs no special case: |W| takes care of
+  the sign. Dense and convolution are one pattern each: the layer's own product, once with W on
+  c and once with |W| (and no bias) on r.
+- monotone non-decreasing maps (relu, sigmoid, tanh, ... activations; max and average pooling,
+  whose outputs are maxima or non-negative averages of their inputs; Flatten; Dropout, the identity
+  at inference): f(lower) <= f(v) <= f(upper), so the map is applied to each bound. A non-monotone
+  activation (gelu, silu, mish) would need its minimum over each interval and is refused.
+
+The last layer is treated as GOOD does. The logits z = W v + b are not needed by themselves: the
+probability p_k = 1 / sum_j exp(z_j - z_k) depends only on the differences z_k - z_j. Each is
+one affine function of v, w = W[:, k] - W[:, j], so over v's box its exact maximum is
+
+    upper(z_k - z_j) = (b_k - b_j) + w . c + |w| . r,
+
+and p_k <= 1 / sum_j exp(-upper(z_k - z_j))  (the j = k term is exp(0) = 1).
+
+This is tighter than bounding the logits separately: upper(z_k) - lower(z_j) counts the input
+radius twice, once for each logit, where the difference cancels the weights z_k and z_j share.
+The bound is at most 1, equals the model's probabilities at eps = 0, and grows with eps.
+
+Every class's bound comes out at once: a (batch, K, K) tensor of difference bounds, fine for K up
+to a hundred or so. A model with an extra "none" output (K + 1 logits) needs nothing special:
+the bounds are over its full softmax, and confidence_upper_bounds takes the maximum over the
+first num_classes outputs only.
+
+The arithmetic is float32, as the model's: the bounds hold up to float rounding (about 1e-6
+relative), not as an exact proof over the reals.
+"""
+import functools
+
+import numpy as np
+
+import cnn
+from common import UserError
+
+DEFAULT_BATCH_SIZE = 256  # Images per compiled call: a few MB of boxes on the default network.
+
+# Keras activations (by function name) that are non-decreasing with Keras' default parameters,
+# so that f(lower) <= f(v) <= f(upper). The test suite checks each on a grid.
+MONOTONE_ACTIVATIONS = frozenset({
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "softplus", "softsign",
+    "sigmoid", "hard_sigmoid", "log_sigmoid", "tanh", "hard_tanh", "exponential", "sparse_plus",
+    "sparse_sigmoid", "squareplus", "hard_shrink", "soft_shrink", "tanh_shrink",
+})
+
+SUPPORTED_LAYERS = ("Conv2D, Dense, BatchNormalization, Activation, MaxPooling2D, AveragePooling2D, "
+                    "GlobalMaxPooling2D, GlobalAveragePooling2D, Flatten, Dropout")
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def check_radius(eps, allow_zero=False):
+    """eps as a float if it is a radius in (0, 1] ([0, 1] with allow_zero); else one line naming the fix."""
+    try:
+        radius = float(eps)
+    except (TypeError, ValueError):
+        radius = float("nan")
+    # eps = 0 (the model's own output) is a check for tests, not a threat model to report.
+    inside = 0.0 <= radius <= 1.0 if allow_zero else 0.0 < radius <= 1.0
+    if isinstance(eps, bool) or not inside:  # NaN fails both comparisons.
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise UserError(f"eps {eps!r} is not an l-infinity radius in {interval}; set eps to a number "
+                        "such as 0.3 (pixels are in [0, 1])")
+    return radius
+
+
+def _checked_images(model, images):
+    images = np.asarray(images, dtype=np.float32)
+    input_shape = tuple(model.input_shape[1:])
+    if images.ndim != 1 + len(input_shape) or images.shape[1:] != input_shape:
+        raise UserError(f"images of shape {images.shape} do not fit the model, which takes "
+                        f"(N, {', '.join(map(str, input_shape))}); pass images of that shape")
+    if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+        raise UserError("images must have pixels in [0, 1] (the ball is clipped to that box); "
+                        "scale them as common.load_dataset does")
+    return images
+
+
+def _monotone_activation(layer):
+    """layer's activation, if interval bounds can pass through it; else one line saying what to do."""
+    name = getattr(layer.activation, "__name__", repr(layer.activation))
+    if name not in MONOTONE_ACTIVATIONS:
+        raise UserError(f"layer '{layer.name}' uses activation '{name}', which is not monotone (or not "
+                        "known to be); interval bounds need a monotone activation such as relu")
+    return layer.activation
+
+
+def _layer_chain(model):
+    """model's layers after its input, in order, if each takes exactly the previous one's output."""
+    from keras import layers
+
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
+                        "outputs; interval bounds need one of each, as cnn.build_model makes")
+    chain = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
+    previous_output = model.inputs[0]
+    for layer in chain:
+        try:
+            follows = layer.input is previous_output
+        except (AttributeError, ValueError):  # A layer used twice has no single input.
+            follows = False
+        if not follows:
+            raise UserError(f"layer '{layer.name}' of model '{model.name}' does not simply follow the layer "
+                            "before it (a branch or a shared layer); interval bounds need a chain of "
+                            "layers, as cnn.build_model makes")
+        previous_output = layer.output
+    if not chain or chain[-1].output is not model.outputs[0]:
+        raise UserError(f"model '{model.name}' does not output its last layer; interval bounds need a "
+                        "chain of layers, as cnn.build_model makes")
+    return chain
+
+
+def _bound_functions():
+    """{layer class: function (layer, lower, upper) -> (lower, upper)}, exact classes only.
+
+    A subclass may compute something else under the same weights, so only these classes pass.
+    """
+    from keras import layers
+
+    return {
+        layers.Dense: _bound_dense,
+        layers.Conv2D: _bound_convolution,
+        layers.BatchNormalization: _bound_batch_norm,
+        layers.Activation: _bound_activation,
+        layers.MaxPooling2D: _bound_monotone_layer,
+        layers.AveragePooling2D: _bound_monotone_layer,
+        layers.GlobalMaxPooling2D: _bound_monotone_layer,
+        layers.GlobalAveragePooling2D: _bound_monotone_layer,
+        layers.Flatten: _bound_monotone_layer,
+        layers.Dropout: _bound_identity,
+    }
+
+
+def _supported_step(layer, bound_functions):
+    """(layer, its bound function), or one line saying why the layer cannot be bounded."""
+    bound = bound_functions.get(type(layer))
+    if bound is None:
+        raise UserError(f"layer '{layer.name}' ({type(layer).__name__}) has no interval bound; use the "
+                        f"layers cnn.build_model makes ({SUPPORTED_LAYERS})")
+    if getattr(layer, "quantization_mode", None):
+        raise UserError(f"layer '{layer.name}' is quantized ({layer.quantization_mode}); interval bounds "
+                        "need its float weights: bound the model before quantizing it")
+    if hasattr(layer, "activation"):
+        _monotone_activation(layer)
+    return layer, bound
+
+
+def check_model_supported(model):
+    """The bound plan for model: its hidden (layer, bound function) steps and its logits layer.
+
+    Refuses in one line, before any work, a model that is not a chain ending in a Dense layer
+    without activation followed by a softmax Activation, or that has a layer with no bound.
+    """
+    from keras import layers
+
+    chain = _layer_chain(model)
+    ending = chain[-2:]
+    if (len(ending) != 2 or type(ending[0]) is not layers.Dense or type(ending[1]) is not layers.Activation
+            or getattr(ending[0].activation, "__name__", "") != "linear"
+            or getattr(ending[1].activation, "__name__", "") != "softmax"):
+        raise UserError(f"model '{model.name}' does not end in a Dense layer of logits followed by a softmax "
+                        "Activation; certified probabilities need that ending, as cnn.build_model makes")
+    bound_functions = _bound_functions()
+    steps = [_supported_step(layer, bound_functions) for layer in chain[:-2]]
+    logits_layer = _supported_step(ending[0], bound_functions)[0]
+    return steps, logits_layer
+
+
+# ------------------------------------------------------------------- one function per layer kind
+
+
+def _affine(centre_map, radius_map, lower, upper):
+    """The box of an affine map: centre' = centre_map(centre) (W c + b), radius' = radius_map(radius) (|W| r)."""
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    centre, radius = centre_map(centre), radius_map(radius)
+    return centre - radius, centre + radius
+
+
+def _along_axis(values, axis, rank):
+    """values (C,) shaped to broadcast along axis of a rank-dimensional tensor."""
+    import tensorflow as tf
+
+    shape = [1] * rank
+    shape[axis] = -1
+    return tf.reshape(values, shape)
+
+
+def _bound_dense(layer, lower, upper):
+    import tensorflow as tf
+
+    kernel = tf.convert_to_tensor(layer.kernel)  # (inputs, units)
+
+    def centre_map(centre):
+        product = tf.tensordot(centre, kernel, axes=1)
+        return product + layer.bias if layer.use_bias else product
+
+    lower, upper = _affine(centre_map, lambda radius: tf.tensordot(radius, tf.abs(kernel), axes=1), lower, upper)
+    return _bound_activation(layer, lower, upper)
+
+
+def _bound_convolution(layer, lower, upper):
+    import tensorflow as tf
+
+    kernel = tf.convert_to_tensor(layer.kernel)  # (kh, kw, in channels, out channels)
+    channel_axis = -1 if layer.data_format == "channels_last" else 1
+
+    def centre_map(centre):
+        product = layer.convolution_op(centre, kernel)  # The layer's strides, padding and dilation.
+        return product + _along_axis(layer.bias, channel_axis, len(product.shape)) if layer.use_bias else product
+
+    # Zero padding is a constant input: centre 0 and radius 0, exactly what the two passes pad with.
+    lower, upper = _affine(centre_map, lambda radius: layer.convolution_op(radius, tf.abs(kernel)), lower, upper)
+    return _bound_activation(layer, lower, upper)
+
+
+def _bound_batch_norm(layer, lower, upper):
+    """At inference batch norm is v * scale + shift per channel, from the moving statistics (as Keras computes it)."""
+    import tensorflow as tf
+
+    scale = tf.math.rsqrt(tf.convert_to_tensor(layer.moving_variance) + layer.epsilon)
+    if layer.scale:
+        scale = scale * tf.convert_to_tensor(layer.gamma)
+    shift = -tf.convert_to_tensor(layer.moving_mean) * scale
+    if layer.center:
+        shift = shift + tf.convert_to_tensor(layer.beta)
+    rank = len(lower.shape)
+    scale, shift = _along_axis(scale, layer.axis, rank), _along_axis(shift, layer.axis, rank)
+    # A negative gamma swaps which end of the interval maps where; |scale| on the radius handles it.
+    return _affine(lambda centre: centre * scale + shift, lambda radius: radius * tf.abs(scale), lower, upper)
+
+
+def _bound_activation(layer, lower, upper):
+    """A monotone non-decreasing activation maps the ends of each interval to the ends of its image."""
+    activation = layer.activation
+    return activation(lower), activation(upper)
+
+
+def _bound_monotone_layer(layer, lower, upper):
+    """Pooling and reshaping: every output is non-decreasing in every input, so the layer maps the bounds."""
+    return layer(lower), layer(upper)
+
+
+def _bound_identity(layer, lower, upper):
+    """Dropout is the identity at inference."""
+    return lower, upper
+
+
+# -------------------------------------------------------------------------- the bounds
+
+
+def _logit_difference_bounds(logits_layer, lower, upper):
+    """(batch, K, K): [b, k, j] is the exact maximum of z_k - z_j over the box of the logits layer's input."""
+    import tensorflow as tf
+
+    kernel = tf.convert_to_tensor(logits_layer.kernel)  # (inputs, K)
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2  # (batch, inputs)
+    centre_logits = tf.matmul(centre, kernel)
+    if logits_layer.use_bias:
+        centre_logits = centre_logits + logits_layer.bias  # (batch, K)
+    centre_differences = centre_logits[:, :, None] - centre_logits[:, None, :]  # [b, k, j] = z_k - z_j at the centre
+    difference_weights = kernel[:, :, None] - kernel[:, None, :]  # (inputs, K, K): W[:, k] - W[:, j]
+    classes = kernel.shape[1]
+    spread = tf.matmul(radius, tf.reshape(tf.abs(difference_weights), [kernel.shape[0], classes * classes]))
+    return centre_differences + tf.reshape(spread, [-1, classes, classes])
+
+
+def _probability_bounds(difference_upper):
+    """p_k <= 1 / sum_j exp(-upper(z_k - z_j)), from (batch, K, K) difference bounds; (batch, K)."""
+    import tensorflow as tf
+
+    # The j = k term is exp(0), so the log-sum is >= 0 and the bound <= 1; logsumexp cannot overflow.
+    return tf.exp(-tf.reduce_logsumexp(-difference_upper, axis=2))
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_bounds(model):
+    """One tf.function (images, eps) -> (logit lower, logit upper, probability upper) for a float32 model.
+
+    Compiled once per model (the cache keeps the last few); it reads the model's variables when
+    run, so bounds follow weights that change in training.
+    """
+    import tensorflow as tf
+
+    steps, logits_layer = check_model_supported(model)
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32), tf.TensorSpec([], tf.float32)]
+
+    @tf.function(input_signature=signature, jit_compile=False)
+    def bounds(images, eps):  # (batch, H, W, C), ()
+        lower = tf.clip_by_value(images - eps, 0.0, 1.0)
+        upper = tf.clip_by_value(images + eps, 0.0, 1.0)
+        for layer, bound in steps:
+            lower, upper = bound(layer, lower, upper)
+        logit_lower, logit_upper = _bound_dense(logits_layer, lower, upper)  # (batch, K) each
+        probability_upper = _probability_bounds(_logit_difference_bounds(logits_layer, lower, upper))
+        return logit_lower, logit_upper, probability_upper
+
+    return bounds
+
+
+def _all_bounds(model, images, eps, batch_size):
+    """(logit lower, logit upper, probability upper), NumPy (N, K) float32 each, a batch at a time."""
+    radius = check_radius(eps, allow_zero=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UserError(f"batch_size {batch_size!r} must be a positive int; set it to e.g. {DEFAULT_BATCH_SIZE}")
+    model = cnn.float32_model(model)  # A mixed-precision model is analysed in float32.
+    bounds = _compiled_bounds(model)
+    images = _checked_images(model, images)
+    classes = model.output_shape[-1]
+    if not len(images):
+        return tuple(np.zeros((0, classes), np.float32) for _ in range(3))
+    parts = [bounds(images[start:start + batch_size], np.float32(radius))
+             for start in range(0, len(images), batch_size)]
+    return tuple(np.concatenate([np.asarray(part[index]) for part in parts]) for index in range(3))
+
+
+def probability_upper_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
+    """(N, K) float32: a certified upper bound on each class probability over each image's eps-ball in [0, 1]."""
+    return _all_bounds(model, images, eps, batch_size)[2]
+
+
+def confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEFAULT_BATCH_SIZE):
+    """(N,) float32: a certified upper bound on the top probability over each image's ball (GAUC's score).
+
+    num_classes: count only the first num_classes outputs (the classes of a model with an extra
+    "none" output, whose softmax still includes it); None counts every output.
+    """
+    bounds = probability_upper_bounds(model, images, eps, batch_size)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+                or not 1 <= num_classes <= bounds.shape[1]:
+            raise UserError(f"num_classes {num_classes!r} must be an int in 1-{bounds.shape[1]} (the model's "
+                            "outputs); set it to the data's class count")
+        bounds = bounds[:, :num_classes]
+    return bounds.max(axis=1)
+
+
+def logit_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
+    """(lower, upper), (N, K) float32 each: plain interval bounds on the logits over each image's ball."""
+    lower, upper, _ = _all_bounds(model, images, eps, batch_size)
+    return lower, upper
