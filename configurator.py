@@ -34,6 +34,8 @@ PRECISION_SETTINGS = (*PRECISION_POLICIES, "auto")  # train.mixed_precision; cnn
 BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # backwork.loss (backwork_cost.label_loss)
 ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # augment.attacks (attacks.py)
 DEFENCES = ("uniform", "extra_class", "control")  # augment.target (preprocess_data.py)
+EVALUATION_SETS = ("uniform", "letters", "ood")  # evaluation.sets (evaluation.ball_points)
+NOISE_FAMILIES = ("uniform", "dim", "low_frequency", "gaussian", "permuted")  # evaluation.noise_families (ood_sets.py)
 SALIENCY_METHODS = ("vanilla", "guided", "both")  # saliency.method (guided_backprop.py)
 SIGNS = ("positive", "negative", "both")  # saliency.sign (guided_backprop.salient_features)
 SCALES = ("normalize", "binary", "none")  # saliency.scale (guided_backprop.salient_features)
@@ -183,6 +185,23 @@ VALUE_RULES = {
     "augment.train_on": _rule(lambda name: name in ("strongest",) + BACKWORK_LOSSES,
                               f"\"strongest\" or one of {', '.join(BACKWORK_LOSSES)}"),
     "augment.attack_examples": _between(1, 10_000),
+    "evaluation.eps": _rule(lambda value: 0 < value <= 1, "in (0, 1] (pixels lie in [0, 1]; 0.3 for 28x28 grey images)"),
+    "evaluation.points": _between(1, 1_000_000),
+    "evaluation.sets": _rule(lambda names: 0 < len(names) and set(names) <= set(EVALUATION_SETS)
+                             and len(set(names)) == len(names), f"a list of distinct ones of {', '.join(EVALUATION_SETS)}"),
+    "evaluation.starts_per_class": _between(1, 100_000),
+    "evaluation.noise_families": _rule(lambda names: 0 < len(names) and set(names) <= set(NOISE_FAMILIES)
+                                       and len(set(names)) == len(names),
+                                       f"a list of distinct ones of {', '.join(NOISE_FAMILIES)}"),
+    "evaluation.apgd_steps": _between(1, 100_000),
+    "evaluation.apgd_restarts": _between(1, 100),
+    "evaluation.square_points": _between(0, 1_000_000),
+    "evaluation.square_queries": _between(1, 10**7),
+    "evaluation.novelty_quantile": _PROBABILITY,
+    "evaluation.novelty_test_points": _between(1, 10**7),
+    "evaluation.art_check_points": _between(1, 100_000),
+    "evaluation.batch_size": _between(1, 100_000),
+    "evaluation.seed": _SEED,
     "augment.pgd_steps": _COUNT,
     "augment.pgd_step_size": _POSITIVE,
     "augment.square_queries": _between(1, 10**7),

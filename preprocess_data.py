@@ -4,6 +4,7 @@
                               [CONFIG] [--data PATH] [--out DIR] [--steps N] [--from-scratch]
                               [--rounds K] [--target uniform|extra_class|control] [--seed N]
                               [--ood NPZ] [--transfer-from MODEL]
+    python preprocess_data.py --judge --model runs/default/model.keras [--ood NPZ] [CONFIG] [--out DIR]
 
 The backworked ("fooling") images, plus blank and uniform-noise images, join the training
 set as "none of the digits", and the model is retrained on it. The defences share every
@@ -34,9 +35,18 @@ probability) is measured against test digits on the attacks' images, noise and b
 images and natural non-digits (--ood, e.g. Fashion-MNIST): ROC AUC and the rejection
 rate at the threshold that keeps 99% of test digits.
 
+The original and every round's model are also judged as the field judges a defence
+(evaluation.py, [evaluation], unless augment.evaluate is false): in the eps-ball around
+1,000 points of each out-of-distribution set (AUC, AAUC, GAUC, fooled and certified
+fractions) and in the whole image box from noise starts (the worst case over the attacks,
+class images apart). --judge runs that evaluation on one model alone, without a study:
+report.json's "evaluation", evaluation.png and config.toml in --out (default: the
+model's folder's evaluation/).
+
 Writes, in --out: heldout/results_{label}.pkl, round{r}/model.keras,
 round{r}/backwork/results_{label}.pkl (the images the next round adds) and backwork.png,
-model.keras (the last round's), config.toml, report.json and report.png.
+model.keras (the last round's), config.toml, report.json and report.png, and each
+round's evaluation.png.
 """
 import argparse
 import sys
@@ -51,6 +61,7 @@ import cnn
 import common
 import configurator
 import datasets
+import evaluation
 import figures
 import results_format
 import trainer
@@ -78,8 +89,6 @@ def add_none_examples(data, images, num_classes, seed, target="uniform"):
     all_targets = np.concatenate([targets, none_targets(len(images), num_classes, target)])
     order = np.random.default_rng(seed).permutation(len(all_images))
     return {**data, "x_train": all_images[order], "y_train": all_targets[order]}
-
-
 
 
 def augment_data(data, results_dir, num_classes=None, seed=0):
@@ -227,7 +236,7 @@ class Study:
     """The rounds of one defence: what stays fixed across rounds, and what each round adds."""
 
     def __init__(self, original, data, config, trained_results, heldout_results, out_dir, progress=print,
-                 suite=None):
+                 suite=None, judged=None):
         self.original, self.data, self.config, self.out_dir = original, data, config, Path(out_dir)
         self.num_classes = original.output_shape[-1]
         self.cap = config["backwork"]["prob_cap_min"]
@@ -235,6 +244,7 @@ class Study:
         self.trained_images = results_format.final_images(trained_results)
         self.progress = progress
         self.suite = suite or attacks.AttackSuite(data, config, self.num_classes, progress=progress)
+        self.judged = judged  # The field's evaluation (evaluation.Evaluation), None where augment.evaluate is off.
 
     def measure(self, model, fresh_results=None):
         metrics = measure_model(model, self.data, self.sets, self.num_classes, self.cap)
@@ -314,6 +324,7 @@ class Study:
             metrics.update(difficulty(fresh, augment["difficulty_budgets"]))
             self.trained_images = np.concatenate([self.trained_images, results_format.final_images(fresh)])
         metrics["measure_seconds"] = time.perf_counter() - start
+        metrics.update(evaluate_round(self.judged, model, round_dir, round_index, self.progress))
         return model, metrics
 
 
@@ -361,133 +372,15 @@ def attack_table(rounds):
     return "\n".join(lines)
 
 
-def report_words(dataset):
-    """How the report's figure names the real test images ("real"), the images of none of the classes
-    ("none_of", after "images") and those images as a set ("other"): digits for MNIST."""
-    if dataset == "mnist":
-        return {"real": "digits", "none_of": "that are no digit", "other": "non-digits"}
-    return {"real": "images", "none_of": "of none of its classes", "other": "other images"}
-
-
-def plot_report(rounds, target, path, roc_scores=None, dataset="mnist"):
-    """Top: test accuracy, fooling confidence, difficulty, the strongest attack. Bottom: each attack family's
-    fooled fraction with its 95% interval per round, and the last round's "none" ROC curves. dataset
-    (the data's name, None where unknown) picks the words: digits for MNIST, images otherwise."""
-    pyplot = common.pyplot()
-    figure, axes = pyplot.subplots(2, 4, figsize=(20, 8.4))
-    indices = [metrics["round"] for metrics in rounds]
-    _plot_accuracy(axes[0, 0], rounds, indices)
-    _plot_confidence(axes[0, 1], rounds, indices, dataset)
-    _plot_difficulty(axes[0, 2], pyplot, [metrics for metrics in rounds if "fooled_within" in metrics])
-    _plot_strongest(axes[0, 3], rounds, indices)
-    families = [("backwork", "backwork, by loss (round's budget)"), ("library", "ART: PGD and Square"),
-                ("transfer", "transfer from other models")]
-    for axis, (family, title) in zip(axes[1, :3], families):
-        _plot_family(axis, rounds, indices, family, title)
-    if roc_scores is not None:
-        plot_roc(axes[1, 3], *roc_scores, dataset=dataset)
-    real = report_words(dataset)["real"]
-    axes[1, 3].set_title(f"round {indices[-1]}: the \"none\" score against test {real} (ROC)", fontsize=10)
-    for axis in axes.ravel():
-        axis.grid(alpha=0.3)
-    figure.suptitle(f"defence '{target}': does retraining on backworked images remove the artifacts? "
-                    "(round 0 is the original model; bars are 95% Wilson intervals)", fontsize=11)
-    figure.tight_layout()
-    common.save_figure(figure, path)
-
-
-def _plot_accuracy(axis, rounds, indices):
-    accuracies = [100 * metrics["test_accuracy"] for metrics in rounds]
-    axis.plot(indices, accuracies, marker="o")
-    # A fixed scale around the original, so that a wobble of 0.05 points does not look like a fall.
-    axis.axhline(accuracies[0] - 0.3, color="gray", linestyle=":", label="original - 0.3 points")
-    axis.set(xlabel="round (0: original model)", ylabel="test accuracy (%)", xticks=indices,
-             ylim=(min(accuracies + [accuracies[0] - 0.5]) - 0.05, max(accuracies) + 0.2),
-             title="test accuracy (original classes)")
-    axis.legend(fontsize=7)
-
-
-def _plot_confidence(axis, rounds, indices, dataset):
-    lines = [("heldout_mean_p", "held-out fooling images: p(target)", "-"),
-             ("trained_fooling_top_prob", "trained-on fooling images: top p", "-"),
-             ("blank_top_prob", "blank image: top p", ":"), ("noise_top_prob", "fresh noise: top p", ":")]
-    if "heldout_none_prob" in rounds[-1]:
-        lines.append(("heldout_none_prob", "held-out fooling images: p(none class)", "--"))
-    for key, name, style in lines:
-        axis.plot(indices, [metrics.get(key, np.nan) for metrics in rounds], style, marker="o", label=name)
-    axis.set(xlabel="round", ylabel="mean probability", ylim=(0, 1.05), xticks=indices,
-             title=f"how sure the model is of images {report_words(dataset)['none_of']}")
-    axis.legend(fontsize=7)
-
-
-def _plot_difficulty(axis, pyplot, rounds):
-    colours = pyplot.cm.viridis(np.linspace(0, 0.9, max(len(rounds), 1)))
-    for metrics, colour in zip(rounds, colours):
-        budgets = [int(budget) for budget in metrics["fooled_within"]]
-        axis.plot(budgets, list(metrics["fooled_within"].values()), marker="o", color=colour,
-                  label=f"round {metrics['round']}")
-    axis.set(xscale="log", xlabel="backwork steps allowed", ylim=(0, 1.05),
-             ylabel="fraction fooled (p >= cap)", title="backwork images trained on next: fooled within a budget")
-    if rounds:
-        budgets = [int(budget) for budget in rounds[0]["fooled_within"]]
-        axis.set_xticks(budgets, [str(budget) for budget in budgets])
-        axis.legend(fontsize=7)
-    axis.minorticks_off()
-
-
-def _error_bars(axis, indices, fractions, intervals, label, marker="o"):
-    fractions = np.asarray(fractions, float)
-    low = fractions - np.asarray([interval[0] for interval in intervals])
-    high = np.asarray([interval[1] for interval in intervals]) - fractions
-    axis.errorbar(indices, fractions, yerr=[low, high], marker=marker, capsize=3, label=label)
-
-
-def _plot_strongest(axis, rounds, indices):
-    shown = [(metrics["round"], metrics["strongest_attack"]) for metrics in rounds if metrics.get("strongest_attack")]
-    if shown:
-        _error_bars(axis, [index for index, _ in shown], [best["fooled_fraction"] for _, best in shown],
-                    [best["interval"] for _, best in shown], "strongest attack (longer runs and restarts counted)")
-        for index, best in shown:
-            axis.annotate(best["attack"], (index, best["fooled_fraction"]), fontsize=7, textcoords="offset points",
-                          xytext=(0, 6), ha="center")
-        axis.legend(fontsize=7)
-    axis.set(xlabel="round", ylabel="fraction fooled", ylim=(-0.02, 1.05), xticks=indices,
-             title="the strongest attack of each round")
-
-
-def _plot_family(axis, rounds, indices, family, title):
-    names = sorted({name for metrics in rounds for name, row in metrics.get("attacks", {}).items()
-                    if row["family"].startswith(family)})
-    for name in names:
-        shown = [(metrics["round"], metrics["attacks"][name]) for metrics in rounds
-                 if name in metrics.get("attacks", {}) and not metrics["attacks"][name].get("misconfigured")]
-        if shown:
-            _error_bars(axis, [index for index, _ in shown], [row["fooled_fraction"] for _, row in shown],
-                        [row["interval"] for _, row in shown], name)
-    axis.set(xlabel="round", ylabel="fraction fooled (p >= cap)", ylim=(-0.02, 1.05), xticks=indices, title=title)
-    if names:
-        axis.legend(fontsize=7)
-
-
-def plot_roc(axis, digit_scores, others, dataset="mnist"):
-    """The ROC curve of each non-digit set against the test digits, the AUC in the legend."""
-    words = report_words(dataset)
-    for name, scores in others.items():
-        false, true = attacks.roc_curve(digit_scores, scores)
-        axis.plot(false, true, label=f"{name} (AUC {attacks.roc_auc(digit_scores, scores):.3f})")
-    axis.plot([0, 1], [0, 1], ":", color="gray")
-    axis.set(xlabel=f"test {words['real']} called \"none\"", ylabel=f"{words['other']} called \"none\"",
-             xlim=(0, 1), ylim=(0, 1.02))
-    axis.legend(fontsize=7)
-
-
 # -------------------------------------------------------------------------------- main
 
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Augment with backworked images and retrain, in rounds.")
     configurator.add_common_arguments(parser, "augment")
-    parser.add_argument("--results", required=True, help="folder of results_{label}.pkl from cnn_backwork.py")
+    parser.add_argument("--results", help="folder of results_{label}.pkl from cnn_backwork.py (for a study)")
+    parser.add_argument("--judge", action="store_true",
+                        help="judge --model alone in both threat models ([evaluation]), without a study")
     parser.add_argument("--model", required=True, help="the model those results were backworked from")
     parser.add_argument("--out", help="output folder (default: <model folder>-aug-<target>)")
     parser.add_argument("--steps", type=int, help="retraining steps per round")
@@ -575,6 +468,9 @@ def write_round_summary(writer, metrics):
     within = metrics.get("fooled_within", {})
     values.update({f"round/fooled_within_{budget}": value for budget, value in within.items()})
     values.update({f"attack/{name}": row["fooled_fraction"] for name, row in metrics.get("attacks", {}).items()})
+    if "evaluation" in metrics:
+        values.update({f"evaluation/{name}": value for name, value in evaluation.headline(metrics["evaluation"]).items()
+                       if value is not None})
     common.write_scalars(writer, metrics["round"], values)
 
 
@@ -585,7 +481,7 @@ def write_report(out_dir, model, config, report, roc_scores=None):
     configurator.save_run_config(out_dir / "config.toml", config, report["data"])  # The data used, as training records it.
     common.write_json(out_dir / "report.json", report)
     if report["rounds"]:
-        plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores,
+        figures.plot_report(report["rounds"], config["augment"]["target"], out_dir / "report.png", roc_scores,
                     datasets.provenance_dataset(report["data"]))
 
 
@@ -598,6 +494,11 @@ def heldout_backwork(model, data, config, out_dir):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.judge:
+        return judge(args)
+    if args.results is None:
+        raise UserError("a study needs --results, the folder of results_<label>.pkl from cnn_backwork.py; "
+                        "or give --judge to evaluate the model alone")
     model_path = cnn.check_model_file(args.model)
     transfer_path = None if args.transfer_from is None else cnn.check_model_file(args.transfer_from)
     config = resolve_config(args)
@@ -630,6 +531,41 @@ def main(argv=None):
     return 0
 
 
+def judge(args):
+    """--judge: the evaluation of one model alone; report.json, evaluation.png and config.toml in --out."""
+    model_path = cnn.check_model_file(args.model)
+    config = resolve_config(args)
+    data = datasets.split_validation(configurator.load_data(args, config), config["data"]["validation_size"])
+    data["provenance"] = configurator.check_model_data(model_path, data["provenance"], args.allow_other_data)
+    ood = (datasets.read_ood_images(config["augment"]["ood_data"], data["x_train"].shape[1:])[0]
+           if config["augment"]["ood_data"] else None)
+    out_dir = common.ensure_writable_dir(args.out or model_path.parent / "evaluation")
+    model = cnn.load_trained_model(model_path, data["x_train"], num_classes=datasets.count_classes(data))
+    print(f"judging {model_path} in both threat models (eps {config['evaluation']['eps']}, "
+          f"{config['evaluation']['points']} points per set)")
+    judged = evaluation.Evaluation(data, config, datasets.count_classes(data), ood)
+    report = {"model": str(model_path), "data": data["provenance"], "ood_data": config["augment"]["ood_data"] or None,
+              "evaluation": judged.run(model)}
+    configurator.save_run_config(out_dir / "config.toml", config, data["provenance"])
+    common.write_json(out_dir / "report.json", report)
+    figures.plot_evaluation(report["evaluation"], judged.last_scores, out_dir / "evaluation.png",
+                            f"{model_path}: the field's evaluation (bars: 95% Wilson intervals)")
+    print(evaluation.table(report["evaluation"]))
+    print(f"report in {out_dir / 'report.json'} and {out_dir / 'evaluation.png'}")
+    return 0
+
+
+def evaluate_round(judged, model, round_dir, round_index, progress=print):
+    """The evaluation of one round's model (None without one): its report section, and evaluation.png."""
+    if judged is None:
+        return {}
+    progress(f"round {round_index}: the field's evaluation (both threat models)")
+    report = judged.run(model)
+    figures.plot_evaluation(report, judged.last_scores, round_dir / "evaluation.png",
+                            f"round {round_index}: the field's evaluation (bars: 95% Wilson intervals)")
+    return {"evaluation": report}
+
+
 def transfer_sets(data, config, heldout, transfer_path, num_classes):
     """Fooling images made on other models, scored on every round's: (images, targets, distances) by name."""
     sets = {"original_heldout": _as_transfer_set(heldout)}
@@ -657,10 +593,13 @@ def _run_study(data, config, original, trained_results, out_dir, report, writer,
         num_classes = original.output_shape[-1]
         suite = attacks.AttackSuite(data, config, num_classes,
                                     transfer_sets(data, config, heldout, transfer_path, num_classes))
-        study = Study(original, data, config, trained_results, heldout, out_dir, suite=suite)
+        judged = (evaluation.Evaluation(data, config, num_classes, data.get("ood")) if augment["evaluate"]
+                  else None)
+        study = Study(original, data, config, trained_results, heldout, out_dir, suite=suite, judged=judged)
         attack_metrics, _ = study.attack(original, 0)
         report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, augment["difficulty_budgets"]),
-                                 **attack_metrics, "backwork_seconds": heldout_seconds})
+                                 **attack_metrics, "backwork_seconds": heldout_seconds,
+                                 **evaluate_round(judged, original, out_dir / "round0", 0)})
         report["misconfigured_attacks"] = dict(suite.disabled)
         _round_done(report, writer)
         for round_index in range(1, augment["rounds"] + 1):
@@ -682,6 +621,8 @@ def _round_done(report, writer):
     write_round_summary(writer, report["rounds"][-1])
     print(report_table(report["rounds"]))
     print(attack_table(report["rounds"]))
+    if "evaluation" in report["rounds"][-1]:
+        print(evaluation.table(report["rounds"][-1]["evaluation"]))
 
 
 if __name__ == "__main__":

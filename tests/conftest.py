@@ -116,6 +116,11 @@ def make_colour_images(num_examples, seed):
     return images, labels.astype(np.uint8)[:, None]
 
 
+# The field's evaluation (evaluation.py) at a size that runs in seconds on a tiny model.
+QUICK_EVALUATION = {"points": 12, "starts_per_class": 1, "apgd_steps": 10, "apgd_restarts": 1, "square_points": 2,
+                    "square_queries": 20, "novelty_test_points": 30, "art_check_points": 4, "batch_size": 64}
+
+
 def colour_options(num_steps=40):
     """A tiny config for COLOUR_SHAPE images of COLOUR_CLASSES classes, every script's budget tiny."""
     options = tiny_options(num_steps, image_dim_size=list(COLOUR_SHAPE), num_classes=COLOUR_CLASSES)
@@ -126,6 +131,7 @@ def colour_options(num_steps=40):
                            "nearest_every": 5}
     options["augment"] = {"num_blank": 5, "num_noise": 5, "retrain_steps": 10, "rounds": 1, "num_eval_noise": 5,
                           "difficulty_budgets": [5, 10]}
+    options["evaluation"] = dict(QUICK_EVALUATION)
     return options
 
 

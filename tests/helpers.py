@@ -1,7 +1,7 @@
 """Helpers several test files share (fixtures stay in conftest.py): a results folder, a quick study."""
 import preprocess_data
 import results_format
-from conftest import fake_backwork_results
+from conftest import QUICK_EVALUATION, fake_backwork_results
 
 
 def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, seed=0):
@@ -13,7 +13,8 @@ def write_results(folder, labels=range(10), shape=(3, 12, 12), num_classes=10, s
 
 
 QUICK_ATTACKS = ["--set", "augment.attack_examples=2", "--set", "augment.pgd_steps=30",
-                 "--set", "augment.square_queries=30"]
+                 "--set", "augment.square_queries=30",
+                 *[part for key, value in QUICK_EVALUATION.items() for part in ("--set", f"evaluation.{key}={value}")]]
 
 
 def quick_study_arguments(trained_tiny, tiny_npz, tmp_path):

@@ -10,6 +10,7 @@ import backwork_loop
 import cnn
 import common
 import configurator
+import figures
 import preprocess_data
 from common import UserError
 from helpers import quick_study_arguments, record_retraining
@@ -201,13 +202,13 @@ def test_suite_study_reports_every_attack_with_intervals_and_convergence(trained
 
 def report_figure_texts(report, path, dataset, monkeypatch):
     """Every title and axis label of the report figure drawn from a report's rounds."""
-    figures = []
-    monkeypatch.setattr(common, "save_figure", lambda figure, path: figures.append(figure))
-    preprocess_data.plot_report(report["rounds"], "uniform", path, None, dataset)
-    texts = [figures[0]._suptitle.get_text()]
-    for axis in figures[0].axes:
+    drawn = []
+    monkeypatch.setattr(common, "save_figure", lambda figure, path: drawn.append(figure))
+    figures.plot_report(report["rounds"], "uniform", path, None, dataset)
+    texts = [drawn[0]._suptitle.get_text()]
+    for axis in drawn[0].axes:
         texts += [axis.get_title(), axis.get_xlabel(), axis.get_ylabel()]
-    common.pyplot().close(figures[0])
+    common.pyplot().close(drawn[0])
     return texts
 
 

@@ -1,0 +1,123 @@
+"""The field's evaluation: both threat models on one model, as a command and in every study round."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import configurator
+import evaluation
+import ood_sets
+from conftest import IMAGE_SIZE, QUICK_EVALUATION
+from helpers import QUICK_ATTACKS, quick_study_arguments
+
+PROJECT = configurator.PROJECT_DIR
+QUICK = [part for key, value in QUICK_EVALUATION.items() for part in ("--set", f"evaluation.{key}={value}")]
+
+
+def judge_arguments(trained_tiny, tiny_npz, tmp_path, *extra):
+    return ["--judge", "--model", str(trained_tiny[0]), "--data", str(tiny_npz), "--out", str(tmp_path / "judged"),
+            "--set", "data.validation_size=100", *QUICK, *extra]
+
+
+def test_judge_reports_both_threat_models_with_sound_bounds(trained_tiny, tiny_npz, tmp_path, capsys):
+    import preprocess_data
+
+    assert preprocess_data.main(judge_arguments(trained_tiny, tiny_npz, tmp_path, "--ood", str(tiny_npz))) == 0
+    out = tmp_path / "judged"
+    assert sorted(path.name for path in out.iterdir()) == ["config.toml", "evaluation.png", "report.json"]
+    report = json.loads((out / "report.json").read_text())["evaluation"]
+    assert set(report["ball"]) == {"uniform", "letters", "ood"} and report["eps"] == 0.3
+    for name, row in report["ball"].items():
+        assert row["count"] == QUICK_EVALUATION["points"] and 0 <= row["auc"] <= 100
+        # The worst case is never below the clean confidence, and the certified bound never below the worst case.
+        assert row["mean_clean"] <= row["mean_attacked"] <= row["mean_bound"] + 1e-5
+        assert row["fooled"]["count"] == row["certified"]["count"] == row["count"]
+        assert sum(row["worst_attack"].values()) == row["count"]
+    # The --ood set here is the tiny data itself: its points are class images, as confident as the test images.
+    assert abs(report["ball"]["ood"]["auc"] - 50) < 15 and report["ball"]["uniform"]["auc"] > 90
+    unbounded = report["unbounded"]
+    assert unbounded["starts"] == 10 * len(configurator.NOISE_FAMILIES)  # One start per class and family.
+    assert set(unbounded["by_family"]) == set(configurator.NOISE_FAMILIES)
+    assert unbounded["worst"]["fooled_fraction"] >= max(row["fooled_fraction"] for row in unbounded["by_attack"].values())
+    assert report["art_check"]["ours"]["count"] == QUICK_EVALUATION["art_check_points"]
+    printed = capsys.readouterr().out
+    assert "AAUC" in printed and "unbounded (50 noise starts)" in printed
+
+
+def test_every_study_round_is_judged(trained_tiny, tiny_npz, tmp_path):
+    import preprocess_data
+
+    assert preprocess_data.main(quick_study_arguments(trained_tiny, tiny_npz, tmp_path)) == 0
+    report = json.loads((tmp_path / "aug" / "report.json").read_text())
+    assert [set(metrics["evaluation"]) >= {"ball", "unbounded", "art_check"} for metrics in report["rounds"]] == [True] * 2
+    assert (tmp_path / "aug" / "round0" / "evaluation.png").is_file()
+    assert (tmp_path / "aug" / "round1" / "evaluation.png").is_file()
+
+
+def test_a_study_can_leave_the_evaluation_out(trained_tiny, tiny_npz, tmp_path):
+    import preprocess_data
+
+    arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path) + ["--set", "augment.evaluate=false"]
+    assert preprocess_data.main(arguments) == 0
+    report = json.loads((tmp_path / "aug" / "report.json").read_text())
+    assert not any("evaluation" in metrics for metrics in report["rounds"])
+
+
+def test_worst_verdict_takes_the_worst_of_the_attacks_per_start():
+    verdicts = {"apgd": np.array(["not_fooled", "class_image", "fooled", "not_fooled"]),
+                "square": np.array(["class_image", "fooled", "not_fooled", "not_fooled"])}
+    assert list(evaluation.worst_verdict(verdicts)) == ["class_image", "fooled", "fooled", "not_fooled"]
+
+
+def test_starts_cover_every_family_and_class_and_never_change(tiny_data):
+    section = {**configurator.default_config()["evaluation"], "starts_per_class": 3}
+    images, targets, families = evaluation.unbounded_starts(tiny_data, section, list(range(10)))
+    assert images.shape == (3 * 10 * 5, IMAGE_SIZE, IMAGE_SIZE, 1) and 0 <= images.min() and images.max() <= 1
+    for family in configurator.NOISE_FAMILIES:
+        assert sorted(np.bincount(targets[families == family])) == [3] * 10
+    again, _, _ = evaluation.unbounded_starts(tiny_data, section, list(range(10)))
+    np.testing.assert_array_equal(images, again)  # Every model of a study faces the same starts.
+    assert np.max(images[families == "dim"]) <= 0.2
+
+
+def test_ball_points_are_the_named_sets(tiny_data):
+    section = {**configurator.default_config()["evaluation"], "points": 7}
+    ood = np.zeros((20, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
+    sets = evaluation.ball_points(tiny_data, section, ood)
+    assert {name: points.shape for name, points in sets.items()} == {
+        name: (7, IMAGE_SIZE, IMAGE_SIZE, 1) for name in ("uniform", "letters", "ood")}
+    assert "ood" not in evaluation.ball_points(tiny_data, section)  # No --ood: no such set, no error.
+
+
+def test_the_noise_families_are_the_configs_choices():
+    assert tuple(ood_sets.NOISE_FAMILIES) == configurator.NOISE_FAMILIES
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("evaluation.eps=0", "evaluation.eps = 0.0 must be in (0, 1]"),
+    ("evaluation.eps=1.5", "evaluation.eps = 1.5 must be in (0, 1]"),
+    ("evaluation.points=0", "evaluation.points = 0 must be between 1"),
+    ("evaluation.sets=[\"cifar\"]", "evaluation.sets = ['cifar'] must be a list of distinct ones of uniform"),
+])
+def test_a_bad_evaluation_setting_is_one_line_and_exit_2(trained_tiny, tiny_npz, tmp_path, setting, message):
+    result = subprocess.run([sys.executable, "preprocess_data.py", "--judge", "--model", str(trained_tiny[0]),
+                             "--data", str(tiny_npz), "--set", setting], cwd=PROJECT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_ood_set_of_another_image_size_is_one_line(trained_tiny, tiny_npz, colour_npz, tmp_path):
+    result = subprocess.run([sys.executable, "preprocess_data.py",
+                             *judge_arguments(trained_tiny, tiny_npz, tmp_path, "--ood", str(colour_npz))],
+                            cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "give a data set of the same image size" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "judged").exists()
+
+
+def test_a_study_without_results_says_what_to_give(trained_tiny, tiny_npz):
+    result = subprocess.run([sys.executable, "preprocess_data.py", "--model", str(trained_tiny[0]),
+                             "--data", str(tiny_npz), *QUICK_ATTACKS], cwd=PROJECT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "a study needs --results" in result.stderr and "--judge" in result.stderr
