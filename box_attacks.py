@@ -41,6 +41,7 @@ import weakref
 import numpy as np
 
 import cnn
+import interval_bounds
 from common import UserError
 
 OBJECTIVES = ("cross_entropy", "max_confidence", "margin")
@@ -71,8 +72,7 @@ def whole_box(images):
 
 def ball(images, eps):
     """The l-infinity ball of radius eps around each image, inside [0, 1]: (lower, upper)."""
-    if not _is_number(eps) or not 0 < eps <= 1:
-        raise UserError(f"ball: eps must be a number in (0, 1], not {eps!r}")
+    eps = interval_bounds.check_radius(eps)  # One rule for a radius, here and in the certified bounds.
     images = np.asarray(images, np.float32)
     return np.clip(images - eps, 0.0, 1.0), np.clip(images + eps, 0.0, 1.0)
 

@@ -69,10 +69,8 @@ SUPPORTED_LAYERS = ("Conv2D, Dense, BatchNormalization, Activation, MaxPooling2D
 
 def check_radius(eps, allow_zero=False):
     """eps as a float if it is a radius in (0, 1] ([0, 1] with allow_zero); else one line naming the fix."""
-    try:
-        radius = float(eps)
-    except (TypeError, ValueError):
-        radius = float("nan")
+    is_number = isinstance(eps, (int, float, np.integer, np.floating)) and not isinstance(eps, bool)
+    radius = float(eps) if is_number else float("nan")  # A string "0.3" is a mistake, not a radius.
     # eps = 0 (the model's own output) is a check for tests, not a threat model to report.
     inside = 0.0 <= radius <= 1.0 if allow_zero else 0.0 < radius <= 1.0
     if isinstance(eps, bool) or not inside:  # NaN fails both comparisons.

@@ -17,31 +17,11 @@ No model is run here: the evaluation passes in probabilities, bounds and distanc
 import numpy as np
 
 import attacks
-import common
 
 OUTCOMES = ("fooled", "class_image", "not_fooled")  # classify_unbounded's verdicts.
 # A certified bound may sit this far below a confidence an attack reached (float32 rounding)
 # before it is called unsound.
 BOUND_TOLERANCE = 1e-5
-
-
-# --------------------------------------------------------------------- input checks
-
-
-def check_point_count(count, key="point count"):
-    """Refuse a count of points that is not a whole number of at least 1 (key: the setting's name)."""
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise common.UserError(f"{key} = {count!r} must be a whole number of at least 1; set {key} to "
-                               "1000 or more, as the papers report")
-    return int(count)
-
-
-def check_eps(eps, key="eps"):
-    """Refuse an l-infinity radius outside (0, 1]: pixels lie in [0, 1], so 1 already allows every image."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps <= 1:
-        raise common.UserError(f"{key} = {eps!r} must be in (0, 1]; set {key} to 0.3 for 28x28 grey images, "
-                               "as the papers do")
-    return float(eps)
 
 
 def _scores(values, name):

@@ -39,40 +39,15 @@ import box_attacks  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
 import configurator  # noqa: E402
-from bench.machine import cpu_line  # noqa: E402
+import datasets  # noqa: E402
+from bench.machine import cpu_line, forward_flops_per_example, numpy_matmul_rate  # noqa: E402
 
 STEP_SIZE = 0.01  # attacks.run_pgd's default pgd_step_size; the speed does not depend on it.
-
-
-# bench/bench_train.py counts and measures the same way; the two copies could move into bench/machine.py.
-def forward_flops_per_example(model):
-    """Floating-point operations of each Conv2D and Dense layer for one example: {name: flops}."""
-    flops = {}
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "Conv2D":
-            kernel_height, kernel_width, channels_in, channels_out = layer.kernel.shape
-            _, height, width, _ = layer.output.shape
-            flops[layer.name] = 2 * height * width * kernel_height * kernel_width * channels_in * channels_out
-        elif kind == "Dense":
-            flops[layer.name] = 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    return flops
 
 
 def attack_step_flops_per_example(model):
     """A step's FLOPs per image: the forward pass and the backward pass to the input, 2 x the forward."""
     return 2 * sum(forward_flops_per_example(model).values())
-
-
-def numpy_matmul_rate(size=1024, repeats=10):
-    """FLOP/s of a float32 NumPy matrix multiply of size x size matrices."""
-    rng = np.random.default_rng(0)
-    left, right = (rng.random((size, size), dtype=np.float32) for _ in range(2))
-    left @ right
-    start = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
 def time_ours(model, images, targets, steps, attack="pgd", depthwise_gradient=True):
@@ -96,7 +71,7 @@ def time_art(model, images, targets, steps):
     def run(iterations):
         attack = ProjectedGradientDescent(classifier, norm=np.inf, eps=1.0, eps_step=STEP_SIZE, max_iter=iterations,
                                           targeted=True, num_random_init=0, batch_size=len(images), verbose=False)
-        attack.generate(images, y=attacks.one_hot(targets, classes))
+        attack.generate(images, y=datasets.one_hot(targets, classes))
 
     run(1)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import cnn  # noqa: E402
 import datasets  # noqa: E402
-from bench.machine import cpu_line  # noqa: E402  (re-exported: the tests call bench_train.cpu_line)
+from bench.machine import cpu_line, forward_flops_per_example, numpy_matmul_rate  # noqa: E402  (re-exported: the tests call bench_train.cpu_line)
 import configurator  # noqa: E402
 import trainer  # noqa: E402
 
@@ -54,34 +54,10 @@ def bfloat16_budget(steps, block, repeats, force, slowness):
     return short, min(block, short), 1
 
 
-def forward_flops_per_example(model):
-    """Floating-point operations of each Conv2D and Dense layer for one example: {name: flops}."""
-    flops = {}
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "Conv2D":
-            kernel_height, kernel_width, channels_in, channels_out = layer.kernel.shape
-            _, height, width, _ = layer.output.shape
-            flops[layer.name] = 2 * height * width * kernel_height * kernel_width * channels_in * channels_out
-        elif kind == "Dense":
-            flops[layer.name] = 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    return flops
-
-
 def training_flops_per_example(model):
     forward = forward_flops_per_example(model)
     first = next(iter(forward))
     return 3 * sum(forward.values()) - forward[first]
-
-
-def numpy_matmul_rate(size=1024, repeats=10):
-    rng = np.random.default_rng(0)
-    left, right = (rng.random((size, size), dtype=np.float32) for _ in range(2))
-    left @ right
-    start = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
 def time_ours(config, images, targets, steps, block, batch_size, recipe=False, precision="none"):

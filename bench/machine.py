@@ -1,7 +1,11 @@
-"""The machine a benchmark ran on, printed first by every benchmark: CPU model, cores, vector extensions."""
+"""The machine a benchmark ran on, printed first by every benchmark (CPU model, cores, vector extensions),
+and the two yardsticks the benchmarks share: a model's FLOPs and NumPy's matmul rate on this CPU."""
 import os
 import platform
+import time
 from pathlib import Path
+
+import numpy as np
 
 import cnn
 
@@ -29,3 +33,28 @@ def cpu_line(cpuinfo_text=None):
     cap = cnn.onednn_isa_cap()
     capped = f"; oneDNN capped at ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
     return f"CPU: {model}, {cores} cores for this process; vector extensions: {extensions}{capped}"
+
+
+def forward_flops_per_example(model):
+    """Floating-point operations of each Conv2D and Dense layer for one example: {name: flops}."""
+    flops = {}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            kernel_height, kernel_width, channels_in, channels_out = layer.kernel.shape
+            _, height, width, _ = layer.output.shape
+            flops[layer.name] = 2 * height * width * kernel_height * kernel_width * channels_in * channels_out
+        elif kind == "Dense":
+            flops[layer.name] = 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return flops
+
+
+def numpy_matmul_rate(size=1024, repeats=10):
+    """FLOP/s of a float32 NumPy matrix multiply of size x size matrices: the rate a CPU reaches on dense work."""
+    rng = np.random.default_rng(0)
+    left, right = (rng.random((size, size), dtype=np.float32) for _ in range(2))
+    left @ right
+    start = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)

@@ -9,6 +9,7 @@ import attacks
 import box_attacks
 import cnn
 import configurator
+import datasets
 from common import UserError
 from conftest import IMAGE_SIZE, tiny_options, tiny_topology
 
@@ -156,7 +157,7 @@ def test_pgd_agrees_with_arts_targeted_pgd_step_for_step(random_model):
     for count in range(1, iterations + 1):
         art_pgd = ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=step_size, max_iter=count,
                                            targeted=True, num_random_init=0, batch_size=len(images), verbose=False)
-        iterates.append(art_pgd.generate(images, y=attacks.one_hot(targets, 10)))
+        iterates.append(art_pgd.generate(images, y=datasets.one_hot(targets, 10)))
     iterates = np.stack(iterates)  # (iterations + 1, N, H, W, 1)
     objectives = np.stack([np.log(class_confidence(random_model, iterate, targets)) for iterate in iterates])
     art_best = iterates[objectives.argmax(axis=0), np.arange(len(images))]
@@ -258,7 +259,7 @@ def test_a_bad_parameter_is_a_one_line_user_error(random_model, attack, change, 
 
 @pytest.mark.parametrize("eps", [0, -0.1, 1.5, float("nan"), "0.3"])
 def test_a_ball_needs_an_eps_in_the_unit_interval(eps):
-    with pytest.raises(UserError, match=r"ball: eps must be a number in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"eps .* is not an l-infinity radius in \(0, 1\]; set eps to a number"):
         box_attacks.ball(noise(1), eps)
 
 
