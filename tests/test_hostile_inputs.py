@@ -171,3 +171,12 @@ def test_saliency_of_a_model_whose_outputs_overflow_is_refused_before_the_work(t
         guided_backprop.main(["--model", str(path), "--data", str(tiny_npz), "--num", "2",
                               "--out", str(tmp_path / "saliency")])
     assert computed == [] and not (tmp_path / "saliency").exists()
+
+
+def test_saliency_of_another_model_s_class_is_refused_in_one_line(trained_tiny, tmp_path):
+    results_format.save_results(tmp_path / "results_15.pkl", fake_backwork_results(15, num_classes=20))
+    with pytest.raises(UserError, match=r"results_15.pkl holds images made for class 15, which model .* \(classes "
+                                        r"0-9\) does not have"):
+        guided_backprop.main(["--model", str(trained_tiny[0]), "--images", str(tmp_path / "results_15.pkl"),
+                              "--out", str(tmp_path / "saliency")])
+    assert not (tmp_path / "saliency").exists()
