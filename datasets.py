@@ -112,7 +112,7 @@ def _read_npz(path, hint=DATA_HINT):
         raise  # Already one line that ends in hint.
     except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{common.shown_path(path)} is not a readable .npz file ({common.shown(message, 100)}); "
+        raise UserError(f"{common.shown_path(path)} is not a readable .npz file ({common.shortened(message, 200)}); "
                         f"{hint}") from None
 
 

@@ -391,3 +391,16 @@ def test_only_the_arrays_are_read_from_an_archive(tmp_path):
         archive.writestr("notes.txt", b"x" * 1000)
     data = datasets.load_dataset(path)
     assert data["x_train"].shape == (4, 5, 5, 1) and "notes.txt" not in data
+
+
+def test_what_is_read_is_checked_against_the_directory(tmp_path):
+    """A member whose bytes are not the ones its directory entry describes (CRC, or a shorter stream) is
+    one line: zipfile stops at the size claimed and checks the CRC, numpy that it got every byte."""
+    np.savez(tmp_path / "good.npz", **small_arrays())
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    data[data.index(b"\x93NUMPY") + 200] ^= 0xFF  # One pixel of x_train changed after the CRC was written.
+    (tmp_path / "changed.npz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"changed.npz is not a readable .npz file \(Bad CRC-32 for file "
+                                        r"'x_train.npy'\)") as refusal:
+        datasets.load_dataset(tmp_path / "changed.npz")
+    assert "\n" not in str(refusal.value)
