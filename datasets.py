@@ -71,8 +71,8 @@ def _npz_members(archive, path, hint):
         raise UserError(f"{common.shown_path(path)}: its arrays would take {total} bytes decompressed, more than a "
                         f"data file may ({MAX_DATA_BYTES}); give a smaller file. {hint}")
     for info in members:
-        limit = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO) + 1024
-        if info.file_size > limit:
+        ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: MAX_DEFLATE_RATIO}.get(info.compress_type)
+        if ratio is not None and info.file_size > info.compress_size * ratio + 1024:
             raise UserError(f"{common.shown_path(path)}: {info.filename} claims {info.file_size} bytes from "
                             f"{info.compress_size} compressed ones, which no zip holds; the file is damaged. {hint}")
     return members
@@ -112,8 +112,8 @@ def _read_npz(path, hint=DATA_HINT):
         raise  # Already one line that ends in hint.
     except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{common.shown_path(path)} is not a readable .npz file ({common.shortened(message, 200)}); "
-                        f"{hint}") from None
+        raise UserError(f"{common.shown_path(path)} is not a readable .npz file "
+                        f"({common.shortened(message, 200)}); {hint}") from None
 
 
 def _validate_split(arrays, split, source):
