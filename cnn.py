@@ -271,12 +271,8 @@ def single_channel_input_gradient(upstream, kernel, padding):
 
 def check_model_file(path):
     """path, if it can be a model saved by proc_mnist.py; otherwise one line saying why not."""
-    path = Path(path)
     fix = "train one with proc_mnist.py or fix --model"
-    if not path.exists():
-        raise UserError(f"model {path} does not exist; {fix}")
-    if path.is_dir():
-        raise UserError(f"model {path} is a folder, not a .keras file; {fix}")
+    path = common.checked_input(path, "model", fix)
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         raise UserError(f"model {path} is not a Keras model archive (.keras, saved by proc_mnist.py); {fix}")
     return path

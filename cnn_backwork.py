@@ -34,6 +34,7 @@ and each worker draws the figures from every results file in the folder when it 
 which of the model's labels are still missing (preprocess_data.py needs all of them).
 """
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -71,11 +72,15 @@ def evaluate(results_dir, model_paths):
     Each model's numbers say whether the images were made from it ("made_from_it": every label's
     results name it as their "model"); on any other model they measure transfer.
     """
-    results = results_format.load_label_results(results_dir)
+    results = results_format.load_results_folder(results_dir, "--evaluate")
     if not results:
         raise UserError(f"{results_dir} holds no results_<label>.pkl; run cnn_backwork.py first or fix --evaluate")
-    images = common.with_channel(next(iter(results.values()))["images"])
-    cap = next(iter(results.values()))["options"].get("prob_cap_min", 0.999)
+    first, name = results[min(results)], f"results_{min(results)}.pkl"
+    images = common.with_channel(first["images"])
+    # Every label's images go through each model in one batch: all must be one model's.
+    results_format.check_results_fit(results, results_dir, images.shape[1:], first["probs"].shape[1],
+                                     shape_of=f"{name}'s", classes_of=name, fix="keep one model's results in a folder")
+    cap = results_format.recorded_options(first).get("prob_cap_min", 0.999)  # Optional in a file.
     numbers = {}
     for path in model_paths:
         model = cnn.load_trained_model(path, images)
@@ -89,8 +94,8 @@ def evaluate(results_dir, model_paths):
 
 def source_models(results_dir):
     """The models (as recorded) the images of results_dir were made from."""
-    return sorted({str(result.get("model", "unrecorded"))
-                   for result in results_format.load_label_results(results_dir).values()})
+    results = results_format.load_label_results(results_dir)
+    return sorted({result.get("model", "unrecorded") for result in results.values()})
 
 
 def transfer_table(numbers):
@@ -253,6 +258,22 @@ def folder_status(every_label, num_classes, out_dir):
             f"still missing {missing} (other workers may still be running; preprocess_data.py needs every label)")
 
 
+def _config_among_models(args):
+    """Take a .toml that --model swallowed as the config: `--model MODEL CONFIG`, as every other
+    script is given, reads as that. --model takes several paths (for --evaluate and --ood) and
+    argparse gives it every path that follows; a model is a .keras archive, so a .toml is never one."""
+    configs = [path for path in args.model if Path(path).suffix == ".toml"]
+    if not configs:
+        return args
+    if len(configs) > 1 or args.config is not None:
+        raise UserError(f"give one config, not {', '.join(filter(None, [args.config, *configs]))}")
+    models = [path for path in args.model if path not in configs]
+    if not models:
+        raise UserError(f"--model {configs[0]} names a config, not a model; give --model MODEL [CONFIG]")
+    args.config, args.model = configs[0], models
+    return args
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Backwork strongly classified spurious inputs.")
     configurator.add_common_arguments(parser, "backwork")
@@ -272,7 +293,7 @@ def parse_arguments(argv):
                         help="backwork only worker I's share of the labels (I from 0, N workers: every N-th "
                              "label from the I-th), into the same --out as the others on a shared filesystem "
                              "(default: from TF_CONFIG's chief and worker tasks if it is set, else every label)")
-    return parser.parse_args(argv)
+    return _config_among_models(parser.parse_args(argv))
 
 
 def evaluate_command(args):
@@ -317,6 +338,16 @@ def backwork_and_save(data, config, model, labels, out_dir, log_dir, model_path)
         return backwork_loop.backwork_labels(data, config["backwork"], model, labels, on_label=save, on_record=log)
 
 
+def check_folder_fits(out_dir, model):
+    """Refuse an output folder that holds results of another model (other classes or image size)
+    before any work: its figures are drawn from every results file in it, which must fit together."""
+    if not os.path.isdir(out_dir):  # Never raises: ensure_writable_dir says what is wrong with --out.
+        return
+    existing = results_format.load_label_results(out_dir, skip_unreadable=True, warn=lambda line: None)
+    results_format.check_results_fit(existing, out_dir, model.input_shape[1:], model.output_shape[-1],
+                                     shape_of="the model's", fix="choose another --out for this model")
+
+
 def main(argv=None):
     args = parse_arguments(argv)
     base = configurator.model_data_config(args.model[0]) if args.config is None else None  # The model's dataset.
@@ -345,9 +376,11 @@ def main(argv=None):
     labels = choose_labels(args, num_classes, worker)
     if not labels:
         return 0
+    out_dir = Path(args.out or Path(args.model).parent / "backwork")
+    check_folder_fits(out_dir, model)
     # Made only once this process has labels, so that a worker with none leaves no folder; an
     # unwritable --out is still found in seconds, before the backwork.
-    out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "backwork")
+    out_dir = common.ensure_writable_dir(out_dir)
     for label in labels:
         if results_format.label_results_path(out_dir, label).exists():
             print(f"results_{label}.pkl already exists in {out_dir}; this run replaces it")

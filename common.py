@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -157,6 +158,85 @@ if "tensorflow" not in sys.modules:
 # ------------------------------------------------------------------------------ files
 
 
+def shown(value, limit=60):
+    """value as an error message shows it, in at most about limit characters whatever a file holds.
+
+    A crafted file's int may have a million digits (repr refuses those) and its string a
+    billion characters; containers are described, not printed.
+    """
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return repr(value)
+
+
+def shortened(text, limit=160):
+    """text for a message: as given, or its start and its length where it is longer than limit."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown_path(path):
+    """A user's path for a message, at most about 160 characters (a config may name a 10 MB one)."""
+    return shortened(str(path))
+
+
+def _stat(path, what, fix):
+    """os.stat(path), None where nothing is there; a name the system cannot take is one line."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # A NUL character: no file system takes it.
+        raise UserError(f"{what} {shown_path(repr(str(path)))} holds a NUL character; {fix}") from None
+    except OSError as error:  # A name too long, a loop of links, a folder that cannot be entered.
+        raise UserError(f"{what} {shown_path(path)} cannot be reached ({error.strerror}); {fix}") from None
+
+
+def checked_input(path, what, fix, folder=False):
+    """path as a Path once it names an existing regular file (or folder, with folder=True); else one line.
+
+    Every command checks each path a user gives it here before reading it, so that a name
+    too long for the system, a folder where a file belongs, or a device or pipe that would
+    never end (/dev/zero, a FIFO) is "<what> <path> ...; <fix>", never a traceback or a hang.
+    """
+    status = _stat(path, what, fix)
+    if status is None:
+        raise UserError(f"{what} {shown_path(path)} does not exist; {fix}")
+    if stat.S_ISDIR(status.st_mode) != folder:
+        raise UserError(f"{what} {shown_path(path)} is {'not a folder' if folder else 'a folder'}; {fix}")
+    if not folder and not stat.S_ISREG(status.st_mode):
+        raise UserError(f"{what} {shown_path(path)} is not a regular file (a device, a pipe or a socket); {fix}")
+    return Path(path)
+
+
+def read_input(path, what, fix, max_bytes):
+    """The bytes of a user's file (checked_input), at most max_bytes of them; one line if it cannot be read.
+
+    The size is checked from the file's status before anything is read, and again as it is read:
+    a /proc file says 0 bytes whatever it holds, and some (/proc/self/pagemap) refuse to be read.
+    """
+    path = checked_input(path, what, fix)
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            chunks = [file.read(size + 1) if size <= max_bytes else b""]  # One read of the size it says.
+            total = max(size, len(chunks[0]))
+            while total <= max_bytes and chunks[-1]:  # A file longer than it says: in chunks, up to the limit.
+                chunks.append(file.read(1 << 20))
+                total += len(chunks[-1])
+    except OSError as error:
+        raise UserError(f"cannot read {what} {shown_path(path)} ({error.strerror}); {fix}") from None
+    if total > max_bytes:
+        raise UserError(f"{what} {shown_path(path)} holds more than {max_bytes} bytes, more than a {what} "
+                        f"holds; {fix}")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
@@ -190,7 +270,7 @@ def atomic_write(path, write):
 
 def _write_error(path, error):
     reason = error.strerror or str(error).splitlines()[0]
-    return UserError(f"cannot write {path} ({reason}); free some space or fix the folder's permissions "
+    return UserError(f"cannot write {shown_path(path)} ({reason}); free some space or fix the folder's permissions "
                      "and run again (any earlier version of the file is unchanged)")
 
 
@@ -225,8 +305,9 @@ def ensure_writable_dir(path):
     A folder created here is removed again if the command then fails and leaves it empty.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output folder {path} is a file; choose another with --out")
+    status = _stat(path, "output folder", "choose another with --out")
+    if status is not None and not stat.S_ISDIR(status.st_mode):
+        raise UserError(f"output folder {shown_path(path)} is a file; choose another with --out")
     missing = [folder for folder in [path, *path.parents] if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -234,7 +315,8 @@ def ensure_writable_dir(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise UserError(f"cannot write to output folder {path} ({error.strerror}); choose another with --out") from None
+        raise UserError(f"cannot write to output folder {shown_path(path)} ({error.strerror}); "
+                        "choose another with --out") from None
     return path
 
 

@@ -12,11 +12,14 @@ This module imports TensorFlow nowhere, so --help and a config mistake stay fast
 """
 import json
 import math
+import os
+import sys
 import tomllib
 from pathlib import Path
 
+import common
 import datasets
-from common import PROJECT_DIR, UserError
+from common import PROJECT_DIR, UserError, shown
 
 
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "configs" / "default.toml"
@@ -49,19 +52,49 @@ ORIGINAL_RECIPE = {"schedule": "constant", "warmup_steps": 0, "label_smoothing":
 
 # ------------------------------------------------------------------- reading TOML
 
-def read_toml(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config {path} does not exist; give the path of a .toml file such as configs/small.toml")
+MAX_CONFIG_BYTES = 1 << 20  # A config lists a few dozen values; configs/default.toml is 10 KB.
+CONFIG_FIX = "give the path of a .toml file such as configs/small.toml"
+
+
+def _parse_toml(text, source, fix):
+    """tomllib.loads(text), or one line naming source: also for what tomllib leaves to Python (a
+    number of more digits than int() takes, arrays nested deeper than the recursion limit)."""
     try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"config {path} is not valid TOML ({error}); fix that line") from None
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{source} is not valid TOML ({common.shortened(str(error), 200)}); {fix}") from None
+    except ValueError:  # int()'s limit, sys.get_int_max_str_digits()
+        raise UserError(f"{source} holds a number of more than {sys.get_int_max_str_digits()} digits, which "
+                        f"no config value is; {fix}") from None
+    except RecursionError:
+        raise UserError(f"{source} nests arrays or tables deeper than Python can read; {fix}") from None
+
+
+def read_toml(path):
+    data = common.read_input(path, "config", CONFIG_FIX, MAX_CONFIG_BYTES)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as error:
+        raise UserError(f"config {common.shown_path(path)} is not valid TOML ({error}); fix that line") from None
+    return _parse_toml(text, f"config {common.shown_path(path)}", "fix that line")
 
 
 def default_config():
     """The defaults of every script, read from configs/default.toml (the one place they live)."""
     return read_toml(DEFAULT_CONFIG_PATH)
+
+
+def _shown_value(value, limit=80):
+    """A config value as a message shows it: its repr where that is short (and Python can write it: not
+    an int of 5,000 digits, not arrays nested 900 deep), else common.shown's few words."""
+    if isinstance(value, (list, dict)) and len(value) <= limit:
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):
+            text = ""
+        if 0 < len(text) <= limit:
+            return text
+    return shown(value, limit)
 
 
 def _checked_value(name, default, value):
@@ -77,13 +110,13 @@ def _checked_value(name, default, value):
         return value
     raise UserError(
         f"config key {name} must be a {type(default).__name__} like the default {default!r}, "
-        f"not {value!r}; fix it in the config or the --set override")
+        f"not {_shown_value(value)}; fix it in the config or the --set override")
 
 
 
 # ------------------------------------------------------------------- the rules
 
-_STANDARD_MESSAGE = "{source}: {name} = {value!r} must be {description}; fix it in the config or --set"
+_STANDARD_MESSAGE = "{source}: {name} = {value} must be {description}; fix it in the config or --set"
 
 
 def _rule(test, description, message=None):
@@ -121,7 +154,7 @@ def _sizes(maximum):
 
 # What each numeric or structured config value may be; checked wherever a config is merged,
 
-def _one_of(choices, message="{name} {value!r} is unknown; use one of {description}"):
+def _one_of(choices, message="{name} {value} is unknown; use one of {description}"):
     """A named setting: one of choices (the message says which exist)."""
     return _rule(lambda value: value in choices, ", ".join(choices), message)
 
@@ -236,7 +269,7 @@ def _check_rule(name, value, source):
         raise UserError(f"{source}: {name} = {value!r} must be a finite number; fix it in the config or --set")
     test, description, message = VALUE_RULES.get(name, (None, None, None))
     if test is not None and not test(value):
-        raise UserError(message.format(source=source, name=name, value=value, description=description))
+        raise UserError(message.format(source=source, name=name, value=_shown_value(value), description=description))
 
 
 def check_section(section, values, source):
@@ -270,11 +303,13 @@ def merge_config(config, updates, source):
     for section, values in updates.items():
         if section not in config or not isinstance(values, dict):
             known = ", ".join(f"[{name}]" for name in config)
-            raise UserError(f"{source}: unknown section [{section}]; the sections are {known}")
+            raise UserError(f"{source}: unknown section [{common.shortened(str(section), 60)}]; "
+                            f"the sections are {known}")
         for key, value in values.items():
             if key not in config[section]:
                 known = ", ".join(sorted(config[section]))
-                raise UserError(f"{source}: unknown key {section}.{key}; keys of [{section}] are {known}")
+                raise UserError(f"{source}: unknown key {section}.{common.shortened(str(key), 60)}; "
+                                f"keys of [{section}] are {known}")
             value = _checked_value(f"{section}.{key}", config[section][key], value)
             _check_rule(f"{section}.{key}", value, source)
             config[section][key] = value
@@ -286,11 +321,14 @@ def parse_override(text):
     name, separator, raw_value = text.partition("=")
     section, dot, key = name.strip().partition(".")
     if not separator or not dot or not key:
-        raise UserError(f"--set {text!r} must look like section.key=value, e.g. train.learning_rate=3e-4")
+        raise UserError(f"--set {shown(text)} must look like section.key=value, e.g. train.learning_rate=3e-4")
     try:
         value = tomllib.loads(f"value = {raw_value.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()  # A bare word such as relu or SAME is meant as a string.
+    except (ValueError, RecursionError):  # What tomllib leaves to Python: _parse_toml says which.
+        source = f"--set {shown(text)}"
+        value = _parse_toml(f"value = {raw_value.strip()}", source, "give a value a config can hold")["value"]
     return {section: {key: value}}
 
 
@@ -299,7 +337,7 @@ def load_config(path=None, overrides=(), base=None):
     """Defaults (or base), then the config file, then each --set override, strictly checked."""
     config = base if base is not None else default_config()
     if path is not None:
-        merge_config(config, read_toml(path), source=str(path))
+        merge_config(config, read_toml(path), source=common.shown_path(path))
     for override in overrides:
         merge_config(config, parse_override(override), source=f"--set {override}")
     return check_config(config)
@@ -355,7 +393,7 @@ def model_data_config(model_path):
     """The defaults with the [data] section of the config the model was trained with (its config.toml),
     so that a CIFAR model is backworked and explained on CIFAR without naming the config again."""
     config, trained_with = default_config(), Path(model_path).parent / "config.toml"
-    if trained_with.is_file():
+    if os.path.isfile(trained_with):  # Never raises (a name too long): check_model_file says what is wrong.
         config["data"] = saved_config(trained_with)["data"]
     return config
 
@@ -373,14 +411,16 @@ def model_data_record(model_path):
     metrics.json or report.json beside it (older runs), else its config's dataset name.
     """
     folder = Path(model_path).parent
-    section = saved_config(folder / "config.toml")["data"] if (folder / "config.toml").is_file() else None
+    section = saved_config(folder / "config.toml")["data"] if os.path.isfile(folder / "config.toml") else None
     if section is not None and (section["file"] or section["sha256"]):
         return {"dataset": section["dataset"] or None, "file": section["file"] or None,
                 "sha256": section["sha256"] or None, "download": not section["file"]}
     for name in ("metrics.json", "report.json"):
+        if not os.path.isfile(folder / name):
+            continue
         try:
-            recorded = json.loads((folder / name).read_text()).get("data")
-        except (OSError, ValueError, AttributeError):
+            recorded = json.loads(common.read_input(folder / name, name, "", 1 << 28)).get("data")
+        except (ValueError, AttributeError, RecursionError):  # UserError too: an unreadable record is no record.
             continue
         fields = ("dataset", "file", "sha256")
         if isinstance(recorded, dict) and all(isinstance(recorded.get(key), (str, type(None))) for key in fields):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common
 from common import UserError, with_channel
 
 # The datasets load_dataset downloads (and caches) by name through keras.datasets.
@@ -51,37 +52,68 @@ OOD_HINT = ("give --ood a Keras-layout .npz of images that are none of the model
             "on this project's machines: ../shared/data/fashion_mnist.npz)")
 
 
+# The arrays of one data file, decompressed, at most: MNIST is 55 MB and CIFAR-10 180 MB, and the
+# float32 copy the scripts train on is four times as large again. A zip's directory says how large
+# each member is before anything is read, so a zip bomb or a header claiming a terabyte is refused
+# unread; reading then stops at the size claimed (zipfile checks it and the CRC).
+MAX_DATA_BYTES = 1 << 30
+# Deflate never packs more than 1032 bytes into one, so a member claiming more per compressed byte
+# has a directory that lies about it.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _npz_members(archive, path, hint):
+    """The .npy members of an archive, each one's claimed size checked against the zip directory and
+    MAX_DATA_BYTES before any is read; other members are never read."""
+    members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+    total = sum(info.file_size for info in members)
+    if total > MAX_DATA_BYTES:
+        raise UserError(f"{common.shown_path(path)}: its arrays would take {total} bytes decompressed, more than a "
+                        f"data file may ({MAX_DATA_BYTES}); give a smaller file. {hint}")
+    for info in members:
+        ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: MAX_DEFLATE_RATIO}.get(info.compress_type)
+        if ratio is not None and info.file_size > info.compress_size * ratio + 1024:
+            raise UserError(f"{common.shown_path(path)}: {info.filename} claims {info.file_size} bytes from "
+                            f"{info.compress_size} compressed ones, which no zip holds; the file is damaged. {hint}")
+    return members
+
+
 def _check_npz_members(archive, path, hint):
-    """Refuse an archive member whose header claims more data than it holds (read lazily)."""
-    for info in archive.infolist():
-        if not info.filename.endswith(".npy"):
-            continue
+    """The names of the arrays of an archive (x_train for x_train.npy); refuses a member whose array
+    header claims more data than the member holds, or objects."""
+    members = _npz_members(archive, path, hint)
+    for info in members:
         with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(member)
-        if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
-            raise UserError(f"{path}: {info.filename} claims shape {shape} of {dtype}, more than the "
-                            f"{info.file_size} bytes it holds; the file is damaged. {hint}")
+        if dtype.hasobject:
+            raise UserError(f"{common.shown_path(path)}: {info.filename} is an array of Python objects (dtype "
+                            f"{dtype}), which a data file never holds: save images as uint8 and labels as "
+                            f"integers. {hint}")
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise UserError(f"{common.shown_path(path)}: {info.filename} claims shape {shape} of {dtype}, more than "
+                            f"the {info.file_size} bytes it holds; the file is damaged. {hint}")
+    return [info.filename[:-len(".npy")] for info in members]
 
 
 def _read_npz(path, hint=DATA_HINT):
     """The arrays of a local .npz; a bad file is one line ending in hint (what to give instead)."""
-    path = Path(path)
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "does not exist"
-        raise UserError(f"data file {path} {problem}; {hint}")
+    path = common.checked_input(path, "data file", hint)
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays); {hint}")
+        raise UserError(f"{common.shown_path(path)} is not an .npz archive (a zip of .npy arrays); {hint}")
     try:
         with zipfile.ZipFile(path) as archive:
-            _check_npz_members(archive, path, hint)
+            names = _check_npz_members(archive, path, hint)
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            return {name: archive[name] for name in names}
+    except UserError:
+        raise  # Already one line that ends in hint.
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path} is not a readable .npz file ({message}); {hint}") from None
+        raise UserError(f"{common.shown_path(path)} is not a readable .npz file "
+                        f"({common.shortened(message, 200)}); {hint}") from None
 
 
 def _validate_split(arrays, split, source):
@@ -167,7 +199,7 @@ def data_label(path=None, dataset="mnist", file=""):
     if not path:
         return dataset
     declared = "mnist" if path == os.environ.get("MNIST_PATH") and dataset == "mnist" else None
-    sha256 = file_sha256(path) if Path(path).is_file() else None
+    sha256 = file_sha256(path) if os.path.isfile(path) else None  # Never raises: load_dataset says what is wrong.
     return recognised_dataset(path, sha256, declared) or Path(path).stem
 
 
@@ -191,8 +223,12 @@ def load_dataset(path=None, dataset="mnist", file="", hint=DATA_HINT):
         arrays, provenance = _download(dataset)
         source = f"keras.datasets.{dataset}"
     data = {}
-    for split in ("train", "test"):
-        data[f"x_{split}"], data[f"y_{split}"] = _validate_split(arrays, split, source)
+    try:
+        for split in ("train", "test"):
+            data[f"x_{split}"], data[f"y_{split}"] = _validate_split(arrays, split, source)
+    except MemoryError:  # The float32 copy is four times the file's pixels.
+        raise UserError(f"{common.shown_path(source)}: its images as float32 do not fit in this machine's memory; "
+                        f"give a smaller file. {hint}") from None
     if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
         raise UserError(f"{source}: training and test images differ in shape")
     data["provenance"] = provenance
@@ -225,7 +261,7 @@ def describe_data(provenance):
     if not provenance:
         return "unrecorded data"
     if downloaded(provenance):
-        return f"keras.datasets.{provenance['dataset']}"
+        return f"keras.datasets.{provenance.get('dataset')}"
     name = provenance_dataset(provenance)
     digest = str(provenance.get("sha256") or "?")[:12]
     return f"{provenance.get('file')} ({f'{name}, ' if name else ''}sha256 {digest}...)"

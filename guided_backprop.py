@@ -414,9 +414,17 @@ def main(argv=None):
     if options["label"] >= num_classes:
         raise UserError(f"--label {options['label']} is not a class of model {args.model}, whose "
                         f"classes are 0-{num_classes - 1}")
+    if image_labels.max(initial=-1) >= num_classes:  # Backworked images of another model's class.
+        raise UserError(f"{options['images']} holds images made for class {image_labels.max()}, which model "
+                        f"{args.model} (classes 0-{num_classes - 1}) does not have; explain them with the model "
+                        "they were made from")
+    probabilities = cnn.predict(model, images)  # (N, classes)
+    if not np.isfinite(probabilities).all():  # Before the work: every map would be of NaN too.
+        raise UserError(f"model {args.model} gives NaN or infinite probabilities for these images (its weights "
+                        "are finite but its outputs overflow: a run that diverged?); retrain it, with a lower "
+                        "train.learning_rate")
     out_dir = common.ensure_writable_dir(args.out or Path(args.model).parent / "saliency")
     name = output_name(options["images"], options["label"])
-    probabilities = cnn.predict(model, images)  # (N, classes)
     labels = (np.full(len(images), options["label"]) if options["label"] >= 0
               else probabilities.argmax(axis=1))
     print(f"explaining {len(images)} images from {options['images']} with {options['method']} "

@@ -445,16 +445,28 @@ def drop_unreachable_budgets(config):
 PER_SET_KEYS = {"seed", "num_examples"}
 
 
+def _same_kind(value, reference):
+    """Whether a recorded option can be compared with the config's: both numbers (not bools), both
+    bools, both str, or both lists (a file's options are plain values: results_format checks them)."""
+    kinds = [bool, (int, float), str, list]
+    return any(isinstance(value, kind) and isinstance(reference, kind)
+               and isinstance(value, bool) == isinstance(reference, bool) for kind in kinds)
+
+
 def check_one_backwork_setting(results, results_dir, backwork):
     """Refuse fooling images made with another [backwork] setting than the study's: every image of a
     study comes from one setting (a results file made before backwork.loss existed used "probability")."""
     differing = {}
-    for result in results.values():
-        recorded = {"loss": "probability", **result.get("options", {})}
+    for label, result in sorted(results.items()):
+        recorded = {"loss": "probability", **results_format.recorded_options(result)}
+        for key, value in recorded.items():
+            if key in backwork and key not in PER_SET_KEYS and not _same_kind(value, backwork[key]):
+                raise UserError(f"{results_dir}/results_{label}.pkl records backwork.{key} = {common.shown(value)}, "
+                                f"which is no {type(backwork[key]).__name__}; backwork it again with cnn_backwork.py")
         differing.update({key: value for key, value in recorded.items()
                           if key in backwork and key not in PER_SET_KEYS and value != backwork[key]})
     if differing:
-        pairs = ", ".join(f"backwork.{key} = {value!r} (the study's: {backwork[key]!r})"
+        pairs = ", ".join(f"backwork.{key} = {common.shortened(repr(value), 80)} (the study's: {backwork[key]!r})"
                           for key, value in sorted(differing.items()))
         fixes = " ".join(f"--set backwork.{key}={configurator.toml_value(value)}" for key, value in sorted(differing.items()))
         raise UserError(f"the fooling images in {results_dir} were made with {pairs}; one setting for every image "

@@ -16,6 +16,7 @@ last finite weights are saved, exit 2.
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,21 +74,26 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
+MAX_METRICS_BYTES = 1 << 28  # 256 MiB: a record per log_every steps is a few hundred bytes.
+
+
 def _read_earlier_metrics(out_dir):
     """The metrics.json of the run to resume (None if it has none); a damaged one is refused."""
     path = Path(out_dir) / "metrics.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         print(f"note: {path} is missing; the resumed run's history starts here")
         return None
+    fix = "train afresh without --resume or in another --out"
+    data = common.read_input(path, "metrics.json", fix, MAX_METRICS_BYTES)  # A FIFO or a device is refused.
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(data)
         steps, seconds, history = metrics["steps"], metrics["seconds"], metrics["history"]
         if not (isinstance(steps, int) and isinstance(seconds, (int, float)) and isinstance(history, list)
                 and all(isinstance(record, dict) and isinstance(record.get("step"), int) for record in history)):
             raise ValueError("steps, seconds or history have the wrong type")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot resume {out_dir}: its metrics.json is damaged ({type(error).__name__}: {error}); "
-                        "train afresh without --resume or in another --out") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise UserError(f"cannot resume {out_dir}: its metrics.json is damaged ({type(error).__name__}: "
+                        f"{common.shortened(str(error), 200)}); {fix}") from None
     return metrics
 
 
@@ -135,7 +141,7 @@ def main(argv=None):
     out_dir = Path(args.out) if args.out else default_out_dir(args.config, config, args.data)
     model, earlier = None, None
     if args.resume:
-        if not (out_dir / "model.keras").is_file():
+        if not os.path.isfile(out_dir / "model.keras"):
             raise UserError(f"nothing to resume in {out_dir}: it has no model.keras; drop --resume or fix --out")
         earlier = _read_earlier_metrics(out_dir)
         # The run's own saved config underneath the config file, --set and the flags.
@@ -154,7 +160,7 @@ def main(argv=None):
             model, earlier = _resumed(out_dir, data, config["train"], earlier)
         if model is None:
             return 0
-    elif (out_dir / "model.keras").is_file():  # Never replace a model of other data without a word.
+    elif os.path.isfile(out_dir / "model.keras"):  # Never replace a model of other data without a word.
         configurator.check_model_data(out_dir / "model.keras", data["provenance"], args.allow_other_data,
                                       what="the data to train on",
                                       fix="choose another --out (or leave it out: the default folder names the data)")

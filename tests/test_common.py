@@ -297,3 +297,79 @@ def test_a_saved_config_records_the_data_used_and_still_loads(tmp_path):
     assert download["data"]["dataset"] == "cifar10" and download["data"]["file"] == ""
     with pytest.raises(UserError, match="data.sha256 = 'xyz' must be"):
         configurator.load_config(None, ["data.sha256='xyz'"])
+
+
+# ------------------------------------------------------------ every path a user gives: one guard, one line
+
+
+def one_line(refusal, limit=400):
+    message = str(refusal.value)
+    assert "\n" not in message and len(message) < limit, message
+    return message
+
+
+def test_a_user_path_is_checked_before_it_is_read(tmp_path):
+    import os
+
+    fix = "give another"
+    cases = [(tmp_path / "missing.toml", "config .*missing.toml does not exist; give another"),
+             (tmp_path, "config .* is a folder; give another"),
+             ("x" * 300, r"config x{160}\.\.\. \(300 characters\) cannot be reached \(File name too long\)"),
+             (str(tmp_path / "a\0b"), "holds a NUL character"),
+             ("/dev/zero", "config /dev/zero is not a regular file"),  # Read, it would never end.
+             (tmp_path / "missing" / "x" / "y.toml", "does not exist")]
+    os.mkfifo(tmp_path / "pipe.toml")  # Opened, it would wait for a writer for ever.
+    cases.append((tmp_path / "pipe.toml", "pipe.toml is not a regular file"))
+    for path, message in cases:
+        with pytest.raises(UserError, match=message) as refusal:
+            common.checked_input(path, "config", fix)
+        one_line(refusal)
+    (tmp_path / "large").write_bytes(b"x" * 101)
+    with pytest.raises(UserError, match="large holds more than 100 bytes, more than a config holds"):
+        common.read_input(tmp_path / "large", "config", fix, max_bytes=100)
+    assert common.read_input(tmp_path / "large", "config", fix, max_bytes=101) == b"x" * 101
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/pagemap"), reason="no /proc/self/pagemap here")
+def test_a_regular_file_that_cannot_be_read_is_one_line():
+    """/proc/self/pagemap says it is a regular file of 0 bytes: read whole it fails, read in chunks it holds
+    8 bytes for each page of the address space (terabytes); either way one line."""
+    with pytest.raises(UserError, match=r"(cannot read config /proc/self/pagemap \(Invalid argument\)|config "
+                                        r"/proc/self/pagemap holds more than 1048576 bytes)") as refusal:
+        configurator.load_config("/proc/self/pagemap")
+    one_line(refusal)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[train]\nseed = " + "1" * 4301 + "\n", "holds a number of more than 4300 digits"),
+    ("[model]\nnum_fc_units = " + "[" * 3000 + "]" * 3000 + "\n", "nests arrays or tables deeper than Python"),
+    ("[model]\nnum_fc_units = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "nests arrays or tables deeper"),
+    ("[data]\nfile = \"" + "x" * (2 << 20) + "\"\n", "holds more than 1048576 bytes, more than a config holds"),
+    ("[train]\nseed = [[[[" + "1, " * 1000 + "]]]]\n", "must be a int like the default 0, not a list of 1 items"),
+    ("[train]\nschedule = \"" + "x" * 5000 + "\"\n", r"train.schedule 'xxxx.*\.\.\. \(5000 long\) is unknown"),
+])
+def test_configs_python_cannot_read_are_one_line(tmp_path, text, message):
+    with pytest.raises(UserError, match=message) as refusal:
+        configurator.load_config(write(tmp_path, text))
+    one_line(refusal)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.seed=" + "9" * 4301, "--set 'train.seed=99.*holds a number of more than 4300 digits"),
+    ("model.num_fc_units=" + "[" * 3000 + "]" * 3000, "nests arrays or tables deeper than Python can read"),
+    ("x" * 100_000, r"--set 'xxx.*\.\.\. \(100000 long\) must look like section.key=value"),
+])
+def test_overrides_python_cannot_read_are_one_line(override, message):
+    with pytest.raises(UserError, match=message) as refusal:
+        configurator.load_config(None, [override])
+    one_line(refusal)
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "x/" * 3000, "x" * 100_000])
+def test_a_data_file_name_too_long_is_one_short_line(tmp_path, name):
+    config = configurator.load_config(None, [f"data.file={tmp_path / name}"])
+    with pytest.raises(UserError, match=r"data file .*\.\.\. \(\d+ characters\) (cannot be reached \(File name too "
+                                        r"long\)|does not exist); give a local copy") as refusal:
+        datasets.load_dataset(file=config["data"]["file"])
+    one_line(refusal, limit=600)
+    assert datasets.data_label(file=config["data"]["file"]) == name.rstrip("/").split("/")[-1]

@@ -313,3 +313,94 @@ def test_saliency_figure_names_the_classes(name, expected, trained_tiny, tiny_np
     assert guided_backprop.main(["--model", str(trained_tiny[0]), "--data", str(data_file), "--num", "1",
                                  "--label", "9", "--method", "vanilla", "--out", str(tmp_path / "out")]) == 0
     assert titles[0].startswith(f"{expected}\nexplained: {expected.split(' ', 1)[1]}\n")
+
+
+# ------------------------------------------------------------ hostile data files: one line, bounded memory
+
+
+def small_arrays():
+    x = np.zeros((4, 5, 5), np.uint8)
+    return {"x_train": x, "y_train": np.arange(4), "x_test": x, "y_test": np.arange(4)}
+
+
+def npy_bytes(array):
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def write_claiming(path, claimed_size):
+    """A zip whose directory says x_train.npy inflates to claimed_size bytes (zip64 above 4 GiB) while the
+    member holds a small array: what a crafted header says, not what is there."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in small_arrays().items():
+            archive.writestr(f"{name}.npy", npy_bytes(array))
+        archive.getinfo("x_train.npy").file_size = claimed_size  # Written into the directory as the archive closes.
+    return path
+
+
+def test_a_header_claiming_a_terabyte_is_refused_unread(tmp_path):
+    import zipfile
+
+    path = write_claiming(tmp_path / "terabyte.npz", 10**12)
+    assert zipfile.ZipFile(path).getinfo("x_train.npy").file_size == 10**12  # The zip64 record says so.
+    with pytest.raises(UserError, match=r"terabyte.npz: its arrays would take 1000000000\d+ bytes decompressed, "
+                                        r"more than a data file may \(1073741824\)") as refusal:
+        datasets.load_dataset(path)
+    assert str(refusal.value).count(datasets.DATA_HINT) == 1
+    # Within the bound but more than its compressed bytes can hold: the directory lies.
+    with pytest.raises(UserError, match=r"x_train.npy claims 500000000 bytes from \d+ compressed ones"):
+        datasets.load_dataset(write_claiming(tmp_path / "lies.npz", 500_000_000))
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """A small file that inflates to more than MAX_DATA_BYTES (here lowered to 1 MB: the real bound, 1 GiB,
+    is refused the same way from the same directory) is refused from its directory, before reading."""
+    bomb = {**small_arrays(), "x_train": np.zeros((2000, 28, 28), np.uint8)}  # 1.6 MB of zeros
+    np.savez_compressed(tmp_path / "bomb.npz", **bomb)
+    assert (tmp_path / "bomb.npz").stat().st_size < 10_000
+    monkeypatch.setattr(datasets, "MAX_DATA_BYTES", 1_000_000)
+    inflated = []
+    monkeypatch.setattr(np, "load", lambda *arguments, **keywords: inflated.append(arguments))
+    with pytest.raises(UserError, match=r"bomb.npz: its arrays would take 1568\d+ bytes decompressed"):
+        datasets.load_dataset(tmp_path / "bomb.npz")
+    assert inflated == []
+
+
+def test_an_object_array_is_named_and_the_hint_given_once(tmp_path):
+    np.savez(tmp_path / "objects.npz", **{**small_arrays(), "y_train": np.array([1, "a", None, 2], object)})
+    with pytest.raises(UserError, match=r"y_train.npy is an array of Python objects \(dtype object\), which a "
+                                        r"data file never holds") as refusal:
+        datasets.load_dataset(tmp_path / "objects.npz")
+    assert "damaged" not in str(refusal.value) and str(refusal.value).count(datasets.DATA_HINT) == 1
+    with pytest.raises(UserError) as refusal:
+        datasets.read_ood_images(write_claiming(tmp_path / "ood.npz", 10**12), (5, 5, 1))
+    assert str(refusal.value).count(datasets.OOD_HINT) == 1 and datasets.DATA_HINT not in str(refusal.value)
+
+
+def test_only_the_arrays_are_read_from_an_archive(tmp_path):
+    import zipfile
+
+    path = tmp_path / "extra.npz"
+    np.savez(path, **small_arrays())
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("notes.txt", b"x" * 1000)
+    data = datasets.load_dataset(path)
+    assert data["x_train"].shape == (4, 5, 5, 1) and "notes.txt" not in data
+
+
+def test_what_is_read_is_checked_against_the_directory(tmp_path):
+    """A member whose bytes are not the ones its directory entry describes (CRC, or a shorter stream) is
+    one line: zipfile stops at the size claimed and checks the CRC, numpy that it got every byte."""
+    np.savez(tmp_path / "good.npz", **small_arrays())
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    data[data.index(b"\x93NUMPY") + 200] ^= 0xFF  # One pixel of x_train changed after the CRC was written.
+    (tmp_path / "changed.npz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"changed.npz is not a readable .npz file \(Bad CRC-32 for file "
+                                        r"'x_train.npy'\)") as refusal:
+        datasets.load_dataset(tmp_path / "changed.npz")
+    assert "\n" not in str(refusal.value)
