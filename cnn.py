@@ -18,7 +18,6 @@ import functools
 import math
 import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 

@@ -36,7 +36,10 @@ PRECISION_POLICIES = ("none", "mixed_bfloat16")
 PRECISION_SETTINGS = (*PRECISION_POLICIES, "auto")  # train.mixed_precision; cnn.resolve_precision turns "auto" into a policy
 BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # backwork.loss (backwork_cost.label_loss)
 ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # augment.attacks (attacks.py)
-DEFENCES = ("uniform", "extra_class", "control")  # augment.target (preprocess_data.py)
+DEFENCE_TERMS = ("outlier_exposure", "acet", "good")  # the defences that train with a loss term (defences.py)
+DEFENCE_METHODS = ("none", *DEFENCE_TERMS)  # defence.method (proc_mnist.py)
+OUTLIER_SOURCES = ("photos", "letters", "noise")  # defence.outlier_sources (defences.outlier_pool)
+DEFENCES = ("uniform", "extra_class", "control", *DEFENCE_TERMS)  # augment.target (preprocess_data.py)
 EVALUATION_SETS = ("uniform", "letters", "ood")  # evaluation.sets (evaluation.ball_points)
 NOISE_FAMILIES = ("uniform", "dim", "low_frequency", "gaussian", "permuted")  # evaluation.noise_families (ood_sets.py)
 SALIENCY_METHODS = ("vanilla", "guided", "both")  # saliency.method (guided_backprop.py)
@@ -241,6 +244,20 @@ VALUE_RULES = {
     "augment.difficulty_budgets": _rule(
         lambda budgets: 0 < len(budgets) <= 20 and all(isinstance(b, int) and b >= 1 for b in budgets)
         and budgets == sorted(set(budgets)), "an increasing list of 1 to 20 step counts, each at least 1"),
+    "defence.method": _one_of(DEFENCE_METHODS),
+    "defence.outlier_exposure_weight": _AT_LEAST_ZERO,
+    "defence.acet_weight": _AT_LEAST_ZERO,
+    "defence.good_weight": _AT_LEAST_ZERO,
+    "defence.outlier_batch": _between(1, 100_000),
+    "defence.outlier_sources": _rule(lambda names: 0 < len(names) and set(names) <= set(OUTLIER_SOURCES)
+                                     and len(set(names)) == len(names),
+                                     f"a list of distinct names from {', '.join(OUTLIER_SOURCES)}"),
+    "defence.eps": _PROBABILITY,
+    "defence.attack_steps": _between(1, 10_000),
+    "defence.attack_step_size": _POSITIVE,
+    "defence.ramp_fraction": _between(0, 1),
+    "defence.certified_fraction": _between(0, 1),
+    "defence.seed": _SEED,
     "saliency.num": _between(1, 100_000),
     "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),
     "saliency.smooth_samples": _between(0, 100_000),

@@ -40,6 +40,10 @@ to a hundred or so. A model with an extra "none" output (K + 1 logits) needs not
 the bounds are over its full softmax, and confidence_upper_bounds takes the maximum over the
 first num_classes outputs only.
 
+The NumPy entries (probability_upper_bounds, confidence_upper_bounds, logit_bounds) judge a
+model; the tensor entries (logit_difference_bounds_tensor, confidence_bound_tensor) are the same
+bounds as TensorFlow ops, for a training loss that takes their gradient (defences.good).
+
 The arithmetic is float32, as the model's: the bounds hold up to float rounding (about 1e-6
 relative), not as an exact proof over the reals.
 """
@@ -280,12 +284,45 @@ def _logit_difference_bounds(logits_layer, lower, upper):
     return centre_differences + tf.reshape(spread, [-1, classes, classes])
 
 
-def _probability_bounds(difference_upper):
-    """p_k <= 1 / sum_j exp(-upper(z_k - z_j)), from (batch, K, K) difference bounds; (batch, K)."""
+def _log_probability_bounds(difference_upper):
+    """log p_k <= -log sum_j exp(-upper(z_k - z_j)), from (batch, K, K) difference bounds; (batch, K)."""
     import tensorflow as tf
 
-    # The j = k term is exp(0), so the log-sum is >= 0 and the bound <= 1; logsumexp cannot overflow.
-    return tf.exp(-tf.reduce_logsumexp(-difference_upper, axis=2))
+    # The j = k term is exp(0), so the log-sum is >= 0 and the bound <= 0; logsumexp cannot overflow.
+    return -tf.reduce_logsumexp(-difference_upper, axis=2)
+
+
+def _propagate(steps, lower, upper):
+    """The box of the logits layer's input: (lower, upper) pushed through every hidden layer's bound."""
+    for layer, bound in steps:
+        lower, upper = bound(layer, lower, upper)
+    return lower, upper
+
+
+def logit_difference_bounds_tensor(model, lower, upper):
+    """(N, K, K) tensor: [n, k, j] bounds z_k - z_j from above over the box [lower, upper] of inputs.
+
+    lower and upper are (N, H, W, C) float32 tensors (the ball clipped to [0, 1], say). Every step
+    is a TensorFlow op on the model's own variables, so a training loss inside a GradientTape
+    (GOOD's) gets the gradient of the bound in the weights. The model must compute in float32
+    (a mixed-precision layer would round the bounds to bfloat16); batch normalisation is
+    bounded with its moving statistics, as at inference.
+    """
+    steps, logits_layer = check_model_supported(model)
+    lower, upper = _propagate(steps, lower, upper)
+    return _logit_difference_bounds(logits_layer, lower, upper)
+
+
+def confidence_bound_tensor(model, lower, upper, num_classes=None):
+    """(N,) tensor: an upper bound on the log of the top probability over the box [lower, upper].
+
+    The TensorFlow form of confidence_upper_bounds (its logarithm), for a loss: see
+    logit_difference_bounds_tensor. num_classes counts only the first outputs (None: all).
+    """
+    import tensorflow as tf
+
+    log_bounds = _log_probability_bounds(logit_difference_bounds_tensor(model, lower, upper))  # (N, K)
+    return tf.reduce_max(log_bounds[:, :num_classes], axis=1)
 
 
 @functools.lru_cache(maxsize=4)
@@ -302,12 +339,10 @@ def _compiled_bounds(model):
 
     @tf.function(input_signature=signature, jit_compile=False)
     def bounds(images, eps):  # (batch, H, W, C), ()
-        lower = tf.clip_by_value(images - eps, 0.0, 1.0)
-        upper = tf.clip_by_value(images + eps, 0.0, 1.0)
-        for layer, bound in steps:
-            lower, upper = bound(layer, lower, upper)
+        lower, upper = _propagate(steps, tf.clip_by_value(images - eps, 0.0, 1.0),
+                                  tf.clip_by_value(images + eps, 0.0, 1.0))
         logit_lower, logit_upper = _bound_dense(logits_layer, lower, upper)  # (batch, K) each
-        probability_upper = _probability_bounds(_logit_difference_bounds(logits_layer, lower, upper))
+        probability_upper = tf.exp(_log_probability_bounds(_logit_difference_bounds(logits_layer, lower, upper)))
         return logit_lower, logit_upper, probability_upper
 
     return bounds

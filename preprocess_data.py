@@ -2,8 +2,8 @@
 
     python preprocess_data.py --results runs/default/backwork --model runs/default/model.keras
                               [CONFIG] [--data PATH] [--out DIR] [--steps N] [--from-scratch]
-                              [--rounds K] [--target uniform|extra_class|control] [--seed N]
-                              [--ood NPZ] [--transfer-from MODEL]
+                              [--rounds K] [--target uniform|extra_class|control|outlier_exposure|acet|good]
+                              [--seed N] [--ood NPZ] [--transfer-from MODEL]
     python preprocess_data.py --judge --model runs/default/model.keras [--ood NPZ] [CONFIG] [--out DIR]
 
 The backworked ("fooling") images, plus blank and uniform-noise images, join the training
@@ -15,7 +15,9 @@ line of the rounds code and differ only in what "none" means (augment.target):
   topology with classes + 1 outputs, every other weight carried over), and the added
   images are labelled with it. Backwork still targets the original classes;
 - control: the same rounds of retraining with nothing added, so that a drop in fooling
-  is credited to a defence only beyond what more training alone does.
+  is credited to a defence only beyond what more training alone does;
+- outlier_exposure, acet, good: the control's retraining plus that defence's loss term on an
+  extra batch in every step (defences.py, its [defence] keys).
 
 Every image of a study is made with one [backwork] setting: fooling images made with
 another (a different loss or save_freq, say) are refused with the --set that matches them.
@@ -61,6 +63,7 @@ import cnn
 import common
 import configurator
 import datasets
+import defences
 import evaluation
 import figures
 import results_format
@@ -68,6 +71,7 @@ import trainer
 from common import UserError
 
 TARGETS = configurator.DEFENCES
+ADDING_TARGETS = ("uniform", "extra_class")  # The targets that add fooling images to the training set.
 
 # ----------------------------------------------------------------------- augmentation
 
@@ -189,7 +193,8 @@ def measure_model(model, data, sets, num_classes, cap):
 
 
 def retrain(model, data, config, round_index, progress=print):
-    """Continue training model on data (or train a fresh one) for this round's steps."""
+    """Continue training model on data (or train a fresh one) for this round's steps (with augment.target's
+    loss term where it is a defences.py one)."""
     augment = config["augment"]
     train_options = {**config["train"], "seed": augment["seed"] + round_index}
     if augment["from_scratch"]:
@@ -204,7 +209,9 @@ def retrain(model, data, config, round_index, progress=print):
         train_options["num_steps"] = augment["retrain_steps"]
         train_options["warmup_steps"] = min(train_options["warmup_steps"], augment["retrain_steps"] - 1)
         model = trainer.compile_for_training(model, trainer.learning_rate_schedule(train_options))
-    model, metrics = trainer.train(data, {**config, "train": train_options}, model=model, progress=progress)
+    extra_term = defences.study_term(model, data, config, round_index, train_options["num_steps"])
+    model, metrics = trainer.train(data, {**config, "train": train_options}, model=model, progress=progress,
+                                   extra_term=extra_term)
     return model, metrics
 
 
@@ -292,9 +299,10 @@ class Study:
         """The training set of a round: the data plus every fooling image so far and blank and noise
         images, labelled "none"; for the control, the data alone (the same steps, nothing added)."""
         augment, seed = self.config["augment"], self.config["augment"]["seed"] + round_index
-        if augment["target"] == "control":
-            self.progress(f"round {round_index}: control, training on the {len(self.data['x_train'])} "
-                          "original examples alone")
+        if augment["target"] not in ADDING_TARGETS:
+            alone = " alone" if augment["target"] == "control" else " with the defence's term"
+            self.progress(f"round {round_index}: {augment['target']}, training on the {len(self.data['x_train'])} "
+                          f"original examples{alone}")
             return self.data
         extra = blank_and_noise_images(self.data["x_train"].shape[1:], augment["num_blank"], augment["num_noise"],
                                        seed)
@@ -386,8 +394,9 @@ def parse_arguments(argv):
     parser.add_argument("--steps", type=int, help="retraining steps per round")
     parser.add_argument("--from-scratch", action="store_true", help="train a fresh model on the augmented set")
     parser.add_argument("--rounds", type=int, help="backwork -> augment -> retrain rounds (augment.rounds)")
-    parser.add_argument("--target", choices=TARGETS, help="the defence: uniform soft label, an extra class, or "
-                                                          "control (the same retraining with nothing added)")
+    parser.add_argument("--target", choices=TARGETS, help="the defence: uniform soft label, an extra class, "
+                                                          "control (the same retraining with nothing added), or a "
+                                                          "loss term of defences.py")
     parser.add_argument("--ood", help="natural non-digits for the \"none\" ROC: a Keras-layout .npz of the same "
                                       "image size, its test images used (augment.ood_data)")
     parser.add_argument("--transfer-from", metavar="MODEL",
@@ -412,13 +421,14 @@ def resolve_config(args):
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
     check_train_on(config["augment"])
+    defences.check_config(config, config["augment"]["target"])
     return drop_unreachable_budgets(config)
 
 
 def check_train_on(augment):
     """Refuse a suite that could not give a round its fooling images to add."""
     losses = [name for name in augment["attacks"] if name in configurator.BACKWORK_LOSSES]
-    if augment["target"] != "control" and not losses:
+    if augment["target"] in ADDING_TARGETS and not losses:
         raise UserError(f"augment.attacks {augment['attacks']} has no backwork loss, so no round would have fooling "
                         f"images to add; add one of {', '.join(configurator.BACKWORK_LOSSES)}")
     if augment["train_on"] != "strongest" and augment["train_on"] not in augment["attacks"]:

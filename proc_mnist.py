@@ -3,6 +3,9 @@
     python proc_mnist.py [CONFIG] [--data PATH] [--out DIR] [--steps N] [--seed N]
                          [--set section.key=value ...] [--resume]
 
+With defence.method set (configs/acet.toml, say), every step also trains that defence's term
+(defences.py).
+
 This is the command: its files, --resume and the run's folder. The network is cnn.py's and
 the training trainer.py's (build_model and train are imported here, so that
 proc_mnist.build_model and proc_mnist.train keep working in a notebook).
@@ -24,6 +27,7 @@ import cnn
 import common
 import configurator
 import datasets
+import defences
 import distributed
 import trainer
 from cnn import build_model  # noqa: F401  The notebook API: proc_mnist.build_model(topology).
@@ -138,6 +142,7 @@ def main(argv=None):
         raise UserError(f"--steps {args.steps} must be at least 1 (the total number of optimisation steps)")
     flags = {"train": {"num_steps": args.steps}}
     config = configurator.resolve_cli_config(args, "train", flags=flags)
+    defences.check_config(config, config["defence"]["method"])
     out_dir = Path(args.out) if args.out else default_out_dir(args.config, config, args.data)
     model, earlier = None, None
     if args.resume:
@@ -171,10 +176,22 @@ def main(argv=None):
     # Closed on Ctrl-C and SIGTERM too; only the chief writes files. Each session (a resumed one too)
     # logs to its own logs/<date-time>, so TensorBoard shows the sessions one after the other.
     log_dir = common.session_log_dir(out_dir / "logs")
+    model, extra_term = _with_defence(model, data, config)
     with common.summary_writer(log_dir) if chief else contextlib.nullcontext() as writer:
-        model, metrics = trainer.train_prepared(data, config, model=model, writer=writer, strategy=strategy)  # SIGTERM is Ctrl-C.
+        model, metrics = trainer.train_prepared(data, config, model=model, writer=writer, strategy=strategy,
+                                                extra_term=extra_term)  # SIGTERM is Ctrl-C.
     with common.InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
+
+
+def _with_defence(model, data, config):
+    """(model, extra term) of defence.method: its term closes over the model, so a new model is made here."""
+    method = config["defence"]["method"]
+    if method == "none":
+        return model, None
+    print(f"defence: {method} (defences.py), every step with {config['defence']['outlier_batch']} extra images")
+    model = trainer.model_to_train(model, config, data)  # Defences train on one device: no strategy scope.
+    return model, defences.make_term(method, model, data["x_train"], config["defence"], config["train"]["num_steps"])
 
 
 def _resumed(out_dir, data, section, earlier):

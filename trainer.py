@@ -475,7 +475,7 @@ def train_prepared(data, config, model=None, progress=print, writer=None, strate
     # Variables are made in the strategy's scope (mirrored); the loop runs outside it, where
     # Keras' optimizer updates every replica's copy with the gradients summed over replicas.
     with distributed.scope(strategy):
-        model = _model_to_train(model, config, data)
+        model = model_to_train(model, config, data)
     images, targets = data["x_train"], to_targets(data["y_train"], model.output_shape[-1])
     if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
         raise UserError(f"training images of shape {images.shape[1:]} do not fit the model's input "
@@ -514,8 +514,10 @@ def prepare(config, strategy=None):
     return config, strategy
 
 
-def _model_to_train(model, config, data):
-    """The given model, or a new one of config's topology in its precision; with an optimizer either way."""
+def model_to_train(model, config, data):
+    """The given model, or a new one of config's topology in its precision; with an optimizer either way.
+
+    train makes it; a command whose extra term needs the model (a defence's) makes it first."""
     if model is None:
         cnn.check_topology_fits_data(config["model"], data)
         with cnn.precision_policy(config["train"]["mixed_precision"]):

@@ -351,3 +351,23 @@ def test_importing_the_module_loads_no_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(interval_bounds.__file__).parent,
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_tensor_entries_equal_the_numpy_bounds_and_have_gradients_in_the_weights():
+    """confidence_bound_tensor is confidence_upper_bounds as TensorFlow ops (a training loss takes its gradient)."""
+    import tensorflow as tf
+
+    model = batch_norm_model()
+    images = ood_images(model)
+    lower, upper = (tf.constant(bound) for bound in ball(images, 0.1))
+    with tf.GradientTape() as tape:
+        log_bounds = interval_bounds.confidence_bound_tensor(model, lower, upper)  # (N,)
+        differences = interval_bounds.logit_difference_bounds_tensor(model, lower, upper)  # (N, K, K)
+        total = tf.reduce_sum(log_bounds)
+    expected = interval_bounds.confidence_upper_bounds(model, images, 0.1)
+    np.testing.assert_allclose(np.exp(log_bounds.numpy()), expected, rtol=1e-5)
+    assert differences.shape == (len(images), 10, 10)
+    assert np.allclose(np.diagonal(differences.numpy(), axis1=1, axis2=2), 0)  # z_k - z_k = 0.
+    gradients = tape.gradient(total, model.trainable_variables)
+    assert all(gradient is not None for gradient in gradients)
+    assert sum(float(tf.reduce_sum(tf.abs(gradient))) for gradient in gradients) > 0  # Not a constant.

@@ -111,6 +111,9 @@ def test_help_never_imports_tensorflow(script):
 @pytest.mark.parametrize("script, arguments, message", [
     ("proc_mnist.py", ["--set", "train.batch_size=0"], "train.batch_size = 0 must be between 1"),
     ("proc_mnist.py", ["--set", "train.schedule=linear"], "train.schedule 'linear' is unknown"),
+    ("proc_mnist.py", ["--set", "defence.eps=1.5"], "defence.eps = 1.5 must be in (0, 1]"),
+    ("proc_mnist.py", ["--set", "defence.method=acet", "--set", "train.distribute=mirrored"],
+     "defence 'acet' draws its extra batch inside the training step, on one device"),
     ("cnn_backwork.py", ["--model", "missing/model.keras", "--set", "backwork.loss=hinge"], "backwork.loss"),
     ("preprocess_data.py", ["--results", "missing", "--model", "missing/model.keras"], "model missing/model.keras"),
     ("guided_backprop.py", ["--model", "missing/model.keras"], "model missing/model.keras does not exist"),

@@ -132,7 +132,7 @@ def test_from_scratch_retrains_the_same_architecture_afresh(trained_tiny, tiny_d
 @pytest.mark.parametrize("stop,expected", [("interrupted", KeyboardInterrupt), ("diverged", UserError)])
 def test_a_stopped_retraining_ends_the_study_with_an_incomplete_report(trained_tiny, tiny_npz, tmp_path,
                                                                        monkeypatch, stop, expected):
-    def stopped_training(data, config, model, progress):
+    def stopped_training(data, config, model, progress, extra_term=None):
         return model, {"steps": 3, "seconds": 0.1, "interrupted": stop == "interrupted",
                        "diverged": stop == "diverged"}
 
