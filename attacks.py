@@ -152,11 +152,8 @@ def run_pgd(model, images, targets, cap, iterations, step_size, check_every=10, 
     return images, steps
 
 
-def run_square(model, images, targets, cap, queries, seed, progress=print, eps=1.0, p_init=None):
+def run_square(model, images, targets, cap, queries, seed, progress=print):
     """ART's targeted SquareAttack; returns the final images and the queries each needed (-1: never).
-
-    eps is the l-infinity radius around each image (1: only the [0, 1] box binds); p_init the
-    fraction of the image its first square covers (ART's 0.8 where it fits).
 
     ART's Square is untargeted as it ships: its loss is the true class's logit margin and
     its criterion "no longer that class". Here the loss is the largest other logit minus
@@ -189,8 +186,8 @@ def run_square(model, images, targets, cap, queries, seed, progress=print, eps=1
     # ART's first square covers p_init of the image (0.8 by default); on a small or narrow image that
     # square is wider than its shorter side and ART fails to place it. 0.8 where it fits (MNIST).
     height, width = images.shape[1:3]
-    p_init = min(0.8 if p_init is None else p_init, (min(height, width) - 1) ** 2 / (height * width))
-    attack = SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=queries, nb_restarts=1, p_init=p_init,
+    p_init = min(0.8, (min(height, width) - 1) ** 2 / (height * width))
+    attack = SquareAttack(classifier, norm=np.inf, eps=1.0, max_iter=queries, nb_restarts=1, p_init=p_init,
                           batch_size=len(images), verbose=False, loss=margin, adv_criterion=reached)
     final = attack.generate(images.copy(), y=datasets.one_hot(targets, classes)).astype(np.float32)
     # The last iteration's candidate is accepted after the last check: count it here.

@@ -524,3 +524,148 @@ def apgd(model, images, lower, upper, objective, targets=None, steps=100, restar
                "depthwise_gradient": depthwise_gradient, "attack": "apgd"}
     return run_attack(model, np.asarray(images, np.float32), lower, upper, objective, targets, steps, restarts,
                       step_sizes, schedule, options)
+
+
+# ---------------------------------------------------------------------------- Square
+
+# Square's schedule (Andriushchenko et al. ECCV 2020): the fraction of the image a square covers starts at
+# p_init and is halved after these iterations of a 10,000-query run (scaled to the run's queries).
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(p_init, query, queries):
+    """The fraction of the image Square's square covers at this query: p_init halved at SQUARE_HALVINGS."""
+    scaled = int(query / queries * 10_000)
+    return p_init / 2 ** sum(scaled > halving for halving in SQUARE_HALVINGS)
+
+
+def square_sides(p_init, queries, height, width):
+    """[(first query, count, side)]: the runs of queries with one square side, from the schedule above."""
+    sides = [max(1, min(height, width, round(math.sqrt(square_fraction(p_init, query, queries) * height * width))))
+             for query in range(1, queries + 1)]
+    runs = []
+    for query, side in enumerate(sides, start=1):
+        if runs and runs[-1][2] == side:
+            runs[-1][1] += 1
+        else:
+            runs.append([query, 1, side])
+    return [tuple(run) for run in runs]
+
+
+class SquareSteps:
+    """Square's batch state and its compiled block of queries: each query, for every image at once, one
+    random square of the image set to a random corner of the box, kept where it raises the objective."""
+
+    def __init__(self, model, objective, batch_size, num_classes=None, kappa=MARGIN_KAPPA):
+        import tensorflow as tf
+
+        model = cnn.float32_model(model)
+        self.network, self.model_name = cnn.logits_model(model), model.name
+        self.objective, self.num_classes, self.kappa = objective, num_classes, kappa
+        images, vector = tf.zeros((batch_size, *model.input_shape[1:])), tf.zeros([batch_size])
+        self.state = {name: tf.Variable(images) for name in ("lower", "upper", "images")}
+        self.state.update({"objective": tf.Variable(vector), "confidence": tf.Variable(vector),
+                           "targets": tf.Variable(tf.zeros([batch_size], tf.int32)),
+                           "steps_to_cap": tf.Variable(tf.zeros([batch_size], tf.int32)),
+                           "active": tf.Variable(tf.zeros([batch_size], tf.bool))})
+        self.cap, self.diverged_at = tf.Variable(2.0), tf.Variable(-1)
+        scalar = tf.TensorSpec([], tf.int32)
+        self.run_block = tf.function(self._run_block, input_signature=[scalar, scalar, scalar,
+                                                                       tf.TensorSpec([], tf.int64)])
+
+    def start(self, images, lower, upper, targets, cap, seed):
+        """From the better of images and Square's vertical stripes (each column a random corner of the box)."""
+        import tensorflow as tf
+
+        count = len(images)
+        stripes = tf.random.stateless_uniform([count, 1, images.shape[2], images.shape[3]], [seed, -1]) < 0.5
+        stripes = np.where(stripes.numpy(), upper, lower)
+        values = [self._values(candidate, targets) for candidate in (images, stripes)]
+        better = values[1][0] > values[0][0]
+        chosen = np.where(better[:, None, None, None], stripes, images)
+        state = {"lower": lower, "upper": upper, "images": chosen, "targets": targets,
+                 "objective": np.where(better, values[1][0], values[0][0]),
+                 "confidence": np.where(better, values[1][1], values[0][1])}
+        cap = 2.0 if cap is None else cap  # A probability never reaches 2.
+        state["steps_to_cap"] = np.where(state["confidence"] >= cap, 0, -1)
+        state["active"] = state["steps_to_cap"] < 0
+        for name, value in state.items():
+            self.state[name].assign(np.asarray(value, self.state[name].dtype.as_numpy_dtype))
+        self.cap.assign(cap)
+        self.diverged_at.assign(-1)
+
+    def _values(self, images, targets):
+        logits = self.network(images, training=False)
+        values, confidence = objective_values(logits, targets, self.objective, self.num_classes, self.kappa)
+        if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(values))):
+            raise ModelNotFinite(f"model {self.model_name!r} gave logits that are not finite at Square's start; "
+                                 "check that its weights are finite (no result is returned)")
+        return values.numpy(), confidence.numpy()
+
+    def _run_block(self, count, first_query, side, seed):
+        import tensorflow as tf
+
+        state, (batch, height, width, channels) = self.state, self.state["images"].shape
+        rows, columns = tf.range(height)[None, :, None, None], tf.range(width)[None, None, :, None]
+        for index in tf.range(count):
+            if self.diverged_at >= 0 or not tf.reduce_any(state["active"]):
+                break
+            query = first_query + index
+            key = tf.stack([seed, tf.cast(query, tf.int64)])
+            room = tf.cast(tf.stack([height, width]) - side + 1, tf.float32)  # Positions a square can take.
+            corner = tf.cast(tf.random.stateless_uniform([batch, 2], key) * room, tf.int32)  # Its top-left pixel.
+            top, left = corner[:, 0, None, None, None], corner[:, 1, None, None, None]
+            inside = (rows >= top) & (rows < top + side) & (columns >= left) & (columns < left + side)
+            signs = tf.random.stateless_uniform([batch, 1, 1, channels], key + [0, 1]) < 0.5  # Per image and channel.
+            vertex = tf.where(signs, state["upper"], state["lower"])
+            candidate = tf.where(inside & state["active"][:, None, None, None], vertex, state["images"])
+            logits = self.network(candidate, training=False)
+            values, confidence = objective_values(logits, state["targets"], self.objective, self.num_classes,
+                                                  self.kappa)
+            if not tf.reduce_all(tf.math.is_finite(logits)):
+                self.diverged_at.assign(query)
+                break
+            better = (values > state["objective"]) & state["active"]
+            state["images"].assign(tf.where(better[:, None, None, None], candidate, state["images"]))
+            state["objective"].assign(tf.where(better, values, state["objective"]))
+            state["confidence"].assign(tf.where(better, confidence, state["confidence"]))
+            reached = better & (confidence >= self.cap)
+            state["steps_to_cap"].assign(tf.where(reached, query, state["steps_to_cap"]))
+            state["active"].assign(state["active"] & ~reached)
+
+
+def check_square(queries, p_init):
+    _check_count("square", "queries", queries)
+    if not _is_number(p_init) or not 0 < p_init <= 1:
+        raise UserError(f"square: p_init must be a number in (0, 1] (the fraction of the image the first square "
+                        f"covers), not {p_init!r}")
+
+
+def square(model, images, lower, upper, objective, targets=None, queries=5000, p_init=0.8, seed=0, cap=None,
+           num_classes=None, kappa=MARGIN_KAPPA):
+    """Andriushchenko et al.'s Square attack (ECCV 2020) of objective in the box [lower, upper], compiled.
+
+    Gradient-free, so a flat or masked gradient does not stop it: each query sets one random
+    square per image (its side from square_sides: p_init of the image at first, smaller later)
+    to a random corner of the box, per channel, and keeps it where the objective rose. One
+    forward pass per query for the whole batch. Returns the dict pgd returns (steps_to_cap in
+    queries: 0 is the start).
+    """
+    check_attack("square", model, images, lower, upper, objective, targets, cap, num_classes)
+    check_square(queries, p_init)
+    images, lower, upper = (np.asarray(array, np.float32) for array in (images, lower, upper))
+    targets = np.zeros(len(images), np.int32) if targets is None else np.asarray(targets, np.int32)
+    by_settings = _COMPILED.setdefault(model, {})
+    settings = ("square", objective, len(images), num_classes, float(kappa))
+    if settings not in by_settings:
+        by_settings[settings] = SquareSteps(model, objective, len(images), num_classes, kappa)
+    steps = by_settings[settings]
+    steps.start(images, lower, upper, targets, cap, seed)
+    for first_query, count, side in square_sides(p_init, queries, *images.shape[1:3]):
+        steps.run_block(count, first_query, side, np.int64(seed))
+        if int(steps.diverged_at.numpy()) >= 0:
+            raise ModelNotFinite(f"model {steps.model_name!r} gave logits that are not finite at query "
+                                 f"{int(steps.diverged_at.numpy())} of square; check that its weights are finite")
+    state = steps.state
+    return {"images": state["images"].numpy(), "objective": state["objective"].numpy(),
+            "confidence": state["confidence"].numpy(), "steps_to_cap": state["steps_to_cap"].numpy().astype(np.int64)}

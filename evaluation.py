@@ -10,7 +10,9 @@ NeurIPS 2020, "GOOD"; Meinke et al. NeurIPS 2022, "ProoD"). Evaluation.run(model
   Fashion-MNIST for an MNIST model), `points` points, each free to move in its l-infinity
   ball of radius eps inside [0, 1]. Attacks raise the top-class confidence there: APGD on
   the max-confidence objective (restarts after the first from random points of the ball)
-  and ART's gradient-free Square on a subset (a flat region stops gradients, not Square).
+  and the gradient-free Square on a subset (a flat region stops gradients, not Square),
+  both compiled (box_attacks.py) and run to the end: AAUC needs each point's highest
+  confidence, not the first above the cap.
   Each point's worst case over the attacks gives AAUC; its certified upper bound from
   interval bound propagation (interval_bounds.py) gives GAUC; AUC is the points as they
   are. Beside them: the fraction of points brought to p >= cap in their ball, and the
@@ -23,8 +25,9 @@ NeurIPS 2020, "GOOD"; Meinke et al. NeurIPS 2022, "ProoD"). Evaluation.run(model
   farther than `novelty_quantile` of the test images' own); an image as near a training
   image as real test images are is counted apart as a class image, never as fooled.
 
-Our compiled attacks (box_attacks.py) do the bulk; ART's PGD runs on a few starts beside
-ours as the independent check (art_check). The sets and starts are drawn once, so every
+Our compiled attacks (box_attacks.py: PGD, APGD, Square) do the work; ART's PGD runs on a
+few starts beside ours as the independent check (art_check), and the study's attack suite
+(attacks.py) keeps ART's own Square. The sets and starts are drawn once, so every
 model of a study faces the same points.
 """
 import time
@@ -120,12 +123,16 @@ class Evaluation:
         start, section, eps = time.perf_counter(), self.section, self.section["eps"]
         clean = ood_metrics.max_confidence(cnn.predict(model, points), self.num_classes)
         lower, upper = box_attacks.ball(points, eps)
-        found = self._apgd(model, points, lower, upper, "max_confidence", None)
+        # No early stop at the cap here: AAUC ranks each point's highest confidence against the test images'
+        # (most above 0.9999), so an attack that stopped at the cap would understate it.
+        found = self._apgd(model, points, lower, upper, "max_confidence", None, cap=None)
         confidences = {"clean": clean, "apgd": found["confidence"]}
         chosen = subset(len(points), section["square_points"], section["seed"])
         for size in SQUARE_SIZES:
             square = np.array(clean)  # Points Square did not attack keep their clean confidence.
-            square[chosen] = self._square_ball(model, points[chosen], clean, chosen, size)
+            if len(chosen):
+                square[chosen] = self._square(model, points[chosen], lower[chosen], upper[chosen], "max_confidence",
+                                              None, size, cap=None)["confidence"]
             confidences[f"square_{size}"] = square
         worst = ood_metrics.worst_case(confidences)
         bound = self._bounds(model, points)
@@ -143,13 +150,10 @@ class Evaluation:
                 "worst_attack": worst["counts"], "square_points": len(chosen),
                 "seconds": time.perf_counter() - start}
 
-    def _square_ball(self, model, points, clean, chosen, size):
-        """Square in each point's ball, towards the class the model already likes best there: its confidence."""
-        targets = cnn.predict(model, points)[:, :self.num_classes].argmax(axis=1)
-        final, _ = attacks.run_square(model, points, targets, self.cap, self.section["square_queries"],
-                                      self.section["seed"], progress=lambda line: None, eps=self.section["eps"],
-                                      p_init=size)
-        return ood_metrics.max_confidence(cnn.predict(model, final), self.num_classes)
+    def _square(self, model, images, lower, upper, objective, targets, size, cap):
+        """Our compiled Square (box_attacks.square), its first square covering size of the image."""
+        return box_attacks.square(model, images, lower, upper, objective, targets, queries=self.section["square_queries"],
+                                  p_init=size, seed=self.section["seed"], cap=cap, num_classes=self.num_classes)
 
     def _bounds(self, model, points):
         """Certified upper bounds on the top-class confidence over each ball, or None for a model they
@@ -167,15 +171,15 @@ class Evaluation:
         """Per start the worst verdict over the attacks; summaries per attack, per family and overall."""
         start, section = time.perf_counter(), self.section
         lower, upper = box_attacks.whole_box(self.starts)
-        found = self._apgd(model, self.starts, lower, upper, "cross_entropy", self.targets)
+        found = self._apgd(model, self.starts, lower, upper, "cross_entropy", self.targets, cap=self.cap)
         finals = {"apgd": (found["images"], found["confidence"])}
         chosen = subset(len(self.starts), section["square_points"], section["seed"])
         for size in SQUARE_SIZES:
             images, confidence = self.starts.copy(), cnn.target_probabilities(model, self.starts, self.targets)
-            images[chosen], _ = attacks.run_square(model, self.starts[chosen], self.targets[chosen], self.cap,
-                                                   section["square_queries"], section["seed"],
-                                                   progress=lambda line: None, p_init=size)
-            confidence[chosen] = cnn.target_probabilities(model, images[chosen], self.targets[chosen])
+            if len(chosen):
+                found = self._square(model, self.starts[chosen], lower[chosen], upper[chosen], "margin",
+                                     self.targets[chosen], size, cap=self.cap)
+                images[chosen], confidence[chosen] = found["images"], found["confidence"]
             finals[f"square_{size}"] = (images, confidence)
         verdicts = {name: self._verdicts(images, confidence) for name, (images, confidence) in finals.items()}
         worst = worst_verdict(verdicts)
@@ -196,15 +200,16 @@ class Evaluation:
         distances = attacks.nearest_training_distances(self.data, images, self.targets)
         return ood_metrics.classify_unbounded(confidence, distances, self.cap, self.threshold)
 
-    def _apgd(self, model, images, lower, upper, objective, targets):
-        """APGD over the images in batches of evaluation.batch_size (one compiled loop per batch size)."""
+    def _apgd(self, model, images, lower, upper, objective, targets, cap=None):
+        """APGD over the images in batches of evaluation.batch_size (one compiled loop per batch size); an
+        image stops at cap (the unbounded count needs only that), None runs every step."""
         section, results = self.section, []
         for first in range(0, len(images), section["batch_size"]):
             rows = slice(first, first + section["batch_size"])
             results.append(box_attacks.apgd(
                 model, images[rows], lower[rows], upper[rows], objective, None if targets is None else targets[rows],
                 steps=section["apgd_steps"], restarts=section["apgd_restarts"], seed=section["seed"] + first,
-                cap=self.cap, num_classes=self.num_classes))
+                cap=cap, num_classes=self.num_classes))
         return {name: np.concatenate([result[name] for result in results]) for name in results[0]}
 
     # -- the independent check

@@ -287,3 +287,56 @@ def test_the_bench_runs_at_a_tiny_size(tmp_path, capsys):
     for words in ("ours, PGD", "ours, APGD", "ART targeted PGD", "numpy float32 matmul", "ratio ours / ART",
                   "ratio ours FLOP rate / numpy matmul"):
         assert words in text
+
+
+# ---------------------------------------------------------------------------- Square
+
+
+def test_square_schedule_is_the_papers_by_hand():
+    # 10,000 queries: p_init until query 10, halved after 10, 50, 200, ... 8000 (Andriushchenko et al. 2020).
+    assert [box_attacks.square_fraction(0.8, query, 10_000) for query in (1, 10, 11, 50, 51, 201, 8001)] == [
+        0.8, 0.8, 0.4, 0.4, 0.2, 0.1, 0.8 / 512]
+    # 1,000 queries scale the same schedule: query 2 is 20 of 10,000 (halved once), query 100 is 1000.
+    assert box_attacks.square_fraction(0.8, 2, 1000) == 0.4 and box_attacks.square_fraction(0.8, 100, 1000) == 0.05
+    runs = box_attacks.square_sides(0.8, 10_000, 28, 28)
+    assert runs[:2] == [(1, 10, 25), (11, 40, 18)]  # round(sqrt(0.8 * 784)) = 25, round(sqrt(0.4 * 784)) = 18
+    assert sum(count for _, count, _ in runs) == 10_000 and runs[-1][2] == 1  # 0.8 / 512 of 784 pixels: one
+    runs = box_attacks.square_sides(0.8, 100, 28, 28)  # Query 1 of 100 is 100 of 10,000: halved twice already.
+    assert runs[0] == (1, 2, 13) and sum(count for _, count, _ in runs) == 100
+    assert [side for _, _, side in runs] == sorted({side for _, _, side in runs}, reverse=True)
+
+
+@pytest.mark.parametrize("box", ["ball", "whole"])
+def test_square_stays_in_its_box_and_never_lowers_the_objective(random_model, box):
+    images = noise(12)
+    lower, upper = box_attacks.ball(images, 0.1) if box == "ball" else box_attacks.whole_box(images)
+    found = box_attacks.square(random_model, images, lower, upper, "max_confidence", queries=200, seed=3)
+    assert np.all(found["images"] >= lower) and np.all(found["images"] <= upper)
+    start = class_confidence(random_model, images)
+    np.testing.assert_allclose(found["confidence"], class_confidence(random_model, found["images"]), rtol=1e-5)
+    assert np.all(found["confidence"] >= start - 1e-6) and np.mean(found["confidence"] > start + 1e-4) >= 0.8
+
+
+def test_square_fools_a_trained_model_from_noise_and_stops_at_the_cap(trained_model):
+    images, targets = noise(20, seed=4), np.arange(20) % 10
+    lower, upper = box_attacks.whole_box(images)
+    found = box_attacks.square(trained_model, images, lower, upper, "margin", targets, queries=400, cap=0.99)
+    fooled = found["steps_to_cap"] >= 0
+    assert fooled.mean() >= 0.5  # Gradient-free, and still most of the noise starts reach p >= 0.99.
+    assert np.all(found["confidence"][fooled] >= 0.99)
+    # The same run without a cap: the images that never reached it went exactly the same way (freezing
+    # the others changed nothing for them), and the frozen ones stopped where the uncapped run went on.
+    uncapped = box_attacks.square(trained_model, images, lower, upper, "margin", targets, queries=400)
+    np.testing.assert_array_equal(uncapped["images"][~fooled], found["images"][~fooled])
+    assert np.all(uncapped["objective"][fooled] >= found["objective"][fooled])
+    assert np.any(uncapped["objective"][fooled] > found["objective"][fooled] + 1e-3)
+
+
+@pytest.mark.parametrize("queries, p_init, message", [(0, 0.8, "queries must be an integer >= 1"),
+                                                      (10, 0.0, "p_init must be a number in \\(0, 1\\]"),
+                                                      (10, 1.5, "p_init must be a number in \\(0, 1\\]")])
+def test_square_refuses_bad_parameters(random_model, queries, p_init, message):
+    images = noise(2)
+    with pytest.raises(UserError, match=message):
+        box_attacks.square(random_model, images, *box_attacks.whole_box(images), "max_confidence", queries=queries,
+                           p_init=p_init)
