@@ -104,9 +104,9 @@ class Evaluation:
         start, self.last_scores = time.perf_counter(), {}
         model = cnn.float32_model(model)
         test_probabilities = cnn.predict(model, self.data["x_test"])
-        in_scores = ood_metrics.max_confidence(test_probabilities, self.num_classes)
+        in_scores = self._log_confidence(model, self.data["x_test"])
         report = {"eps": self.section["eps"], "cap": self.cap,
-                  "in_distribution": {"count": len(in_scores), "mean_confidence": float(in_scores.mean()),
+                  "in_distribution": {"count": len(in_scores), "mean_confidence": float(np.exp(in_scores).mean()),
                                       "accuracy": float(np.mean(test_probabilities[:, :self.num_classes]
                                                                 .argmax(axis=1) == self.data["y_test"]))},
                   "ball": {name: self.run_ball(model, points, in_scores, name)
@@ -118,21 +118,38 @@ class Evaluation:
 
     # -- the eps-ball
 
+    def _log_confidence(self, model, images):
+        """Each image's log top-class probability, from its logits: the eps-ball's score.
+
+        Ranked in log space because a confident network's top probability rounds to exactly 1.0
+        in float32 for many test images (a fifth of them for the default network), and so do an
+        attacked point's and a loose bound's: as probabilities those would tie, and an AUC counts
+        ties half, crediting a model with no certificate at all with a GAUC of 10. The bounds
+        (float32) can still round up to 0.0: that only lowers GAUC, never raises it.
+        """
+        return ood_metrics.log_confidence(cnn.predict(cnn.logits_model(model), images), self.num_classes)
+
     def run_ball(self, model, points, in_scores, name):
-        """One set's AUC / AAUC / GAUC, fooled and certified fractions, and which attack was worst how often."""
+        """One set's AUC / AAUC / GAUC, fooled and certified fractions, and which attack was worst how often.
+
+        in_scores and every score here are log top-class probabilities (see _log_confidence) of the
+        points and of the images the attacks found; the certified bounds are their logs too.
+        """
         start, section, eps = time.perf_counter(), self.section, self.section["eps"]
-        clean = ood_metrics.max_confidence(cnn.predict(model, points), self.num_classes)
+        clean = self._log_confidence(model, points)
         lower, upper = box_attacks.ball(points, eps)
         # No early stop at the cap here: AAUC ranks each point's highest confidence against the test images'
         # (most above 0.9999), so an attack that stopped at the cap would understate it.
         found = self._apgd(model, points, lower, upper, "max_confidence", None, cap=None)
-        confidences = {"clean": clean, "apgd": found["confidence"]}
+        # Scored again from the images the attacks found, in float64 (their own objective is float32's log_softmax).
+        confidences = {"clean": clean, "apgd": self._log_confidence(model, found["images"])}
         chosen = subset(len(points), section["square_points"], section["seed"])
         for size in SQUARE_SIZES:
             square = np.array(clean)  # Points Square did not attack keep their clean confidence.
             if len(chosen):
-                square[chosen] = self._square(model, points[chosen], lower[chosen], upper[chosen], "max_confidence",
-                                              None, size, cap=None)["confidence"]
+                found = self._square(model, points[chosen], lower[chosen], upper[chosen], "max_confidence", None,
+                                     size, cap=None)
+                square[chosen] = self._log_confidence(model, found["images"])
             confidences[f"square_{size}"] = square
         worst = ood_metrics.worst_case(confidences)
         bound = self._bounds(model, points)
@@ -142,11 +159,11 @@ class Evaluation:
         self.progress(f"  eps-ball {name} ({len(points)} points, eps {eps}): AUC {columns['auc']:.1f}  "
                       f"AAUC {columns['aauc']:.1f}  GAUC "
                       + ("-" if columns["gauc"] is None else f"{columns['gauc']:.1f}"))
-        return {**columns, "count": len(points), "mean_clean": float(clean.mean()),
-                "mean_attacked": float(worst["confidence"].mean()),
-                "mean_bound": None if bound is None else float(bound.mean()),
-                "fooled": ood_metrics.fooled_fraction_in_ball(worst["confidence"], self.cap),
-                "certified": None if bound is None else ood_metrics.certified_fraction(bound, self.cap),
+        attacked, certain = np.exp(worst["confidence"]), None if bound is None else np.exp(bound)
+        return {**columns, "count": len(points), "mean_clean": float(np.exp(clean).mean()),
+                "mean_attacked": float(attacked.mean()), "mean_bound": None if bound is None else float(certain.mean()),
+                "fooled": ood_metrics.fooled_fraction_in_ball(attacked, self.cap),
+                "certified": None if bound is None else ood_metrics.certified_fraction(certain, self.cap),
                 "worst_attack": worst["counts"], "square_points": len(chosen),
                 "seconds": time.perf_counter() - start}
 
@@ -163,7 +180,7 @@ class Evaluation:
         except common.UserError as error:
             self.progress(f"  no certified bound: {error}")
             return None
-        return interval_bounds.confidence_upper_bounds(model, points, self.section["eps"], self.num_classes)
+        return interval_bounds.log_confidence_upper_bounds(model, points, self.section["eps"], self.num_classes)
 
     # -- the whole box
 

@@ -385,6 +385,18 @@ def confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEF
     return bounds.max(axis=1)
 
 
+def log_confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEFAULT_BATCH_SIZE):
+    """(N,) float32: the log of confidence_upper_bounds, computed in log space (confidence_bound_tensor),
+    so that bounds which round to 1.0 as probabilities still rank (the evaluation's GAUC needs that)."""
+    radius = check_radius(eps, allow_zero=True)
+    model = cnn.float32_model(model)
+    images = _checked_images(model, images)
+    parts = [np.asarray(confidence_bound_tensor(model, np.clip(batch - radius, 0, 1), np.clip(batch + radius, 0, 1),
+                                                num_classes))
+             for batch in (images[start:start + batch_size] for start in range(0, len(images), batch_size))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
 def logit_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
     """(lower, upper), (N, K) float32 each: plain interval bounds on the logits over each image's ball."""
     lower, upper, _ = _all_bounds(model, images, eps, batch_size)

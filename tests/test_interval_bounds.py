@@ -371,3 +371,13 @@ def test_the_tensor_entries_equal_the_numpy_bounds_and_have_gradients_in_the_wei
     gradients = tape.gradient(total, model.trainable_variables)
     assert all(gradient is not None for gradient in gradients)
     assert sum(float(tf.reduce_sum(tf.abs(gradient))) for gradient in gradients) > 0  # Not a constant.
+
+
+def test_the_log_bound_is_the_log_of_the_bound():
+    model = relu_model()
+    images = ood_images(model)
+    for eps in (0.01, 0.3):
+        log_bounds = interval_bounds.log_confidence_upper_bounds(model, images, eps, batch_size=2)
+        bounds = interval_bounds.confidence_upper_bounds(model, images, eps)
+        np.testing.assert_allclose(np.exp(log_bounds), bounds, rtol=1e-5)
+        assert np.all(log_bounds <= 0)

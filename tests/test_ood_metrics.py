@@ -147,3 +147,14 @@ def test_the_unbounded_summary_counts_each_verdict_and_bounds_the_fooled_fractio
     assert summary["fooled_interval"] == list(attacks.wilson_interval(6, 20)) and summary["threshold"] == 0.04
     assert summary["fooled_interval"][0] < 0.3 < summary["fooled_interval"][1]
 
+
+
+def test_log_confidence_ranks_what_rounds_to_one_and_is_the_log_of_the_top_probability():
+    logits = np.array([[0.0, 1.0, -1.0], [20.0, 0.0, 0.0], [30.0, 0.0, 0.0], [0.0, 0.0, 40.0]], np.float32)
+    scores = ood_metrics.log_confidence(logits, num_classes=2)  # The third output is a "none" output.
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(scores[0], np.log(softmax[0, :2].max()), rtol=1e-6)
+    assert softmax[1].max() == softmax[2].max() == 1.0  # In float32 the two confident rows tie ...
+    assert scores[1] < scores[2] < 0 and abs(scores[1] + 2 * np.exp(-20)) < 1e-15  # ... in log space they do not.
+    assert scores[3] < np.log(1e-15)  # "none" at 40: the classes' best is far from confident.
