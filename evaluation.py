@@ -200,17 +200,21 @@ class Evaluation:
             finals[f"square_{size}"] = (images, confidence)
         verdicts = {name: self._verdicts(images, confidence) for name, (images, confidence) in finals.items()}
         worst = worst_verdict(verdicts)
+        summarise = ood_metrics.unbounded_summary
         summary = {"starts": len(self.starts), "threshold": self.threshold, "square_starts": len(chosen),
-                   "worst": ood_metrics.unbounded_summary(worst, self.threshold),
-                   "by_attack": {name: ood_metrics.unbounded_summary(outcomes, self.threshold)
+                   "worst": summarise(worst, self.threshold),
+                   # Each attack on the starts it ran on: Square's fraction is of its subset, not of every start.
+                   "by_attack": {name: summarise(outcomes if name == "apgd" else outcomes[chosen], self.threshold)
                                  for name, outcomes in verdicts.items()},
-                   "by_family": {family: ood_metrics.unbounded_summary(worst[self.families == family], self.threshold)
+                   "all_attacks": summarise(worst[chosen], self.threshold),
+                   "by_family": {family: summarise(worst[self.families == family], self.threshold)
                                  for family in section["noise_families"]},
                    "seconds": time.perf_counter() - start}
-        fooled = summary["worst"]
+        summary["strongest"] = strongest(summary)
+        fooled = summary["strongest"]
         self.progress(f"  unbounded ({len(self.starts)} starts): fooled {fooled['fooled_fraction']:.3f} "
-                      f"[{fooled['fooled_interval'][0]:.3f}, {fooled['fooled_interval'][1]:.3f}], "
-                      f"class images {fooled['class_image']}")
+                      f"[{fooled['fooled_interval'][0]:.3f}, {fooled['fooled_interval'][1]:.3f}] "
+                      f"({fooled['over']}), class images {fooled['class_image']}")
         return summary
 
     def _verdicts(self, images, confidence):
@@ -255,6 +259,19 @@ class Evaluation:
         return result
 
 
+def strongest(summary):
+    """The unbounded number a conclusion stands on: the larger fooled fraction of the worst case over
+    every start (APGD on all of them, Square on a subset) and over the starts every attack ran on.
+
+    Square runs on square_points starts only (it is the slow one); where it fools far more than
+    APGD (a defence that flattens the gradient near noise), the subset's fraction, with its wider
+    interval, is the fair number, and the fraction over every start would understate it."""
+    rows = [("every start", summary["worst"]), (f"the {summary['square_starts']} starts every attack ran on",
+                                               summary["all_attacks"])]
+    over, row = max(rows, key=lambda pair: (pair[1]["count"] > 0, pair[1]["fooled_fraction"]))
+    return {**row, "over": over}
+
+
 def worst_verdict(verdicts):
     """Per start, the worst verdict over the attacks: fooled if any attack fooled it, else a class image
     if any drew one, else not fooled."""
@@ -272,10 +289,10 @@ def table(report):
         certified = "-" if row["certified"] is None else _fraction_text(row["certified"])
         lines.append(f"{'':33}{name:<10} {row['count']:>6}  {row['auc']:5.1f}  {row['aauc']:5.1f} {gauc}   "
                      f"{_fraction_text(row['fooled']):<21} {certified}")
-    worst = report["unbounded"]["worst"]
+    worst = report["unbounded"]["strongest"]
     low, high = worst["fooled_interval"]
-    lines.append(f"unbounded ({worst['count']} noise starts): fooled {worst['fooled_fraction']:.3f} "
-                 f"[{low:.3f}, {high:.3f}], drew a class image {worst['class_image']}")
+    lines.append(f"unbounded ({report['unbounded']['starts']} noise starts): fooled {worst['fooled_fraction']:.3f} "
+                 f"[{low:.3f}, {high:.3f}] over {worst['over']}, drew a class image {worst['class_image']}")
     check = report["art_check"]
     lines.append(f"ART's PGD beside ours ({check['ours']['count']} starts): ours {check['ours']['fooled']}, "
                  f"ART {check['art']['fooled']}, {'agree' if check['agree'] else 'DISAGREE'}")
@@ -289,7 +306,7 @@ def _fraction_text(row):
 
 def headline(report):
     """The evaluation's numbers in one dict of short names, for tables and TensorBoard."""
-    numbers = {"unbounded_fooled": report["unbounded"]["worst"]["fooled_fraction"]}
+    numbers = {"unbounded_fooled": report["unbounded"]["strongest"]["fooled_fraction"]}
     for name, row in report["ball"].items():
         numbers.update({f"{name}_{column}": row[column] for column in ("auc", "aauc", "gauc")})
         numbers[f"{name}_fooled"] = row["fooled"]["fraction"]

@@ -40,7 +40,11 @@ def test_judge_reports_both_threat_models_with_sound_bounds(trained_tiny, tiny_n
     unbounded = report["unbounded"]
     assert unbounded["starts"] == 10 * len(configurator.NOISE_FAMILIES)  # One start per class and family.
     assert set(unbounded["by_family"]) == set(configurator.NOISE_FAMILIES)
-    assert unbounded["worst"]["fooled_fraction"] >= max(row["fooled_fraction"] for row in unbounded["by_attack"].values())
+    assert unbounded["strongest"]["fooled_fraction"] >= max(row["fooled_fraction"]
+                                                            for row in unbounded["by_attack"].values())
+    square_points = QUICK_EVALUATION["square_points"]
+    assert unbounded["all_attacks"]["count"] == unbounded["by_attack"]["square_0.8"]["count"] == square_points
+    assert unbounded["by_attack"]["apgd"]["count"] == unbounded["starts"]
     assert report["art_check"]["ours"]["count"] == QUICK_EVALUATION["art_check_points"]
     printed = capsys.readouterr().out
     assert "AAUC" in printed and "unbounded (50 noise starts)" in printed
@@ -69,6 +73,20 @@ def test_worst_verdict_takes_the_worst_of_the_attacks_per_start():
     verdicts = {"apgd": np.array(["not_fooled", "class_image", "fooled", "not_fooled"]),
                 "square": np.array(["class_image", "fooled", "not_fooled", "not_fooled"])}
     assert list(evaluation.worst_verdict(verdicts)) == ["class_image", "fooled", "fooled", "not_fooled"]
+
+
+def test_the_strongest_unbounded_number_is_the_subset_where_square_fools_more():
+    def row(fooled, count):
+        return {"fooled": fooled, "count": count, "fooled_fraction": fooled / count, "class_image": 0}
+
+    masked = {"worst": row(83, 1000), "all_attacks": row(36, 40), "square_starts": 40}  # A flat gradient near noise.
+    assert evaluation.strongest(masked)["fooled"] == 36 and "40 starts every attack ran on" in \
+        evaluation.strongest(masked)["over"]
+    plain = {"worst": row(1000, 1000), "all_attacks": row(40, 40), "square_starts": 40}
+    assert evaluation.strongest(plain)["count"] == 1000 and evaluation.strongest(plain)["over"] == "every start"
+    no_square = {"worst": row(5, 1000), "all_attacks": {**row(0, 1), "count": 0, "fooled_fraction": 0.0},
+                 "square_starts": 0}
+    assert evaluation.strongest(no_square)["over"] == "every start"
 
 
 def test_starts_cover_every_family_and_class_and_never_change(tiny_data):
