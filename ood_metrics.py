@@ -34,26 +34,17 @@ def _scores(values, name):
 # ------------------------------------------------------------------ the eps-ball
 
 
-def max_confidence(probabilities, num_classes):
-    """Each image's top class probability (N,), over the first num_classes outputs only.
-
-    A model with an extra "none" output is judged by its classes: p(none) is no class.
-    """
-    probabilities = np.asarray(probabilities)
-    if not 1 <= num_classes <= probabilities.shape[1]:
-        raise ValueError(f"num_classes {num_classes} must be between 1 and the {probabilities.shape[1]} outputs")
-    return probabilities[:, :num_classes].max(axis=1)
-
-
 def log_confidence(logits, num_classes):
     """Each image's log top-class probability (N,) from its logits, over the first num_classes outputs
-    (the softmax over all of them): the log of max_confidence's score, without its rounding.
+    (the softmax over all of them): the top probability's log, without its rounding (the attacks' "max_confidence" objective).
 
     -log1p(sum over the other outputs j of exp(z_j - z_top)), in float64: it tells apart margins of
     20 and 30 (probabilities 1 - 2e-9 and 1 - 9e-14, both exactly 1.0 in float32, and log_softmax's
     z_top - logsumexp(z) is 0.0 for both in float32) up to margins of about 700.
     """
     logits = np.asarray(logits, np.float64)
+    if not 1 <= num_classes <= logits.shape[1]:  # A model's extra "none" output is no class.
+        raise ValueError(f"num_classes {num_classes} must be between 1 and the {logits.shape[1]} outputs")
     rows = np.arange(len(logits))
     top = logits[:, :num_classes].argmax(axis=1)
     others = np.exp(logits - logits[rows, top][:, None])

@@ -50,12 +50,12 @@ def test_an_unsound_bound_or_mismatched_points_are_refused():
         ood_metrics.auc_columns([], CLEAN)
 
 
-def test_max_confidence_ignores_the_none_output():
-    probabilities = np.array([[0.2, 0.7, 0.1], [0.05, 0.05, 0.9]])  # Two classes and "none".
-    np.testing.assert_allclose(ood_metrics.max_confidence(probabilities, 2), [0.7, 0.05])
-    np.testing.assert_allclose(ood_metrics.max_confidence(probabilities, 3), [0.7, 0.9])
+def test_log_confidence_ignores_the_none_output():
+    logits = np.log([[0.2, 0.7, 0.1], [0.05, 0.05, 0.9]])  # Two classes and "none": softmax gives these back.
+    np.testing.assert_allclose(ood_metrics.log_confidence(logits, 2), np.log([0.7, 0.05]), rtol=1e-12)
+    np.testing.assert_allclose(ood_metrics.log_confidence(logits, 3), np.log([0.7, 0.9]), rtol=1e-12)
     with pytest.raises(ValueError, match="num_classes 4 must be between 1 and the 3 outputs"):
-        ood_metrics.max_confidence(probabilities, 4)
+        ood_metrics.log_confidence(logits, 4)
 
 
 def test_worst_case_takes_each_points_highest_confidence_and_names_the_attack():
