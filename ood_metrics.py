@@ -36,7 +36,8 @@ def _scores(values, name):
 
 def log_confidence(logits, num_classes):
     """Each image's log top-class probability (N,) from its logits, over the first num_classes outputs
-    (the softmax over all of them): the top probability's log, without its rounding (the attacks' "max_confidence" objective).
+    (the softmax over all of them): the top probability's log without its rounding, as the attacks'
+    "max_confidence" objective raises it.
 
     -log1p(sum over the other outputs j of exp(z_j - z_top)), in float64: it tells apart margins of
     20 and 30 (probabilities 1 - 2e-9 and 1 - 9e-14, both exactly 1.0 in float32, and log_softmax's
