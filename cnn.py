@@ -169,6 +169,116 @@ def build_model(topology):
     return keras.Model(inputs, outputs, name="cnn")
 
 
+# ----------------------------------------------------------- a classifier with a discriminator (ProoD)
+
+# Layer names of combine_with_discriminator's model: the discriminator's layers carry the prefix
+# (so that conv{i} and fc{j} stay the classifier's, which backwork compares), the classifier's
+# class scores are class_logits, and the layers that mix the two carry COMBINE_PREFIX.
+DISCRIMINATOR_PREFIX = "discriminator_"
+COMBINE_PREFIX = "combine_"
+CLASS_LOGITS = "class_logits"
+
+
+def _chain_layers(model):
+    """model's layers after its input, in order (a model build_model made is a chain)."""
+    from keras import layers
+
+    return [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
+
+
+def _copy_chain(model, tensor, names):
+    """Fresh copies of model's layers up to its logits (its softmax left out), named by names(name),
+    applied to tensor with model's weights; returns the copied logits' output."""
+    for layer in _chain_layers(model):
+        if layer.name == "softmax":
+            break
+        copy = type(layer).from_config({**layer.get_config(), "name": names(layer.name)})
+        tensor = copy(tensor)
+        copy.set_weights(layer.get_weights())
+    return tensor
+
+
+def build_discriminator(classifier):
+    """ProoD's discriminator: classifier's network with two outputs (0: out, 1: in distribution).
+
+    Its hidden layers start from classifier's weights (features that already tell digits
+    apart), its logits layer fresh; it is a model of build_model's shape, so the trainer and
+    the interval bounds take it as they take any classifier.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=classifier.input_shape[1:], name="input")
+    hidden = inputs
+    for layer in _chain_layers(classifier):
+        if layer.name == "logits":
+            break
+        copy = type(layer).from_config(layer.get_config())
+        hidden = copy(hidden)
+        copy.set_weights(layer.get_weights())
+    logits = layers.Dense(2, name="logits", dtype="float32")(hidden)
+    outputs = layers.Activation("softmax", name="softmax", dtype="float32")(logits)
+    return keras.Model(inputs, outputs, name="discriminator")
+
+
+def combine_with_discriminator(classifier, discriminator):
+    """One Keras model of p(y|x) = p(in|x) p(y|x, in) + (1 - p(in|x)) / K (Meinke et al., ProoD, 2022).
+
+    p(y|x, in) is the classifier's softmax, p(in|x) = sigmoid(s_in - s_out) the discriminator's.
+    Its logits layer outputs log p(y|x), so that its softmax is p(y|x) itself and every attack,
+    backwork and bound reads it as any model's scores; argmax p(y|x) is the classifier's
+    wherever p(in|x) is not lost to float32 rounding (above about 1e-7; a digit the discriminator
+    rejects that firmly gets 1/K for every class), so its accuracy is the classifier's. Built from Keras' own layers only
+    (log p as logaddexp(log p_in + log q_y, log p_out - log K), with logaddexp(u, v) =
+    v + relu(u - v) + softplus(-|u - v|)), so keras.models.load_model reads the saved file
+    without custom objects or unsafe deserialisation.
+    """
+    import keras
+    from keras import layers
+
+    def combining(name):
+        return COMBINE_PREFIX + name
+
+    def negated(tensor, name):
+        return layers.Rescaling(-1.0, name=combining(name), dtype="float32")(tensor)
+
+    num_classes = classifier.output_shape[-1]
+    inputs = keras.Input(shape=classifier.input_shape[1:], name="input")
+    class_scores = _copy_chain(classifier, inputs, lambda name: CLASS_LOGITS if name == "logits" else name)
+    in_out_scores = _copy_chain(discriminator, inputs, lambda name: DISCRIMINATOR_PREFIX + name)
+    difference = layers.Dense(1, use_bias=False, trainable=False, name=combining("in_minus_out"), dtype="float32")
+    in_minus_out = difference(in_out_scores)
+    difference.set_weights([np.array([[-1.0], [1.0]], np.float32)])
+    log_in = layers.Activation("log_sigmoid", name=combining("log_p_in"), dtype="float32")(in_minus_out)
+    log_out = layers.Activation("log_sigmoid", name=combining("log_p_out"), dtype="float32")(
+        negated(in_minus_out, "out_minus_in"))
+    log_out_share = layers.Rescaling(1.0, offset=-math.log(num_classes), name=combining("log_p_out_share"),
+                                     dtype="float32")(log_out)
+    log_class = layers.Activation("log_softmax", name=combining("log_q"), dtype="float32")(class_scores)
+    log_in_share = layers.Add(name=combining("log_p_in_q"), dtype="float32")([log_in, log_class])
+    gap = layers.Subtract(name=combining("gap"), dtype="float32")([log_in_share, log_out_share])
+    rise = layers.Activation("relu", name=combining("rise"), dtype="float32")(gap)
+    fall = layers.Activation("relu", name=combining("fall"), dtype="float32")(negated(gap, "negated_gap"))
+    size = layers.Add(name=combining("size"), dtype="float32")([rise, fall])
+    tail = layers.Activation("softplus", name=combining("tail"), dtype="float32")(negated(size, "negated_size"))
+    log_probabilities = layers.Add(name="logits", dtype="float32")([log_out_share, rise, tail])
+    outputs = layers.Activation("softmax", name="softmax", dtype="float32")(log_probabilities)
+    return keras.Model(inputs, outputs, name="prood")
+
+
+def is_combined(model):
+    """Whether model is combine_with_discriminator's (a classifier with a discriminator)."""
+    return any(layer.name == CLASS_LOGITS for layer in model.layers)
+
+
+def combined_parts(model):
+    """(classifier layers, discriminator layers) of a combined model, each in order up to its logits."""
+    chain = _chain_layers(model)
+    discriminator = [layer for layer in chain if layer.name.startswith(DISCRIMINATOR_PREFIX)]
+    classifier = [layer for layer in chain if not layer.name.startswith((DISCRIMINATOR_PREFIX, COMBINE_PREFIX))
+                  and layer.name not in ("logits", "softmax")]
+    return classifier, discriminator
+
 
 def logits_model(model):
     """A view of model that outputs the class scores before softmax, sharing its weights."""

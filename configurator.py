@@ -36,7 +36,7 @@ PRECISION_POLICIES = ("none", "mixed_bfloat16")
 PRECISION_SETTINGS = (*PRECISION_POLICIES, "auto")  # train.mixed_precision; cnn.resolve_precision turns "auto" into a policy
 BACKWORK_LOSSES = ("probability", "log_probability", "margin")  # backwork.loss (backwork_cost.label_loss)
 ATTACKS = BACKWORK_LOSSES + ("pgd", "square", "transfer")  # augment.attacks (attacks.py)
-DEFENCE_TERMS = ("outlier_exposure", "acet", "good")  # the defences that train with a loss term (defences.py)
+DEFENCE_TERMS = ("outlier_exposure", "acet", "good", "prood")  # the defences that train with a loss term (defences.py)
 DEFENCE_METHODS = ("none", *DEFENCE_TERMS)  # defence.method (proc_mnist.py)
 OUTLIER_SOURCES = ("photos", "letters", "noise")  # defence.outlier_sources (defences.outlier_pool)
 DEFENCES = ("uniform", "extra_class", "control", *DEFENCE_TERMS)  # augment.target (preprocess_data.py)
@@ -248,6 +248,7 @@ VALUE_RULES = {
     "defence.outlier_exposure_weight": _AT_LEAST_ZERO,
     "defence.acet_weight": _AT_LEAST_ZERO,
     "defence.good_weight": _AT_LEAST_ZERO,
+    "defence.prood_weight": _AT_LEAST_ZERO,
     "defence.outlier_batch": _between(1, 100_000),
     "defence.outlier_sources": _rule(lambda names: 0 < len(names) and set(names) <= set(OUTLIER_SOURCES)
                                      and len(set(names)) == len(names),

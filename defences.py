@@ -14,6 +14,11 @@ study's retraining (preprocess_data.py --target) run every one through the same 
 - good (Bitterwolf, Meinke and Hein, NeurIPS 2020): each step draws outliers from the pool and
   lowers an interval bound on the logits over the eps-ball around each (good_loss): a
   certificate that holds against every attack, not one attack's failure.
+- prood (Meinke, Bitterwolf and Hein, NeurIPS 2022): the classifier is left as it is; a
+  discriminator (in or out of distribution) is trained beside it, the pool's outliers on an
+  interval bound over their balls (discriminator_loss), and the two are combined into one model,
+  p(y|x) = p(in|x) p(y|x, in) + (1 - p(in|x)) / K (with_discriminator; cnn.combine_with_discriminator).
+  GOOD's bound costs the classifier accuracy; this one cannot, since argmax p(y|x) is the classifier's.
 
 Their parameters are the [defence] keys of configs/default.toml, the one place of their
 defaults, checked by configurator's value rules as each function starts. Every draw is seeded
@@ -44,6 +49,7 @@ PARAMETERS = {
     "acet": ("acet_weight", "outlier_batch", "eps", "attack_steps", "attack_step_size", "seed"),
     "good": ("good_weight", "outlier_batch", "outlier_sources", "eps", "ramp_fraction", "certified_fraction",
              "seed"),
+    "prood": ("prood_weight", "outlier_batch", "outlier_sources", "eps", "ramp_fraction", "seed"),
 }
 
 
@@ -341,13 +347,88 @@ def good(model, training_images, parameters=None, num_steps=None):
                              weight=section["good_weight"])
 
 
+def discriminator_loss(discriminator, images, eps):
+    """ProoD's loss of each outlier (N,): -log p(out) at the worst point of its eps-ball, as the bound sees it.
+
+    softplus(upper(s_in - s_out)) over the ball (interval_bounds): at most the cross-entropy of the
+    "out" label at every point of the ball, so lowering it lowers a certified bound on p(in).
+    """
+    import tensorflow as tf
+
+    lower, upper = tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
+    differences = interval_bounds.logit_difference_bounds_tensor(discriminator, lower, upper)  # (N, 2, 2)
+    return tf.math.softplus(differences[:, 1, 0])
+
+
+def prood(discriminator, training_images, parameters=None, num_steps=None):
+    """The extra term of ProoD's discriminator: each step's outliers (outlier_pool) towards "out", on the bound.
+
+    Reads prood_weight, outlier_batch, outlier_sources, eps, ramp_fraction and seed of parameters
+    ([defence] keys). discriminator is cnn.build_discriminator's (output 1: in distribution); its
+    class images are the training digits, all labelled "in" (with_discriminator does that).
+    """
+    section = _parameters("prood", parameters)
+    if section["ramp_fraction"] > 0 and not num_steps:
+        raise ValueError("prood needs num_steps (the run's step count) to ramp eps over")
+    interval_bounds.check_model_supported(discriminator)
+    pool = outlier_pool(discriminator.input_shape[1:], section["outlier_sources"], section["seed"], training_images)
+    ramp_steps = section["ramp_fraction"] * (num_steps or 0)
+
+    def loss(logits, images):  # Called in the training step, where the discriminator has its optimizer.
+        return discriminator_loss(discriminator, images,
+                                  ramped_eps(discriminator.optimizer.iterations, section["eps"], ramp_steps))
+
+    return trainer.ExtraTerm(draw=_pool_draw(pool, section["outlier_batch"], section["seed"]), loss=loss,
+                             weight=section["prood_weight"])
+
+
+def _in_distribution(data):
+    """data with every label "in" (1 of 2 outputs): the discriminator's class images are the training data."""
+    relabelled = dict(data)
+    for split in ("train", "val", "test"):
+        if f"y_{split}" in data:
+            relabelled[f"y_{split}"] = np.ones(len(data[f"y_{split}"]), np.int64)
+    return relabelled
+
+
+def with_discriminator(classifier, data, config, progress=print, writer=None):
+    """ProoD: a discriminator trained beside the unchanged classifier; returns (combined model or None, metrics).
+
+    The discriminator (cnn.build_discriminator: classifier's network, starting from its weights)
+    trains for train.num_steps steps with config's [train] schedule, the training digits labelled
+    "in" and the outlier pool on the bound (prood). metrics are the trainer's, with test_accuracy
+    the combined model's (the classifier's) and in_fraction the share of test digits the
+    discriminator calls "in"; the model is None where that training was interrupted or diverged.
+    """
+    if cnn.precision_of(classifier) != "none":
+        raise UserError(f"defence 'prood' bounds its discriminator in float32, but the classifier computes in "
+                        f"{cnn.precision_of(classifier)}; set train.mixed_precision = \"none\"")
+    section = config["train"]
+    discriminator = cnn.build_discriminator(classifier)
+    trainer.compile_for_training(discriminator, trainer.learning_rate_schedule(section))
+    term = prood(discriminator, data["x_train"], config["defence"], section["num_steps"])
+    progress(f"prood: training a discriminator beside the classifier for {section['num_steps']} steps, "
+             f"{config['defence']['outlier_batch']} outliers a step on the eps-ball bound")
+    discriminator, metrics = trainer.train(_in_distribution(data), config, model=discriminator, progress=progress,
+                                           writer=writer, extra_term=term)
+    metrics["in_fraction"] = metrics["test_accuracy"]
+    if metrics["interrupted"] or metrics["diverged"]:
+        return None, metrics
+    combined = cnn.combine_with_discriminator(classifier, discriminator)
+    if "x_test" in data:
+        metrics["test_accuracy"] = trainer.accuracy(combined, data["x_test"], data["y_test"])
+    return combined, metrics
+
+
 TERMS = {"outlier_exposure": outlier_exposure, "acet": acet, "good": good}
+CLASSIFIER_KEPT = ("prood",)  # Defences that leave the classifier's training alone (with_discriminator).
 
 
 def make_term(method, model, training_images, section, num_steps):
-    """The trainer.ExtraTerm of defence method ("none": None) for model, from the [defence] section (or a
-    part of it: the keys it lacks take their defaults); the keys the method does not read are left out."""
-    if method == "none":
+    """The trainer.ExtraTerm of defence method ("none", or one that keeps the classifier: None) for model, from
+    the [defence] section (or a part of it: the keys it lacks take their defaults); the keys the method does
+    not read are left out."""
+    if method == "none" or method in CLASSIFIER_KEPT:
         return None
     parameters = {key: value for key, value in section.items() if key in PARAMETERS[method]}
     return TERMS[method](model, training_images, parameters, num_steps)

@@ -40,6 +40,12 @@ to a hundred or so. A model with an extra "none" output (K + 1 logits) needs not
 the bounds are over its full softmax, and confidence_upper_bounds takes the maximum over the
 first num_classes outputs only.
 
+A classifier combined with a discriminator (ProoD; cnn.combine_with_discriminator) is bounded
+branch by branch: p(y|x) = p_in q_y + (1 - p_in) / K, with q_y <= the classifier's bound and p_in
+between sigmoid of the discriminator's lower and upper bound of s_in - s_out, is at most its value
+at one end of that interval (it is linear in p_in). The discriminator, trained on this bound, is
+what makes it tight; the classifier's own bound may stay 1.
+
 The NumPy entries (probability_upper_bounds, confidence_upper_bounds, logit_bounds) judge a
 model; the tensor entries (logit_difference_bounds_tensor, confidence_bound_tensor) are the same
 bounds as TensorFlow ops, for a training loss that takes their gradient (defences.good).
@@ -113,6 +119,15 @@ def _layer_chain(model):
         raise UserError(f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
                         "outputs; interval bounds need one of each, as cnn.build_model makes")
     chain = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
+    _check_follows(model, chain)
+    if not chain or chain[-1].output is not model.outputs[0]:
+        raise UserError(f"model '{model.name}' does not output its last layer; interval bounds need a "
+                        "chain of layers, as cnn.build_model makes")
+    return chain
+
+
+def _check_follows(model, chain):
+    """Refuse a list of layers of model in which one does not simply take the previous one's output."""
     previous_output = model.inputs[0]
     for layer in chain:
         try:
@@ -124,10 +139,6 @@ def _layer_chain(model):
                             "before it (a branch or a shared layer); interval bounds need a chain of "
                             "layers, as cnn.build_model makes")
         previous_output = layer.output
-    if not chain or chain[-1].output is not model.outputs[0]:
-        raise UserError(f"model '{model.name}' does not output its last layer; interval bounds need a "
-                        "chain of layers, as cnn.build_model makes")
-    return chain
 
 
 def _bound_functions():
@@ -166,24 +177,47 @@ def _supported_step(layer, bound_functions):
 
 
 def check_model_supported(model):
-    """The bound plan for model: its hidden (layer, bound function) steps and its logits layer.
+    """The bound plan for model, refused in one line before any work where a layer has no bound.
 
-    Refuses in one line, before any work, a model that is not a chain ending in a Dense layer
-    without activation followed by a softmax Activation, or that has a layer with no bound.
+    A model of build_model's shape gives (hidden (layer, bound function) steps, its logits layer):
+    a chain ending in a Dense layer without activation followed by a softmax Activation. A
+    classifier combined with a discriminator (cnn.combine_with_discriminator) gives
+    {"classifier": plan, "discriminator": plan}, one chain plan for each branch.
     """
+    if cnn.is_combined(model):
+        classifier, discriminator = cnn.combined_parts(model)
+        return {"classifier": _chain_plan(model, classifier), "discriminator": _chain_plan(model, discriminator)}
     from keras import layers
 
     chain = _layer_chain(model)
     ending = chain[-2:]
-    if (len(ending) != 2 or type(ending[0]) is not layers.Dense or type(ending[1]) is not layers.Activation
-            or getattr(ending[0].activation, "__name__", "") != "linear"
+    if (len(ending) != 2 or type(ending[1]) is not layers.Activation
             or getattr(ending[1].activation, "__name__", "") != "softmax"):
         raise UserError(f"model '{model.name}' does not end in a Dense layer of logits followed by a softmax "
                         "Activation; certified probabilities need that ending, as cnn.build_model makes")
+    return _chain_plan(model, chain[:-1])
+
+
+def _chain_plan(model, chain):
+    """(steps, logits layer) of chain, layers of model from its input to a Dense layer of logits."""
+    from keras import layers
+
+    _check_follows(model, chain)
+    if not chain or type(chain[-1]) is not layers.Dense or getattr(chain[-1].activation, "__name__", "") != "linear":
+        raise UserError(f"model '{model.name}' does not end in a Dense layer of logits followed by a softmax "
+                        "Activation; certified probabilities need that ending, as cnn.build_model makes")
     bound_functions = _bound_functions()
-    steps = [_supported_step(layer, bound_functions) for layer in chain[:-2]]
-    logits_layer = _supported_step(ending[0], bound_functions)[0]
-    return steps, logits_layer
+    steps = [_supported_step(layer, bound_functions) for layer in chain[:-1]]
+    return steps, _supported_step(chain[-1], bound_functions)[0]
+
+
+def _chain_plan_only(model):
+    """check_model_supported's plan of a model of build_model's shape; refuses a combined model."""
+    plan = check_model_supported(model)
+    if isinstance(plan, dict):
+        raise UserError(f"model '{model.name}' combines a classifier with a discriminator: its outputs are "
+                        "log-probabilities, not logits; bound its probabilities (probability_upper_bounds)")
+    return plan
 
 
 # ------------------------------------------------------------------- one function per layer kind
@@ -299,6 +333,40 @@ def _propagate(steps, lower, upper):
     return lower, upper
 
 
+def _chain_difference_bounds(plan, lower, upper):
+    """(N, K, K): upper bounds of z_k - z_j of a chain plan over the box of its inputs."""
+    steps, logits_layer = plan
+    return _logit_difference_bounds(logits_layer, *_propagate(steps, lower, upper))
+
+
+def _combined_log_probability_bounds(plan, lower, upper):
+    """(N, K): log p(y|x) bounds of a classifier combined with a discriminator (cnn.combine_with_discriminator).
+
+    p(y|x) = p_in q_y + (1 - p_in) / K is linear in p_in (coefficient q_y - 1/K) and increasing in
+    q_y, so over the box it is at most the larger of its values at the two ends of p_in's interval,
+    [sigmoid(lower(s_in - s_out)), sigmoid(upper(s_in - s_out))], with q_y at its own upper bound.
+    """
+    import tensorflow as tf
+
+    class_bounds = _log_probability_bounds(_chain_difference_bounds(plan["classifier"], lower, upper))  # (N, K)
+    in_out = _chain_difference_bounds(plan["discriminator"], lower, upper)  # (N, 2, 2); 1 is "in"
+    log_share = -np.log(float(class_bounds.shape[1]))
+
+    def mixture(in_minus_out):  # log(p_in q + (1 - p_in) / K) at one end, (N, K)
+        return tf.math.reduce_logsumexp(tf.stack([tf.math.log_sigmoid(in_minus_out)[:, None] + class_bounds,
+                                                  tf.math.log_sigmoid(-in_minus_out)[:, None] + log_share
+                                                  + tf.zeros_like(class_bounds)]), axis=0)
+
+    return tf.maximum(mixture(in_out[:, 1, 0]), mixture(-in_out[:, 0, 1]))
+
+
+def _log_probability_upper(plan, lower, upper):
+    """(N, K): upper bounds on log p_k over the box, for either kind of plan check_model_supported gives."""
+    if isinstance(plan, dict):
+        return _combined_log_probability_bounds(plan, lower, upper)
+    return _log_probability_bounds(_chain_difference_bounds(plan, lower, upper))
+
+
 def logit_difference_bounds_tensor(model, lower, upper):
     """(N, K, K) tensor: [n, k, j] bounds z_k - z_j from above over the box [lower, upper] of inputs.
 
@@ -308,9 +376,7 @@ def logit_difference_bounds_tensor(model, lower, upper):
     (a mixed-precision layer would round the bounds to bfloat16); batch normalisation is
     bounded with its moving statistics, as at inference.
     """
-    steps, logits_layer = check_model_supported(model)
-    lower, upper = _propagate(steps, lower, upper)
-    return _logit_difference_bounds(logits_layer, lower, upper)
+    return _chain_difference_bounds(_chain_plan_only(model), lower, upper)
 
 
 def confidence_bound_tensor(model, lower, upper, num_classes=None):
@@ -321,35 +387,39 @@ def confidence_bound_tensor(model, lower, upper, num_classes=None):
     """
     import tensorflow as tf
 
-    log_bounds = _log_probability_bounds(logit_difference_bounds_tensor(model, lower, upper))  # (N, K)
+    log_bounds = _log_probability_upper(check_model_supported(model), lower, upper)  # (N, K)
     return tf.reduce_max(log_bounds[:, :num_classes], axis=1)
 
 
 @functools.lru_cache(maxsize=4)
 def _compiled_bounds(model):
-    """One tf.function (images, eps) -> (logit lower, logit upper, probability upper) for a float32 model.
+    """One tf.function (images, eps) -> {"probability_upper": (batch, K)}, with "logit_lower" and
+    "logit_upper" for a model of build_model's shape, for a float32 model.
 
     Compiled once per model (the cache keeps the last few); it reads the model's variables when
     run, so bounds follow weights that change in training.
     """
     import tensorflow as tf
 
-    steps, logits_layer = check_model_supported(model)
+    plan = check_model_supported(model)
     signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32), tf.TensorSpec([], tf.float32)]
 
     @tf.function(input_signature=signature, jit_compile=False)
     def bounds(images, eps):  # (batch, H, W, C), ()
-        lower, upper = _propagate(steps, tf.clip_by_value(images - eps, 0.0, 1.0),
-                                  tf.clip_by_value(images + eps, 0.0, 1.0))
+        lower, upper = tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
+        if isinstance(plan, dict):
+            return {"probability_upper": tf.exp(_combined_log_probability_bounds(plan, lower, upper))}
+        steps, logits_layer = plan
+        lower, upper = _propagate(steps, lower, upper)
         logit_lower, logit_upper = _bound_dense(logits_layer, lower, upper)  # (batch, K) each
         probability_upper = tf.exp(_log_probability_bounds(_logit_difference_bounds(logits_layer, lower, upper)))
-        return logit_lower, logit_upper, probability_upper
+        return {"logit_lower": logit_lower, "logit_upper": logit_upper, "probability_upper": probability_upper}
 
     return bounds
 
 
 def _all_bounds(model, images, eps, batch_size):
-    """(logit lower, logit upper, probability upper), NumPy (N, K) float32 each, a batch at a time."""
+    """{name: NumPy (N, K) float32} of _compiled_bounds, a batch at a time."""
     radius = check_radius(eps, allow_zero=True)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"batch_size {batch_size!r} must be a positive int; set it to e.g. {DEFAULT_BATCH_SIZE}")
@@ -357,16 +427,16 @@ def _all_bounds(model, images, eps, batch_size):
     bounds = _compiled_bounds(model)
     images = _checked_images(model, images)
     classes = model.output_shape[-1]
-    if not len(images):
-        return tuple(np.zeros((0, classes), np.float32) for _ in range(3))
     parts = [bounds(images[start:start + batch_size], np.float32(radius))
              for start in range(0, len(images), batch_size)]
-    return tuple(np.concatenate([np.asarray(part[index]) for part in parts]) for index in range(3))
+    if not parts:
+        return {name: np.zeros((0, classes), np.float32) for name in ("logit_lower", "logit_upper", "probability_upper")}
+    return {name: np.concatenate([np.asarray(part[name]) for part in parts]) for name in parts[0]}
 
 
 def probability_upper_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
     """(N, K) float32: a certified upper bound on each class probability over each image's eps-ball in [0, 1]."""
-    return _all_bounds(model, images, eps, batch_size)[2]
+    return _all_bounds(model, images, eps, batch_size)["probability_upper"]
 
 
 def confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEFAULT_BATCH_SIZE):
@@ -399,5 +469,6 @@ def log_confidence_upper_bounds(model, images, eps, num_classes=None, batch_size
 
 def logit_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
     """(lower, upper), (N, K) float32 each: plain interval bounds on the logits over each image's ball."""
-    lower, upper, _ = _all_bounds(model, images, eps, batch_size)
-    return lower, upper
+    _chain_plan_only(model)
+    bounds = _all_bounds(model, images, eps, batch_size)
+    return bounds["logit_lower"], bounds["logit_upper"]

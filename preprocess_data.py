@@ -2,7 +2,7 @@
 
     python preprocess_data.py --results runs/default/backwork --model runs/default/model.keras
                               [CONFIG] [--data PATH] [--out DIR] [--steps N] [--from-scratch]
-                              [--rounds K] [--target uniform|extra_class|control|outlier_exposure|acet|good]
+                              [--rounds K] [--target uniform|extra_class|control|outlier_exposure|acet|good|prood]
                               [--seed N] [--ood NPZ] [--transfer-from MODEL]
     python preprocess_data.py --judge --model runs/default/model.keras [--ood NPZ] [CONFIG] [--out DIR]
 
@@ -17,7 +17,9 @@ line of the rounds code and differ only in what "none" means (augment.target):
 - control: the same rounds of retraining with nothing added, so that a drop in fooling
   is credited to a defence only beyond what more training alone does;
 - outlier_exposure, acet, good: the control's retraining plus that defence's loss term on an
-  extra batch in every step (defences.py, its [defence] keys).
+  extra batch in every step (defences.py, its [defence] keys);
+- prood: the classifier left as it is and a discriminator trained beside it for the round's
+  steps, the two combined into one model (defences.with_discriminator); one round only.
 
 Every image of a study is made with one [backwork] setting: fooling images made with
 another (a different loss or save_freq, say) are refused with the --set that matches them.
@@ -209,6 +211,9 @@ def retrain(model, data, config, round_index, progress=print):
         train_options["num_steps"] = augment["retrain_steps"]
         train_options["warmup_steps"] = min(train_options["warmup_steps"], augment["retrain_steps"] - 1)
         model = trainer.compile_for_training(model, trainer.learning_rate_schedule(train_options))
+    if augment["target"] in defences.CLASSIFIER_KEPT:
+        defence = {**config["defence"], "seed": config["defence"]["seed"] + round_index}
+        return defences.with_discriminator(model, data, {**config, "train": train_options, "defence": defence}, progress)
     extra_term = defences.study_term(model, data, config, round_index, train_options["num_steps"])
     model, metrics = trainer.train(data, {**config, "train": train_options}, model=model, progress=progress,
                                    extra_term=extra_term)
@@ -421,6 +426,7 @@ def resolve_config(args):
         raise UserError("augment.heldout_seed must differ from backwork.seed, or the held-out set repeats "
                         "the trained-on one; change either")
     check_train_on(config["augment"])
+    check_classifier_kept(config["augment"])
     defences.check_config(config, config["augment"]["target"])
     return drop_unreachable_budgets(config)
 
@@ -434,6 +440,17 @@ def check_train_on(augment):
     if augment["train_on"] != "strongest" and augment["train_on"] not in augment["attacks"]:
         raise UserError(f"augment.train_on = {augment['train_on']!r} is not in augment.attacks {augment['attacks']}; "
                         "add it there or use train_on = \"strongest\"")
+
+
+def check_classifier_kept(augment):
+    """Refuse what a defence that keeps the classifier (prood) cannot do: a second round, or training afresh."""
+    if augment["target"] not in defences.CLASSIFIER_KEPT:
+        return
+    if augment["rounds"] != 1:
+        raise UserError(f"--target {augment['target']} trains its discriminator once, beside the classifier; "
+                        f"use --rounds 1 (not {augment['rounds']})")
+    if augment["from_scratch"]:
+        raise UserError(f"--target {augment['target']} keeps the classifier as it is; drop --from-scratch")
 
 
 def drop_unreachable_budgets(config):

@@ -180,6 +180,7 @@ def main(argv=None):
     with common.summary_writer(log_dir) if chief else contextlib.nullcontext() as writer:
         model, metrics = trainer.train_prepared(data, config, model=model, writer=writer, strategy=strategy,
                                                 extra_term=extra_term)  # SIGTERM is Ctrl-C.
+        model = _with_discriminator(model, data, config, metrics, writer)
     with common.InterruptsDeferred() as deferred:
         return _finish(out_dir, model, config, _merge_sessions(earlier, metrics), earlier, deferred, chief)
 
@@ -192,6 +193,24 @@ def _with_defence(model, data, config):
     print(f"defence: {method} (defences.py), every step with {config['defence']['outlier_batch']} extra images")
     model = trainer.model_to_train(model, config, data)  # Defences train on one device: no strategy scope.
     return model, defences.make_term(method, model, data["x_train"], config["defence"], config["train"]["num_steps"])
+
+
+def _with_discriminator(model, data, config, metrics, writer):
+    """defence.method "prood": the trained classifier combined with a discriminator trained beside it
+    (defences.with_discriminator; its metrics in metrics["discriminator"]); else model as it is.
+    A classifier whose training stopped early, or a discriminator's that did, leaves the classifier alone."""
+    if config["defence"]["method"] not in defences.CLASSIFIER_KEPT or metrics["interrupted"] or metrics["diverged"] \
+            or metrics["worker_failed"]:
+        return model
+    combined, metrics["discriminator"] = defences.with_discriminator(model, data, config, writer=writer)
+    if combined is None:
+        metrics["interrupted"] = True
+        print("the discriminator's training stopped: model.keras is the classifier alone; train one beside it "
+              "with preprocess_data.py --target prood --rounds 1", file=sys.stderr)
+        return model
+    print(f"prood: {metrics['discriminator']['in_fraction']:.2%} of the test digits are \"in\" for the "
+          f"discriminator ({common.format_seconds(metrics['discriminator']['seconds'])})")
+    return combined
 
 
 def _resumed(out_dir, data, section, earlier):
