@@ -403,7 +403,10 @@ def with_discriminator(classifier, data, config, progress=print, writer=None):
     if cnn.precision_of(classifier) != "none":
         raise UserError(f"defence 'prood' bounds its discriminator in float32, but the classifier computes in "
                         f"{cnn.precision_of(classifier)}; set train.mixed_precision = \"none\"")
+    import keras
+
     section = config["train"]
+    keras.utils.set_random_seed(section["seed"])  # The discriminator's new logits layer: a seeded run repeats.
     discriminator = cnn.build_discriminator(classifier)
     trainer.compile_for_training(discriminator, trainer.learning_rate_schedule(section))
     term = prood(discriminator, data["x_train"], config["defence"], section["num_steps"])

@@ -83,7 +83,12 @@ def _guided_layer(layer):
 
 
 def _score_model(model):
-    """The model up to its class scores (the logits layer), sharing its layers and weights."""
+    """The model up to its class scores (the logits layer), sharing its layers and weights; for a classifier
+    combined with a discriminator (ProoD), the classifier's scores, which decide its class."""
+    if cnn.is_combined(model):
+        import keras
+
+        return keras.Model(model.input, model.get_layer(cnn.CLASS_LOGITS).output)
     try:
         return cnn.logits_model(model)
     except ValueError:

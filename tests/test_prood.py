@@ -95,6 +95,15 @@ def test_the_combined_model_saves_and_loads_in_plain_keras(classifier, combined,
     assert cnn.input_gradient_model(loaded)(images).shape == (16, 10)
 
 
+def test_saliency_of_the_combined_model_is_its_classifier_s(classifier, combined, tiny_data):
+    import guided_backprop
+
+    model, _ = combined
+    images, labels = tiny_data["x_test"][:6], tiny_data["y_test"][:6]
+    for method in (guided_backprop.guided_backprop, guided_backprop.vanilla_gradient):
+        np.testing.assert_allclose(method(model, images, labels), method(classifier, images, labels), atol=1e-6)
+
+
 @pytest.mark.parametrize("eps", [0.1, 0.005])
 def test_the_certified_bound_lies_above_every_sampled_and_attacked_point(combined, tiny_data, eps):
     import tensorflow as tf
@@ -147,12 +156,13 @@ def test_the_discriminator_loss_is_the_out_cross_entropy_at_the_bound_by_hand():
 def test_training_the_discriminator_lowers_the_certified_confidence_on_noise_and_keeps_accuracy(classifier,
                                                                                                  tiny_data):
     config = configurator.merge_config(configurator.default_config(), tiny_options(num_steps=120), "test")
-    config["defence"].update(outlier_batch=20, eps=0.1, outlier_sources=["noise", "letters"])
+    # The tiny task's digits are a bar on faint noise: a ball wider than 0.05 around noise reaches them.
+    config["defence"].update(outlier_batch=20, eps=0.05, outlier_sources=["noise", "letters"])
     model, metrics = defences.with_discriminator(classifier, tiny_data, config, **SILENT)
     noise = np.concatenate([ood_sets.noise_images(family, 100, SHAPE, seed=9) for family in ("uniform", "gaussian")])
-    before = interval_bounds.confidence_upper_bounds(classifier, noise, 0.1)
-    after = interval_bounds.confidence_upper_bounds(model, noise, 0.1)
-    assert np.median(before) > 0.9 and np.median(after) < 0.5, (np.median(before), np.median(after))
+    before = interval_bounds.confidence_upper_bounds(classifier, noise, 0.05)
+    after = interval_bounds.confidence_upper_bounds(model, noise, 0.05)
+    assert np.median(before) > 0.9 and np.median(after) < 0.3, (np.median(before), np.median(after))
     assert metrics["test_accuracy"] == trainer.accuracy(classifier, tiny_data["x_test"], tiny_data["y_test"])
     assert metrics["in_fraction"] > 0.9  # The test digits stay "in".
     assert metrics["steps"] == 120
