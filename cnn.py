@@ -186,11 +186,12 @@ def _chain_layers(model):
     return [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
 
 
-def _copy_chain(model, tensor, names):
-    """Fresh copies of model's layers up to its logits (its softmax left out), named by names(name),
-    applied to tensor with model's weights; returns the copied logits' output."""
+def _copy_chain(model, tensor, names, stop="softmax"):
+    """Fresh copies of model's layers before the one named stop (by default its logits included, its
+    softmax left out), named by names(name), applied to tensor with model's weights; returns the last
+    copy's output."""
     for layer in _chain_layers(model):
-        if layer.name == "softmax":
+        if layer.name == stop:
             break
         copy = type(layer).from_config({**layer.get_config(), "name": names(layer.name)})
         tensor = copy(tensor)
@@ -209,13 +210,7 @@ def build_discriminator(classifier):
     from keras import layers
 
     inputs = keras.Input(shape=classifier.input_shape[1:], name="input")
-    hidden = inputs
-    for layer in _chain_layers(classifier):
-        if layer.name == "logits":
-            break
-        copy = type(layer).from_config(layer.get_config())
-        hidden = copy(hidden)
-        copy.set_weights(layer.get_weights())
+    hidden = _copy_chain(classifier, inputs, lambda name: name, stop="logits")
     logits = layers.Dense(2, name="logits", dtype="float32")(hidden)
     outputs = layers.Activation("softmax", name="softmax", dtype="float32")(logits)
     return keras.Model(inputs, outputs, name="discriminator")

@@ -299,6 +299,29 @@ def ramped_eps(step, eps, ramp_steps):
     return eps * tf.minimum(1.0, tf.cast(step, tf.float32) / ramp_steps)
 
 
+def _ball(images, eps):
+    """(lower, upper): the l-infinity ball of radius eps around images, clipped to the image box [0, 1]."""
+    import tensorflow as tf
+
+    return tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
+
+
+def _bound_term(method, model, training_images, section, num_steps, loss_at):
+    """The ExtraTerm of a defence trained on interval bounds (good, prood): each step's outliers drawn from
+    outlier_pool, loss_at(logits, images, eps) with eps ramped from 0 over ramp_fraction of num_steps."""
+    if section["ramp_fraction"] > 0 and not num_steps:
+        raise ValueError(f"{method} needs num_steps (the run's step count) to ramp eps over")
+    interval_bounds.check_model_supported(model)
+    pool = outlier_pool(model.input_shape[1:], section["outlier_sources"], section["seed"], training_images)
+    ramp_steps = section["ramp_fraction"] * (num_steps or 0)
+
+    def loss(logits, images):  # Called in the training step, where the model has its optimizer.
+        return loss_at(logits, images, ramped_eps(model.optimizer.iterations, section["eps"], ramp_steps))
+
+    return trainer.ExtraTerm(draw=_pool_draw(pool, section["outlier_batch"], section["seed"]), loss=loss,
+                             weight=section[f"{method}_weight"])
+
+
 def good_loss(model, logits, images, eps, certified_fraction):
     """GOOD's loss of each outlier (N,): log(1 + d^2 / 2), d a spread of its logits.
 
@@ -310,8 +333,7 @@ def good_loss(model, logits, images, eps, certified_fraction):
     """
     import tensorflow as tf
 
-    lower, upper = tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
-    differences = interval_bounds.logit_difference_bounds_tensor(model, lower, upper)  # (N, K, K)
+    differences = interval_bounds.logit_difference_bounds_tensor(model, *_ball(images, eps))  # (N, K, K)
     bound = tf.reduce_max(differences, axis=[1, 2])  # (N,), >= 0: the k = j terms are 0.
     spread = tf.reduce_max(logits, axis=1) - tf.reduce_min(logits, axis=1)
     count = tf.shape(bound)[0]
@@ -330,21 +352,12 @@ def good(model, training_images, parameters=None, num_steps=None):
     must be one they pass through, in float32.
     """
     section = _parameters("good", parameters)
-    if section["ramp_fraction"] > 0 and not num_steps:
-        raise ValueError("good needs num_steps (the run's step count) to ramp eps over")
-    interval_bounds.check_model_supported(model)
     if cnn.precision_of(model) != "none":
         raise UserError(f"defence 'good' bounds the model in float32, but it computes in {cnn.precision_of(model)}; "
                         "set train.mixed_precision = \"none\"")
-    pool = outlier_pool(model.input_shape[1:], section["outlier_sources"], section["seed"], training_images)
-    ramp_steps = section["ramp_fraction"] * (num_steps or 0)
-
-    def loss(logits, images):  # Called in the training step, where the model has its optimizer.
-        eps = ramped_eps(model.optimizer.iterations, section["eps"], ramp_steps)
-        return good_loss(model, logits, images, eps, section["certified_fraction"])
-
-    return trainer.ExtraTerm(draw=_pool_draw(pool, section["outlier_batch"], section["seed"]), loss=loss,
-                             weight=section["good_weight"])
+    return _bound_term("good", model, training_images, section, num_steps,
+                       lambda logits, images, eps: good_loss(model, logits, images, eps,
+                                                             section["certified_fraction"]))
 
 
 def discriminator_loss(discriminator, images, eps):
@@ -355,8 +368,7 @@ def discriminator_loss(discriminator, images, eps):
     """
     import tensorflow as tf
 
-    lower, upper = tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
-    differences = interval_bounds.logit_difference_bounds_tensor(discriminator, lower, upper)  # (N, 2, 2)
+    differences = interval_bounds.logit_difference_bounds_tensor(discriminator, *_ball(images, eps))  # (N, 2, 2)
     return tf.math.softplus(differences[:, 1, 0])
 
 
@@ -368,18 +380,8 @@ def prood(discriminator, training_images, parameters=None, num_steps=None):
     class images are the training digits, all labelled "in" (with_discriminator does that).
     """
     section = _parameters("prood", parameters)
-    if section["ramp_fraction"] > 0 and not num_steps:
-        raise ValueError("prood needs num_steps (the run's step count) to ramp eps over")
-    interval_bounds.check_model_supported(discriminator)
-    pool = outlier_pool(discriminator.input_shape[1:], section["outlier_sources"], section["seed"], training_images)
-    ramp_steps = section["ramp_fraction"] * (num_steps or 0)
-
-    def loss(logits, images):  # Called in the training step, where the discriminator has its optimizer.
-        return discriminator_loss(discriminator, images,
-                                  ramped_eps(discriminator.optimizer.iterations, section["eps"], ramp_steps))
-
-    return trainer.ExtraTerm(draw=_pool_draw(pool, section["outlier_batch"], section["seed"]), loss=loss,
-                             weight=section["prood_weight"])
+    return _bound_term("prood", discriminator, training_images, section, num_steps,
+                       lambda logits, images, eps: discriminator_loss(discriminator, images, eps))
 
 
 def _in_distribution(data):
