@@ -444,5 +444,9 @@ def study_term(model, data, config, round_index, num_steps):
     method = config["augment"]["target"]
     if method not in TERMS:
         return None
-    section = {**config["defence"], "seed": config["defence"]["seed"] + round_index}
-    return make_term(method, model, data["x_train"], section, num_steps)
+    return make_term(method, model, data["x_train"], round_section(config, round_index), num_steps)
+
+
+def round_section(config, round_index):
+    """The [defence] section of a study round: its draws seeded anew each round (defence.seed + round)."""
+    return {**config["defence"], "seed": config["defence"]["seed"] + round_index}

@@ -206,14 +206,15 @@ def retrain(model, data, config, round_index, progress=print):
         keras.utils.set_random_seed(train_options["seed"])
         model = keras.models.clone_model(model)
     else:
-        # A fresh optimizer (the original reloaded only the parameters) that restarts the step count,
-        # with the model's own schedule (train.schedule, warm-up) fitted to the retraining steps.
+        # The model's own schedule (train.schedule, warm-up) fitted to the retraining steps.
         train_options["num_steps"] = augment["retrain_steps"]
         train_options["warmup_steps"] = min(train_options["warmup_steps"], augment["retrain_steps"] - 1)
+    if augment["target"] in defences.CLASSIFIER_KEPT:  # The classifier is not trained: it needs no optimizer.
+        round_config = {**config, "train": train_options, "defence": defences.round_section(config, round_index)}
+        return defences.with_discriminator(model, data, round_config, progress)
+    if not augment["from_scratch"]:
+        # A fresh optimizer (the original reloaded only the parameters) that restarts the step count.
         model = trainer.compile_for_training(model, trainer.learning_rate_schedule(train_options))
-    if augment["target"] in defences.CLASSIFIER_KEPT:
-        defence = {**config["defence"], "seed": config["defence"]["seed"] + round_index}
-        return defences.with_discriminator(model, data, {**config, "train": train_options, "defence": defence}, progress)
     extra_term = defences.study_term(model, data, config, round_index, train_options["num_steps"])
     model, metrics = trainer.train(data, {**config, "train": train_options}, model=model, progress=progress,
                                    extra_term=extra_term)
