@@ -393,6 +393,13 @@ def _in_distribution(data):
     return relabelled
 
 
+def check_classifier_precision(classifier):
+    """Refuse, before any training, a classifier prood cannot sit beside: its discriminator is bounded in float32."""
+    if cnn.precision_of(classifier) != "none":
+        raise UserError(f"defence 'prood' bounds its discriminator in float32, but the classifier computes in "
+                        f"{cnn.precision_of(classifier)}; set train.mixed_precision = \"none\"")
+
+
 def with_discriminator(classifier, data, config, progress=print, writer=None):
     """ProoD: a discriminator trained beside the unchanged classifier; returns (combined model or None, metrics).
 
@@ -402,9 +409,7 @@ def with_discriminator(classifier, data, config, progress=print, writer=None):
     the combined model's (the classifier's) and in_fraction the share of test digits the
     discriminator calls "in"; the model is None where that training was interrupted or diverged.
     """
-    if cnn.precision_of(classifier) != "none":
-        raise UserError(f"defence 'prood' bounds its discriminator in float32, but the classifier computes in "
-                        f"{cnn.precision_of(classifier)}; set train.mixed_precision = \"none\"")
+    check_classifier_precision(classifier)
     import keras
 
     section = config["train"]

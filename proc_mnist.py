@@ -192,6 +192,8 @@ def _with_defence(model, data, config):
         return model, None
     print(f"defence: {method} (defences.py), every step with {config['defence']['outlier_batch']} extra images")
     model = trainer.model_to_train(model, config, data)  # Defences train on one device: no strategy scope.
+    if method in defences.CLASSIFIER_KEPT:  # Refused now, not after the classifier has trained.
+        defences.check_classifier_precision(model)
     return model, defences.make_term(method, model, data["x_train"], config["defence"], config["train"]["num_steps"])
 
 

@@ -201,3 +201,14 @@ def test_prood_refuses_what_it_cannot_do_in_one_line(tmp_path, flags, message):
                                             "--target", "prood", *flags])
     with pytest.raises(UserError, match=message):
         preprocess_data.resolve_config(args)
+
+
+def test_proc_mnist_refuses_prood_in_mixed_precision_before_training(tiny_npz, tmp_path):
+    config = configurator.merge_config(configurator.default_config(), tiny_options(20), "test")
+    config["data"]["validation_size"] = 100
+    config["defence"]["method"] = "prood"
+    config["train"].update(mixed_precision="mixed_bfloat16", mixed_precision_force=True)
+    (tmp_path / "prood.toml").write_text(configurator.dump_toml(config))
+    with pytest.raises(UserError, match="defence 'prood' bounds its discriminator in float32"):
+        proc_mnist.main([str(tmp_path / "prood.toml"), "--data", str(tiny_npz), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "model.keras").exists()
