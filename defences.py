@@ -189,32 +189,6 @@ def _permuted(images, key):
     return tf.reshape(tf.gather(flat, orders, batch_dims=1), [-1, height, width, channels])
 
 
-def _blur_matrices(size, widths):
-    """(N, size, size): row a of image n holds a Gaussian of width widths[n] around a, summing to 1."""
-    import tensorflow as tf
-
-    positions = tf.range(size, dtype=tf.float32)
-    squared_distances = tf.square(positions[:, None] - positions[None, :])  # (size, size)
-    weights = tf.exp(-squared_distances[None] / (2 * tf.square(widths)[:, None, None]))
-    return weights / tf.reduce_sum(weights, axis=2, keepdims=True)
-
-
-def _low_pass(images, widths):
-    """Each image (N, H, W, C) blurred by a Gaussian of its width (N,), then stretched to fill [0, 1].
-
-    The in-graph form of ood_sets.low_frequency_noise (whose edges reflect; here the kernel is
-    renormalised at the edge). The blur is separable: one matrix product down the rows, one across.
-    """
-    import tensorflow as tf
-
-    _, height, width, _ = images.shape
-    blurred = tf.einsum("nab,nbwc->nawc", _blur_matrices(height, widths), images)
-    blurred = tf.einsum("nvw,nhwc->nhvc", _blur_matrices(width, widths), blurred)
-    low = tf.reduce_min(blurred, axis=[1, 2, 3], keepdims=True)
-    high = tf.reduce_max(blurred, axis=[1, 2, 3], keepdims=True)
-    return (blurred - low) / tf.maximum(high - low, 1e-6)
-
-
 def noise_batch(key, count, shape, sources):
     """count noise images (count, H, W, C) float32 in [0, 1] as ACET draws them, in the graph.
 
@@ -231,7 +205,8 @@ def noise_batch(key, count, shape, sources):
     permuted = _permuted(tf.gather(sources, rows), keys[2])
     images = tf.where(tf.random.stateless_uniform([count, 1, 1, 1], keys[3]) < 0.5, uniform, permuted)
     widths = tf.random.stateless_uniform([count], keys[4], 1.0, 2.5) * min(height, width) / 28
-    return tf.where(tf.random.stateless_uniform([count, 1, 1, 1], keys[5]) < 0.5, _low_pass(images, widths), images)
+    blurred = ood_sets.low_pass(images, widths)  # The evaluation's low-frequency family uses the same blur.
+    return tf.where(tf.random.stateless_uniform([count, 1, 1, 1], keys[5]) < 0.5, blurred, images)
 
 
 def attack_in_ball(scores, images, eps, steps, step_size, key):

@@ -53,15 +53,48 @@ def low_frequency_noise(count, shape, rng):
     several sizes. Blurring alone would leave every pixel near 0.5; the stretch gives the
     images the contrast of the other families. Channels are blurred apart.
     """
-    from scipy import ndimage
-
     images = uniform_noise(count, shape, rng)
     widths = rng.uniform(1.0, 2.5, count) * min(shape[:2]) / 28
-    for index, width in enumerate(widths):
-        blurred = ndimage.gaussian_filter(images[index], sigma=(width, width, 0), mode="reflect")
-        low, high = blurred.min(), blurred.max()
-        images[index] = (blurred - low) / max(high - low, 1e-6)
-    return images
+    return low_pass(images, widths.astype(np.float32)).numpy()
+
+
+def _reflecting_blur_matrices(size, widths):
+    """(N, size, size): row a of matrix n is the Gaussian of width widths[n] centred on pixel a,
+    truncated at 4 widths, normalised, and folded back at the edges as scipy.ndimage's "reflect"
+    mode does (d c b a | a b c d | d c b a), so one matrix product is gaussian_filter1d."""
+    import tensorflow as tf
+
+    offsets = np.arange(-(size - 1), size)  # Every offset a kernel can reach inside one reflection.
+    reached = np.arange(size)[:, None] + offsets[None, :]  # (size, offsets): the unfolded pixel index
+    folded = np.where(reached < 0, -reached - 1, np.where(reached >= size, 2 * size - reached - 1, reached))
+    placement = tf.constant(np.eye(size, dtype=np.float32)[folded])  # (size, offsets, size), one-hot
+    widths = tf.convert_to_tensor(widths, tf.float32)
+    radius = tf.floor(4.0 * widths + 0.5)  # scipy's truncate = 4.0
+    distance = tf.constant(offsets, tf.float32)[None, :]
+    weights = tf.where(tf.abs(distance) <= radius[:, None],
+                       tf.exp(-0.5 * tf.square(distance) / tf.square(widths)[:, None]), 0.0)
+    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
+    return tf.einsum("nk,akb->nab", weights, placement)
+
+
+def low_pass(images, widths):
+    """Each image (N, H, W, C) blurred by a Gaussian of its own width (N,), then stretched to fill [0, 1].
+
+    The one blur of the project: low_frequency_noise calls it eagerly, ACET's in-graph noise
+    (defences.noise_batch) inside its compiled step. The blur is separable (one matrix product
+    down the columns, one along the rows) and equals scipy.ndimage.gaussian_filter with
+    mode="reflect" per image and channel (tests/test_ood_sets.py checks it against scipy), for
+    widths below a quarter of the image's side (a kernel folded back once; the families use at most 1/11).
+    """
+    import tensorflow as tf
+
+    images = tf.convert_to_tensor(images, tf.float32)
+    _, height, width, _ = images.shape
+    blurred = tf.einsum("nab,nbwc->nawc", _reflecting_blur_matrices(height, widths), images)
+    blurred = tf.einsum("nvw,nhwc->nhvc", _reflecting_blur_matrices(width, widths), blurred)
+    low = tf.reduce_min(blurred, axis=[1, 2, 3], keepdims=True)
+    high = tf.reduce_max(blurred, axis=[1, 2, 3], keepdims=True)
+    return (blurred - low) / tf.maximum(high - low, 1e-6)
 
 
 def permuted_images(count, shape, rng, source_images):

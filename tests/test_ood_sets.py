@@ -56,6 +56,19 @@ def test_low_frequency_noise_is_smooth_and_uses_the_full_range():
     assert np.allclose(smooth.min(axis=(1, 2, 3)), 0) and np.allclose(smooth.max(axis=(1, 2, 3)), 1)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_low_pass_is_scipys_reflecting_gaussian_filter_then_a_stretch(shape):
+    from scipy import ndimage
+
+    images = np.random.default_rng(3).uniform(0, 1, (4, *shape)).astype(np.float32)
+    widths = np.array([0.5, 1.0, 1.7, 2.5], np.float32) * min(shape[:2]) / 28  # low_frequency_noise's range
+    expected = []
+    for image, width in zip(images, widths):
+        blurred = ndimage.gaussian_filter(image.astype(np.float64), sigma=(width, width, 0), mode="reflect")
+        expected.append((blurred - blurred.min()) / (blurred.max() - blurred.min()))
+    np.testing.assert_allclose(ood_sets.low_pass(images, widths).numpy(), np.array(expected), atol=2e-5)
+
+
 def test_gaussian_noise_is_mid_grey_with_a_quarter_spread():
     images = ood_sets.noise_images("gaussian", 200, (28, 28, 1), 0)
     assert abs(images.mean() - 0.5) < 0.01 and 0.22 < images.std() < 0.26
