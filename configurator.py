@@ -258,6 +258,7 @@ VALUE_RULES = {
     "defence.attack_step_size": _POSITIVE,
     "defence.ramp_fraction": _between(0, 1),
     "defence.certified_fraction": _between(0, 1),
+    "defence.box_attack_fraction": _between(0, 1),
     "defence.seed": _SEED,
     "saliency.num": _between(1, 100_000),
     "saliency.label": _rule(lambda value: value >= -1, "a class (0 or more), or -1 for the predicted class"),

@@ -168,6 +168,26 @@ def test_training_the_discriminator_lowers_the_certified_confidence_on_noise_and
     assert metrics["steps"] == 120
 
 
+def test_the_box_attacked_share_is_noise_moved_towards_in_anywhere_in_the_image_box(classifier, tiny_data):
+    import tensorflow as tf
+
+    images = np.concatenate([tiny_data["x_test"][:20], ood_sets.noise_images("uniform", 20, SHAPE, seed=3)])
+    discriminator = random_discriminator(classifier, images)
+    parameters = {"outlier_batch": 8, "box_attack_fraction": 0.5, "attack_steps": 5, "attack_step_size": 0.1,
+                  "outlier_sources": ["noise", "letters"], "ramp_fraction": 0.0}
+    step = tf.constant(3, tf.int64)
+    drawn = defences.prood(discriminator, tiny_data["x_train"], parameters).draw(step).numpy()
+    plain = defences.prood(discriminator, tiny_data["x_train"], {**parameters, "box_attack_fraction": 0.0})
+    np.testing.assert_array_equal(drawn[:4], plain.draw(step).numpy()[4:])  # The pool's part, as ProoD draws it.
+    sources = tf.constant(defences._permutation_sources(tiny_data["x_train"], 0))
+    starts = defences.noise_batch(defences._key(0, step, defences.NOISE_STREAM), 4, SHAPE, sources).numpy()
+    attacked = drawn[4:]
+    assert attacked.min() >= 0 and attacked.max() <= 1
+    assert np.abs(attacked - starts).max() > 0.3  # No ball holds it: 5 steps of 0.1 move a pixel up to 0.5.
+    p_in = lambda batch: softmax(cnn.logits_model(discriminator)(batch))[:, 1]
+    assert np.all(p_in(attacked) > p_in(starts)), (p_in(starts), p_in(attacked))
+
+
 def test_proc_mnist_trains_the_classifier_then_its_discriminator(tiny_npz, tmp_path):
     import keras
 
