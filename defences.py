@@ -238,6 +238,7 @@ def ascend(scores, start, lower, upper, steps, step_size, objective=top_log_prob
         moved = points + step_size * tf.sign(tape.gradient(objective_sum, points))
         return step + 1, tf.clip_by_value(moved, lower, upper)
 
+    start = tf.convert_to_tensor(start, tf.float32)
     _, points = tf.while_loop(lambda step, points: step < steps, step_once, (tf.constant(0), start))
     return tf.stop_gradient(points)
 

@@ -188,6 +188,25 @@ def test_the_box_attacked_share_is_noise_moved_towards_in_anywhere_in_the_image_
     assert np.all(p_in(attacked) > p_in(starts)), (p_in(starts), p_in(attacked))
 
 
+def test_training_on_box_attacked_noise_leaves_a_whole_box_attack_less_room(classifier, tiny_data):
+    import keras
+
+    config = configurator.merge_config(configurator.default_config(), tiny_options(num_steps=120), "test")
+    config["defence"].update(outlier_batch=20, eps=0.05, outlier_sources=["noise", "letters"], attack_steps=5,
+                             attack_step_size=0.1)
+    starts = ood_sets.noise_images("uniform", 100, SHAPE, seed=9)
+    reached = {}
+    for fraction in (0.0, 0.5):
+        config["defence"]["box_attack_fraction"] = fraction
+        model, metrics = defences.with_discriminator(classifier, tiny_data, config, **SILENT)
+        assert metrics["in_fraction"] > 0.9  # The test digits stay "in" either way.
+        scores = keras.Model(model.input, model.get_layer(cnn.DISCRIMINATOR_PREFIX + "logits").output)
+        attacked = defences.ascend(scores, starts, 0.0, 1.0, 40, 0.05, defences.in_log_probability)
+        reached[fraction] = np.median(softmax(scores(attacked))[:, 1])
+    # A longer attack than training's (40 steps, not 5) finds less "in" where training saw attacked noise.
+    assert reached[0.5] < 0.5 * reached[0.0], reached
+
+
 def test_proc_mnist_trains_the_classifier_then_its_discriminator(tiny_npz, tmp_path):
     import keras
 
