@@ -40,6 +40,7 @@ DEFENCE_TERMS = ("outlier_exposure", "acet", "good", "prood")  # the defences th
 DEFENCE_METHODS = ("none", *DEFENCE_TERMS)  # defence.method (proc_mnist.py)
 OUTLIER_SOURCES = ("photos", "letters", "noise")  # defence.outlier_sources (defences.outlier_pool)
 DEFENCES = ("uniform", "extra_class", "control", *DEFENCE_TERMS)  # augment.target (preprocess_data.py)
+EVALUATED_ROUNDS = ("every", "final")  # augment.evaluate_rounds: which of a study's models are judged
 EVALUATION_SETS = ("uniform", "letters", "ood")  # evaluation.sets (evaluation.ball_points)
 NOISE_FAMILIES = ("uniform", "dim", "low_frequency", "gaussian", "permuted")  # evaluation.noise_families (ood_sets.py)
 SALIENCY_METHODS = ("vanilla", "guided", "both")  # saliency.method (guided_backprop.py)
@@ -221,6 +222,7 @@ VALUE_RULES = {
     "augment.train_on": _rule(lambda name: name in ("strongest",) + BACKWORK_LOSSES,
                               f"\"strongest\" or one of {', '.join(BACKWORK_LOSSES)}"),
     "augment.attack_examples": _between(1, 10_000),
+    "augment.evaluate_rounds": _one_of(EVALUATED_ROUNDS),
     "evaluation.eps": _rule(lambda value: 0 < value <= 1, "in (0, 1] (pixels lie in [0, 1]; 0.3 for 28x28 grey images)"),
     "evaluation.points": _between(1, 1_000_000),
     "evaluation.sets": _rule(lambda names: 0 < len(names) and set(names) <= set(EVALUATION_SETS)

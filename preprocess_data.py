@@ -40,7 +40,8 @@ images and natural non-digits (--ood, e.g. Fashion-MNIST): ROC AUC and the rejec
 rate at the threshold that keeps 99% of test digits.
 
 The original and every round's model are also judged as the field judges a defence
-(evaluation.py, [evaluation], unless augment.evaluate is false): in the eps-ball around
+(evaluation.py, [evaluation], unless augment.evaluate is false; augment.evaluate_rounds =
+"final" judges the last round's model alone): in the eps-ball around
 1,000 points of each out-of-distribution set (AUC, AAUC, GAUC, fooled and certified
 fractions) and in the whole image box from noise starts (the worst case over the attacks,
 class images apart). --judge runs that evaluation on one model alone, without a study:
@@ -338,8 +339,19 @@ class Study:
             metrics.update(difficulty(fresh, augment["difficulty_budgets"]))
             self.trained_images = np.concatenate([self.trained_images, results_format.final_images(fresh)])
         metrics["measure_seconds"] = time.perf_counter() - start
-        metrics.update(evaluate_round(self.judged, model, round_dir, round_index, self.progress))
+        metrics.update(evaluate_round(self.judge_of(round_index), model, round_dir, round_index, self.progress))
         return model, metrics
+
+    def judge_of(self, round_index):
+        """The evaluation for round_index's model, or None where augment.evaluate_rounds leaves that round out."""
+        return self.judged if round_index in judged_rounds(self.config["augment"]) else None
+
+
+def judged_rounds(augment):
+    """The rounds whose model the field's evaluation judges: none, the last, or every one (0 = the original)."""
+    if not augment["evaluate"]:
+        return set()
+    return {augment["rounds"]} if augment["evaluate_rounds"] == "final" else set(range(augment["rounds"] + 1))
 
 
 # ------------------------------------------------------------------------------ report
@@ -639,7 +651,7 @@ def _run_study(data, config, original, trained_results, out_dir, report, writer,
         attack_metrics, _ = study.attack(original, 0)
         report["rounds"].append({"round": 0, **study.measure(original), **difficulty(heldout, augment["difficulty_budgets"]),
                                  **attack_metrics, "backwork_seconds": heldout_seconds,
-                                 **evaluate_round(judged, original, out_dir / "round0", 0)})
+                                 **evaluate_round(study.judge_of(0), original, out_dir / "round0", 0)})
         report["misconfigured_attacks"] = dict(suite.disabled)
         _round_done(report, writer)
         for round_index in range(1, augment["rounds"] + 1):

@@ -69,6 +69,19 @@ def test_a_study_can_leave_the_evaluation_out(trained_tiny, tiny_npz, tmp_path):
     assert not any("evaluation" in metrics for metrics in report["rounds"])
 
 
+def test_a_study_can_judge_its_final_model_alone(trained_tiny, tiny_npz, tmp_path):
+    import preprocess_data
+
+    arguments = quick_study_arguments(trained_tiny, tiny_npz, tmp_path) + ["--set", 'augment.evaluate_rounds="final"']
+    assert preprocess_data.main(arguments) == 0
+    report = json.loads((tmp_path / "aug" / "report.json").read_text())
+    assert ["evaluation" in metrics for metrics in report["rounds"]] == [False, True]
+    assert not (tmp_path / "aug" / "round0" / "evaluation.png").exists()
+    assert (tmp_path / "aug" / "round1" / "evaluation.png").is_file()
+    assert preprocess_data.judged_rounds({"evaluate": True, "evaluate_rounds": "final", "rounds": 5}) == {5}
+    assert preprocess_data.judged_rounds({"evaluate": False, "evaluate_rounds": "every", "rounds": 5}) == set()
+
+
 def test_worst_verdict_takes_the_worst_of_the_attacks_per_start():
     verdicts = {"apgd": np.array(["not_fooled", "class_image", "fooled", "not_fooled"]),
                 "square": np.array(["class_image", "fooled", "not_fooled", "not_fooled"])}
