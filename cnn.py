@@ -14,6 +14,7 @@ Precision: train.mixed_precision chooses the policy new layers compute in
 or a CPU with avx512_bf16 or amx_bf16), else none. A model is analysed in float32
 (float32_model). docs/benchmarks.md has the measurements behind these choices.
 """
+import contextlib
 import functools
 import math
 import os
@@ -273,6 +274,33 @@ def combined_parts(model):
     classifier = [layer for layer in chain if not layer.name.startswith((DISCRIMINATOR_PREFIX, COMBINE_PREFIX))
                   and layer.name not in ("logits", "softmax")]
     return classifier, discriminator
+
+
+def batch_norm_layers(model):
+    """The model's BatchNormalization layers, in order."""
+    from keras import layers
+
+    return [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+
+
+@contextlib.contextmanager
+def batch_norm_frozen(model, frozen=True):
+    """Within the block, batch normalisation runs as at inference (moving statistics) and does not learn.
+
+    Keras runs a BatchNormalization layer whose trainable is False in inference mode even in a
+    training call, and leaves its scale and offset out of trainable_variables. A defence trained on
+    interval bounds needs this: the bounds use the moving statistics (the network as it is judged),
+    and a training pass on batch statistics would let the bound term flatten a network the class
+    loss never sees (the Fashion-MNIST GOOD run fell to 10% accuracy that way). Restored after.
+    """
+    layers = [layer for layer in batch_norm_layers(model) if layer.trainable] if frozen else []
+    for layer in layers:
+        layer.trainable = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.trainable = True
 
 
 def logits_model(model):

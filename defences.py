@@ -302,6 +302,7 @@ def _bound_term(method, model, training_images, section, num_steps, loss_at):
     if section["ramp_fraction"] > 0 and not num_steps:
         raise ValueError(f"{method} needs num_steps (the run's step count) to ramp eps over")
     interval_bounds.check_model_supported(model)
+    _check_batch_norm_measured(model, method)
     pool = outlier_pool(model.input_shape[1:], section["outlier_sources"], section["seed"], training_images)
     ramp_steps = section["ramp_fraction"] * (num_steps or 0)
 
@@ -309,7 +310,17 @@ def _bound_term(method, model, training_images, section, num_steps, loss_at):
         return loss_at(logits, images, ramped_eps(model.optimizer.iterations, section["eps"], ramp_steps))
 
     return trainer.ExtraTerm(draw=_pool_draw(pool, section["outlier_batch"], section["seed"]), loss=loss,
-                             weight=section[f"{method}_weight"])
+                             weight=section[f"{method}_weight"], frozen_batch_norm=True)
+
+
+def _check_batch_norm_measured(model, method):
+    """Refuse a model whose batch normalisation never saw data: a bound defence trains it frozen (trainer.ExtraTerm)."""
+    for layer in cnn.batch_norm_layers(model):
+        if not np.any(layer.moving_mean.numpy()) and np.all(layer.moving_variance.numpy() == 1):
+            raise UserError(f"defence {method!r} trains with batch normalisation frozen at its moving statistics, "
+                            f"but {layer.name}'s were never measured (a new model); train it first (proc_mnist.py "
+                            f"without the defence), then fine-tune it with preprocess_data.py --target {method} "
+                            "(without --from-scratch)")
 
 
 def good_loss(model, logits, images, eps, certified_fraction):

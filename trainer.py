@@ -39,10 +39,13 @@ class ExtraTerm:
         normalisation's batch statistics see both). A term that needs more (interval bounds
         of the model over a ball around each image) closes over the model.
     weight: the step minimises mean class cross-entropy + weight * mean extra loss.
+    frozen_batch_norm: train with batch normalisation as at inference (cnn.batch_norm_frozen), for a
+        loss on interval bounds, which use the moving statistics.
     """
     draw: Callable
     loss: Callable
     weight: float = 1.0
+    frozen_batch_norm: bool = False
 
 
 def uniform_label_loss(logits):
@@ -481,12 +484,13 @@ def train_prepared(data, config, model=None, progress=print, writer=None, strate
         raise UserError(f"training images of shape {images.shape[1:]} do not fit the model's input "
                         f"{model.input_shape[1:]}; set model.image_dim_size to match the data")
     xla = distributed.use_xla(section["xla"])
-    run_steps = make_train_function(model, images, targets, section["label_smoothing"],
-                                    section["shift_pixels"], section["seed"], strategy=strategy, xla=xla,
-                                    flip=section["flip"], extra_term=extra_term)
-    first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
-    history, stop = _run_blocks(run_steps, model, data, section, progress, writer,
-                                distributed.make_agreement(strategy))
+    with cnn.batch_norm_frozen(model, extra_term is not None and extra_term.frozen_batch_norm):
+        run_steps = make_train_function(model, images, targets, section["label_smoothing"],
+                                        section["shift_pixels"], section["seed"], strategy=strategy, xla=xla,
+                                        flip=section["flip"], extra_term=extra_term)
+        first_step, start = int(model.optimizer.iterations.numpy()), time.perf_counter()
+        history, stop = _run_blocks(run_steps, model, data, section, progress, writer,
+                                    distributed.make_agreement(strategy))
     metrics = _run_metrics(model, section, first_step, time.perf_counter() - start, history, stop, strategy, xla)
     metrics["data"] = data.get("provenance")
     if "x_test" in data and stop != "interrupted":

@@ -245,6 +245,42 @@ def test_training_with_each_defence_lowers_its_confidence_on_fresh_noise(tiny_da
     assert metrics["test_accuracy"] > 0.8  # The classes are still learnt.
 
 
+def test_batch_norm_frozen_runs_a_training_call_as_inference_and_restores_the_layers(tiny_data):
+    model = cnn.build_model(tiny_topology(batch_norm=True))
+    images = tiny_data["x_train"][:16]
+    assert not np.allclose(model(images, training=True), model(images, training=False), atol=1e-4)
+    with cnn.batch_norm_frozen(model):
+        np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-6)
+        assert not any("_bn" in variable.path for variable in model.trainable_variables)
+    assert all(layer.trainable for layer in cnn.batch_norm_layers(model)) and len(cnn.batch_norm_layers(model)) == 3
+
+
+def test_a_bound_defence_trains_a_batch_norm_model_as_it_is_judged(tiny_data):
+    """The bounds use the moving statistics, so GOOD trains with them: had the class loss run on batch
+    statistics, the bound term could flatten the network at inference unseen (Fashion-MNIST: 10%)."""
+    model, _ = trainer.train(tiny_data, tiny_options(num_steps=40, batch_norm=True), **SILENT)
+    before = {layer.name: layer.get_weights() for layer in cnn.batch_norm_layers(model)}
+    kernel = model.get_layer("conv1_conv").kernel.numpy().copy()
+    model = trainer.compile_for_training(model, 1e-2)  # A fresh optimizer, as a study round's.
+    term = defences.good(model, tiny_data["x_train"], {"outlier_batch": 8}, num_steps=20)
+    assert term.frozen_batch_norm
+    defended, metrics = trainer.train(tiny_data, tiny_options(num_steps=20, batch_norm=True), model=model,
+                                      extra_term=term, **SILENT)
+    assert metrics["steps"] == 20 and not np.allclose(kernel, defended.get_layer("conv1_conv").kernel.numpy())
+    for layer in cnn.batch_norm_layers(defended):  # Statistics, scale and offset as they were; trainable again.
+        assert layer.trainable
+        for was, now in zip(before[layer.name], layer.get_weights()):
+            np.testing.assert_array_equal(was, now)
+
+
+def test_a_bound_defence_refuses_batch_norm_that_never_saw_data(tiny_data):
+    model = trainer.compile_for_training(cnn.build_model(tiny_topology(batch_norm=True)), 1e-3)
+    with pytest.raises(UserError, match="defence 'good' trains with batch normalisation frozen .* conv1_bn's were "
+                                        "never measured .* --target good"):
+        defences.good(model, tiny_data["x_train"], {"outlier_batch": 8}, num_steps=20)
+    assert defences.outlier_exposure(model, tiny_data["x_train"], {"outlier_batch": 8}).frozen_batch_norm is False
+
+
 def test_proc_mnist_trains_a_defence_from_scratch_and_resumes_it(tiny_npz, tmp_path, monkeypatch):
     terms, real_train = [], trainer.train_prepared
 
