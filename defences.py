@@ -26,6 +26,7 @@ by (defence.seed, optimizer step) with stateless random ops, so a resumed run dr
 uninterrupted one would.
 """
 import dataclasses
+import sys
 import zlib
 
 import numpy as np
@@ -53,6 +54,9 @@ PARAMETERS = {
     "prood": ("prood_weight", "outlier_batch", "outlier_sources", "eps", "ramp_fraction", "box_attack_fraction",
               "attack_steps", "attack_step_size", "seed"),
 }
+
+
+COLLAPSED_IN_FRACTION = 0.5  # prood: a discriminator calling fewer test images "in" than this learned nothing
 
 
 def _parameters(method, parameters):
@@ -461,10 +465,20 @@ def with_discriminator(classifier, data, config, progress=print, writer=None):
     metrics["in_fraction"] = metrics["test_accuracy"]
     if metrics["interrupted"] or metrics["diverged"]:
         return None, metrics
+    _warn_if_collapsed(metrics["in_fraction"], config["defence"]["eps"])
     combined = cnn.combine_with_discriminator(classifier, discriminator)
     if "x_test" in data:
         metrics["test_accuracy"] = trainer.accuracy(combined, data["x_test"], data["y_test"])
     return combined, metrics
+
+
+def _warn_if_collapsed(in_fraction, eps):
+    """Loud, on stderr: a discriminator that calls most test images "out" learned no separation. Its
+    combined model keeps the classifier's accuracy and looks like a result; its p(in) is about constant."""
+    if in_fraction is not None and in_fraction < COLLAPSED_IN_FRACTION:
+        print(f"PROOD DISCRIMINATOR COLLAPSED: it calls {in_fraction:.1%} of the test images \"in\", so its "
+              f"p(in) separates nothing; its interval bounds over the eps = {eps} balls were too loose to learn "
+              "(docs/results.md, Fashion-MNIST); try a smaller defence.eps or more steps", file=sys.stderr)
 
 
 TERMS = {"outlier_exposure": outlier_exposure, "acet": acet, "good": good}

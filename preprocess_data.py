@@ -334,6 +334,8 @@ class Study:
         metrics = {"round": round_index, **self.measure(model, fresh), **attack_metrics,
                    "num_fooling_images_trained": len(self.trained_images), "train_steps": train_metrics["steps"],
                    "train_seconds": train_metrics["seconds"]}
+        if "in_fraction" in train_metrics:  # prood: the share of test images its discriminator calls "in".
+            metrics["discriminator_in_fraction"] = train_metrics["in_fraction"]
         if fresh is not None:  # The images the next round adds: saved, measured for difficulty, kept.
             save_backwork(fresh, round_dir / "backwork")
             metrics.update(difficulty(fresh, augment["difficulty_budgets"]))

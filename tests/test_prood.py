@@ -207,6 +207,13 @@ def test_training_on_box_attacked_noise_leaves_a_whole_box_attack_less_room(clas
     assert reached[0.5] < 0.5 * reached[0.0], reached
 
 
+def test_a_collapsed_discriminator_is_reported_loudly(capsys):
+    defences._warn_if_collapsed(0.0, 0.3)  # Fashion-MNIST's: p(in) = 0.5 for every image.
+    assert "PROOD DISCRIMINATOR COLLAPSED: it calls 0.0% of the test images \"in\"" in capsys.readouterr().err
+    defences._warn_if_collapsed(0.979, 0.3)  # MNIST's, seed 2.
+    assert capsys.readouterr().err == ""
+
+
 def test_proc_mnist_trains_the_classifier_then_its_discriminator(tiny_npz, tmp_path):
     import keras
 
@@ -228,6 +235,7 @@ def test_a_study_with_target_prood_keeps_the_classifier_and_judges_the_combined_
     report = json.loads((tmp_path / "aug" / "report.json").read_text())
     assert report["complete"] and report["target"] == "prood" and report["rounds"][1]["train_steps"] == 5
     assert report["rounds"][1]["evaluation"]["ball"]["uniform"]["certified"] is not None
+    assert 0 <= report["rounds"][1]["discriminator_in_fraction"] <= 1
     assert cnn.is_combined(cnn.load_trained_model(tmp_path / "aug" / "model.keras"))
 
 
