@@ -594,10 +594,14 @@ def judge(args):
     ood = (datasets.read_ood_images(config["augment"]["ood_data"], data["x_train"].shape[1:])[0]
            if config["augment"]["ood_data"] else None)
     out_dir = common.ensure_writable_dir(args.out or model_path.parent / "evaluation")
-    model = cnn.load_trained_model(model_path, data["x_train"], num_classes=datasets.count_classes(data))
+    num_classes = datasets.count_classes(data)
+    # An extra_class study's model (its saved config says so) has one more output, "none"; the
+    # evaluation scores the confidence over the real classes, as it does in the study's rounds.
+    outputs = num_classes + (config["augment"]["target"] == "extra_class")
+    model = cnn.load_trained_model(model_path, data["x_train"], num_classes=outputs)
     print(f"judging {model_path} in both threat models (eps {config['evaluation']['eps']}, "
           f"{config['evaluation']['points']} points per set)")
-    judged = evaluation.Evaluation(data, config, datasets.count_classes(data), ood)
+    judged = evaluation.Evaluation(data, config, num_classes, ood)
     report = {"model": str(model_path), "data": data["provenance"], "ood_data": config["augment"]["ood_data"] or None,
               "evaluation": judged.run(model)}
     configurator.save_run_config(out_dir / "config.toml", config, data["provenance"])

@@ -82,6 +82,23 @@ def test_a_study_can_judge_its_final_model_alone(trained_tiny, tiny_npz, tmp_pat
     assert preprocess_data.judged_rounds({"evaluate": False, "evaluate_rounds": "every", "rounds": 5}) == set()
 
 
+def test_an_extra_class_model_is_judged_on_its_real_classes(trained_tiny, tiny_npz, tmp_path):
+    import preprocess_data
+
+    study = quick_study_arguments(trained_tiny, tiny_npz, tmp_path) + ["--target", "extra_class",
+                                                                       "--set", 'augment.evaluate_rounds="final"']
+    assert preprocess_data.main(study) == 0
+    in_study = json.loads((tmp_path / "aug" / "report.json").read_text())["rounds"][1]["evaluation"]
+    # --judge reads the study's saved config (augment.target) and takes the model's 11th output as "none".
+    arguments = ["--judge", "--model", str(tmp_path / "aug" / "model.keras"), "--data", str(tiny_npz),
+                 "--out", str(tmp_path / "judged")]
+    assert preprocess_data.main(arguments) == 0
+    judged = json.loads((tmp_path / "judged" / "report.json").read_text())["evaluation"]
+    assert judged["in_distribution"] == in_study["in_distribution"]
+    assert {name: row["auc"] for name, row in judged["ball"].items()} == \
+        {name: row["auc"] for name, row in in_study["ball"].items()}
+
+
 def test_worst_verdict_takes_the_worst_of_the_attacks_per_start():
     verdicts = {"apgd": np.array(["not_fooled", "class_image", "fooled", "not_fooled"]),
                 "square": np.array(["class_image", "fooled", "not_fooled", "not_fooled"])}
