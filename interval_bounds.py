@@ -307,15 +307,18 @@ def _logit_difference_bounds(logits_layer, lower, upper):
     import tensorflow as tf
 
     kernel = tf.convert_to_tensor(logits_layer.kernel)  # (inputs, K)
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2  # (batch, inputs)
-    centre_logits = tf.matmul(centre, kernel)
-    if logits_layer.use_bias:
-        centre_logits = centre_logits + logits_layer.bias  # (batch, K)
-    centre_differences = centre_logits[:, :, None] - centre_logits[:, None, :]  # [b, k, j] = z_k - z_j at the centre
-    difference_weights = kernel[:, :, None] - kernel[:, None, :]  # (inputs, K, K): W[:, k] - W[:, j]
     classes = kernel.shape[1]
-    spread = tf.matmul(radius, tf.reshape(tf.abs(difference_weights), [kernel.shape[0], classes * classes]))
-    return centre_differences + tf.reshape(spread, [-1, classes, classes])
+    difference_weights = tf.reshape(kernel[:, :, None] - kernel[:, None, :],  # [:, k * K + j] = W[:, k] - W[:, j]
+                                    [kernel.shape[0], classes * classes])
+    # upper * W+ + lower * W-, not centre * W + radius * |W|: the two products of the latter are large and
+    # cancel where the exact bound is small, and float32 lost 5e-4 that way, below the attained value
+    # (a collapsed ProoD discriminator, docs/results.md); here no such cancellation happens after a ReLU.
+    spread = (tf.matmul(upper, tf.maximum(difference_weights, 0.0))
+              + tf.matmul(lower, tf.minimum(difference_weights, 0.0)))
+    differences = tf.reshape(spread, [-1, classes, classes])
+    if logits_layer.use_bias:
+        differences = differences + (logits_layer.bias[:, None] - logits_layer.bias[None, :])
+    return differences
 
 
 def _log_probability_bounds(difference_upper):

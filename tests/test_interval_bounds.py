@@ -219,6 +219,24 @@ def test_one_dense_layer_two_classes_is_exact_by_hand():
     np.testing.assert_allclose(np.concatenate([lower, upper]), [[0.25, -0.5], [1.75, 0.5]], rtol=1e-6)
 
 
+def test_a_bound_that_is_exactly_the_bias_survives_large_cancelling_inputs():
+    """A dead ProoD discriminator's case: after a ReLU, inputs in [0, ~300] meet weights whose difference
+    is never positive, so max (z1 - z0) over the box is the bias difference, attained at lower = 0. Written
+    as centre * W + radius * |W|, float32 lost 5e-4 of it to cancellation, below the attained value."""
+    import tensorflow as tf
+    from keras import layers
+
+    rng = np.random.default_rng(0)
+    layer = layers.Dense(2)
+    layer.build((None, 1024))
+    first = rng.uniform(-0.05, 0.05, 1024)
+    layer.set_weights([np.stack([first, first - rng.uniform(0, 0.05, 1024)], axis=1).astype(np.float32),
+                       np.array([0.0, -7e-6], np.float32)])
+    upper = tf.constant(rng.uniform(0, 300, (4, 1024)), tf.float32)
+    differences = interval_bounds._logit_difference_bounds(layer, tf.zeros_like(upper), upper).numpy()
+    np.testing.assert_allclose(differences[:, 1, 0], -7e-6, atol=1e-9)  # Exact: every term is 0.
+
+
 def test_one_dense_layer_three_classes_against_every_corner():
     kernel = [[1.0, -2.0, 0.5], [0.5, 1.0, -1.0], [-1.0, 0.0, 2.0]]
     bias = [0.1, -0.2, 0.3]
