@@ -50,8 +50,15 @@ The NumPy entries (probability_upper_bounds, confidence_upper_bounds, logit_boun
 model; the tensor entries (logit_difference_bounds_tensor, confidence_bound_tensor) are the same
 bounds as TensorFlow ops, for a training loss that takes their gradient (defences.good).
 
-The arithmetic is float32, as the model's: the bounds hold up to float rounding (about 1e-6
-relative), not as an exact proof over the reals.
+Precision. The NumPy entries, which judge a model, compute in float64: every step takes the
+dtype of the box it is given, and the weights are cast to it. In float32 the centre/radius form
+of a wide layer adds and subtracts products of 10^3-10^4 whose sum is small, and rounding moved
+bounds by 5e-4 (below a value an attack reached: docs/results.md) and by 1e-2 on the test's
+large weights; on a GPU, TensorFloat-32 matrix products (TensorFlow's default on Ampere and
+later) would round to 1e-3 relative. Float64 rounding (1e-16 relative) leaves the bounds exact
+over the reals to far below the evaluation's tolerance (ood_metrics.BOUND_TOLERANCE); it is
+still rounding, not outward-rounded interval arithmetic. The tensor entries, a training loss's,
+stay in the dtype they are given (float32), where the gradient matters and a few ulps do not.
 """
 import functools
 
@@ -61,6 +68,7 @@ import cnn
 from common import UserError
 
 DEFAULT_BATCH_SIZE = 256  # Images per compiled call: a few MB of boxes on the default network.
+JUDGING_DTYPE = "float64"  # The NumPy entries' arithmetic (see Precision above).
 
 # Keras activations (by function name) that are non-decreasing with Keras' default parameters,
 # so that f(lower) <= f(v) <= f(upper). The test suite checks each on a grid.
@@ -230,6 +238,13 @@ def _affine(centre_map, radius_map, lower, upper):
     return centre - radius, centre + radius
 
 
+def _weight(variable, like):
+    """A layer's weight as a tensor of the box's dtype (float64 when judging; a no-op in float32)."""
+    import tensorflow as tf
+
+    return tf.cast(tf.convert_to_tensor(variable), like.dtype)
+
+
 def _along_axis(values, axis, rank):
     """values (C,) shaped to broadcast along axis of a rank-dimensional tensor."""
     import tensorflow as tf
@@ -242,11 +257,11 @@ def _along_axis(values, axis, rank):
 def _bound_dense(layer, lower, upper):
     import tensorflow as tf
 
-    kernel = tf.convert_to_tensor(layer.kernel)  # (inputs, units)
+    kernel = _weight(layer.kernel, lower)  # (inputs, units)
 
     def centre_map(centre):
         product = tf.tensordot(centre, kernel, axes=1)
-        return product + layer.bias if layer.use_bias else product
+        return product + _weight(layer.bias, lower) if layer.use_bias else product
 
     lower, upper = _affine(centre_map, lambda radius: tf.tensordot(radius, tf.abs(kernel), axes=1), lower, upper)
     return _bound_activation(layer, lower, upper)
@@ -255,12 +270,14 @@ def _bound_dense(layer, lower, upper):
 def _bound_convolution(layer, lower, upper):
     import tensorflow as tf
 
-    kernel = tf.convert_to_tensor(layer.kernel)  # (kh, kw, in channels, out channels)
+    kernel = _weight(layer.kernel, lower)  # (kh, kw, in channels, out channels)
     channel_axis = -1 if layer.data_format == "channels_last" else 1
 
     def centre_map(centre):
         product = layer.convolution_op(centre, kernel)  # The layer's strides, padding and dilation.
-        return product + _along_axis(layer.bias, channel_axis, len(product.shape)) if layer.use_bias else product
+        if not layer.use_bias:
+            return product
+        return product + _along_axis(_weight(layer.bias, lower), channel_axis, len(product.shape))
 
     # Zero padding is a constant input: centre 0 and radius 0, exactly what the two passes pad with.
     lower, upper = _affine(centre_map, lambda radius: layer.convolution_op(radius, tf.abs(kernel)), lower, upper)
@@ -271,12 +288,12 @@ def _bound_batch_norm(layer, lower, upper):
     """At inference batch norm is v * scale + shift per channel, from the moving statistics (as Keras computes it)."""
     import tensorflow as tf
 
-    scale = tf.math.rsqrt(tf.convert_to_tensor(layer.moving_variance) + layer.epsilon)
+    scale = tf.math.rsqrt(_weight(layer.moving_variance, lower) + layer.epsilon)
     if layer.scale:
-        scale = scale * tf.convert_to_tensor(layer.gamma)
-    shift = -tf.convert_to_tensor(layer.moving_mean) * scale
+        scale = scale * _weight(layer.gamma, lower)
+    shift = -_weight(layer.moving_mean, lower) * scale
     if layer.center:
-        shift = shift + tf.convert_to_tensor(layer.beta)
+        shift = shift + _weight(layer.beta, lower)
     rank = len(lower.shape)
     scale, shift = _along_axis(scale, layer.axis, rank), _along_axis(shift, layer.axis, rank)
     # A negative gamma swaps which end of the interval maps where; |scale| on the radius handles it.
@@ -290,8 +307,11 @@ def _bound_activation(layer, lower, upper):
 
 
 def _bound_monotone_layer(layer, lower, upper):
-    """Pooling and reshaping: every output is non-decreasing in every input, so the layer maps the bounds."""
-    return layer(lower), layer(upper)
+    """Pooling and reshaping: every output is non-decreasing in every input, so the layer maps the bounds.
+
+    layer.call, not layer(...): calling a layer casts a float64 box to the layer's float32.
+    """
+    return layer.call(lower), layer.call(upper)
 
 
 def _bound_identity(layer, lower, upper):
@@ -306,7 +326,7 @@ def _logit_difference_bounds(logits_layer, lower, upper):
     """(batch, K, K): [b, k, j] is the exact maximum of z_k - z_j over the box of the logits layer's input."""
     import tensorflow as tf
 
-    kernel = tf.convert_to_tensor(logits_layer.kernel)  # (inputs, K)
+    kernel = _weight(logits_layer.kernel, lower)  # (inputs, K)
     classes = kernel.shape[1]
     difference_weights = tf.reshape(kernel[:, :, None] - kernel[:, None, :],  # [:, k * K + j] = W[:, k] - W[:, j]
                                     [kernel.shape[0], classes * classes])
@@ -317,7 +337,8 @@ def _logit_difference_bounds(logits_layer, lower, upper):
               + tf.matmul(lower, tf.minimum(difference_weights, 0.0)))
     differences = tf.reshape(spread, [-1, classes, classes])
     if logits_layer.use_bias:
-        differences = differences + (logits_layer.bias[:, None] - logits_layer.bias[None, :])
+        bias = _weight(logits_layer.bias, lower)
+        differences = differences + (bias[:, None] - bias[None, :])
     return differences
 
 
@@ -373,9 +394,10 @@ def _log_probability_upper(plan, lower, upper):
 def logit_difference_bounds_tensor(model, lower, upper):
     """(N, K, K) tensor: [n, k, j] bounds z_k - z_j from above over the box [lower, upper] of inputs.
 
-    lower and upper are (N, H, W, C) float32 tensors (the ball clipped to [0, 1], say). Every step
-    is a TensorFlow op on the model's own variables, so a training loss inside a GradientTape
-    (GOOD's) gets the gradient of the bound in the weights. The model must compute in float32
+    lower and upper are (N, H, W, C) tensors (the ball clipped to [0, 1], say), float32 for a loss or
+    float64 to judge; the bound is computed in their dtype. Every step is a TensorFlow op on the
+    model's own variables, so a training loss inside a GradientTape (GOOD's) gets the gradient of
+    the bound in the weights. The model must compute in float32
     (a mixed-precision layer would round the bounds to bfloat16); batch normalisation is
     bounded with its moving statistics, as at inference.
     """
@@ -409,7 +431,8 @@ def _compiled_bounds(model):
 
     @tf.function(input_signature=signature, jit_compile=False)
     def bounds(images, eps):  # (batch, H, W, C), ()
-        lower, upper = tf.clip_by_value(images - eps, 0.0, 1.0), tf.clip_by_value(images + eps, 0.0, 1.0)
+        # The box in float32, as box_attacks.ball gives the attacks, then converted (exactly) to float64.
+        lower, upper = (tf.cast(tf.clip_by_value(end, 0.0, 1.0), JUDGING_DTYPE) for end in (images - eps, images + eps))
         if isinstance(plan, dict):
             return {"probability_upper": tf.exp(_combined_log_probability_bounds(plan, lower, upper))}
         steps, logits_layer = plan
@@ -422,7 +445,7 @@ def _compiled_bounds(model):
 
 
 def _all_bounds(model, images, eps, batch_size):
-    """{name: NumPy (N, K) float32} of _compiled_bounds, a batch at a time."""
+    """{name: NumPy (N, K) float64} of _compiled_bounds, a batch at a time."""
     radius = check_radius(eps, allow_zero=True)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"batch_size {batch_size!r} must be a positive int; set it to e.g. {DEFAULT_BATCH_SIZE}")
@@ -433,17 +456,17 @@ def _all_bounds(model, images, eps, batch_size):
     parts = [bounds(images[start:start + batch_size], np.float32(radius))
              for start in range(0, len(images), batch_size)]
     if not parts:
-        return {name: np.zeros((0, classes), np.float32) for name in ("logit_lower", "logit_upper", "probability_upper")}
+        return {name: np.zeros((0, classes), JUDGING_DTYPE) for name in ("logit_lower", "logit_upper", "probability_upper")}
     return {name: np.concatenate([np.asarray(part[name]) for part in parts]) for name in parts[0]}
 
 
 def probability_upper_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
-    """(N, K) float32: a certified upper bound on each class probability over each image's eps-ball in [0, 1]."""
+    """(N, K) float64: a certified upper bound on each class probability over each image's eps-ball in [0, 1]."""
     return _all_bounds(model, images, eps, batch_size)["probability_upper"]
 
 
 def confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEFAULT_BATCH_SIZE):
-    """(N,) float32: a certified upper bound on the top probability over each image's ball (GAUC's score).
+    """(N,) float64: a certified upper bound on the top probability over each image's ball (GAUC's score).
 
     num_classes: count only the first num_classes outputs (the classes of a model with an extra
     "none" output, whose softmax still includes it); None counts every output.
@@ -459,19 +482,25 @@ def confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEF
 
 
 def log_confidence_upper_bounds(model, images, eps, num_classes=None, batch_size=DEFAULT_BATCH_SIZE):
-    """(N,) float32: the log of confidence_upper_bounds, computed in log space (confidence_bound_tensor),
+    """(N,) float64: the log of confidence_upper_bounds, computed in log space (confidence_bound_tensor),
     so that bounds which round to 1.0 as probabilities still rank (the evaluation's GAUC needs that)."""
     radius = check_radius(eps, allow_zero=True)
     model = cnn.float32_model(model)
     images = _checked_images(model, images)
-    parts = [np.asarray(confidence_bound_tensor(model, np.clip(batch - radius, 0, 1), np.clip(batch + radius, 0, 1),
-                                                num_classes))
+    parts = [np.asarray(confidence_bound_tensor(model, *_judging_box(batch, radius), num_classes))
              for batch in (images[start:start + batch_size] for start in range(0, len(images), batch_size))]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return np.concatenate(parts) if parts else np.zeros(0, JUDGING_DTYPE)
+
+
+def _judging_box(images, radius):
+    """(lower, upper) of each image's ball in [0, 1]: float32 as box_attacks.ball, then float64 (exactly)."""
+    images = np.asarray(images, np.float32)
+    return (np.clip(images - np.float32(radius), 0, 1).astype(JUDGING_DTYPE),
+            np.clip(images + np.float32(radius), 0, 1).astype(JUDGING_DTYPE))
 
 
 def logit_bounds(model, images, eps, batch_size=DEFAULT_BATCH_SIZE):
-    """(lower, upper), (N, K) float32 each: plain interval bounds on the logits over each image's ball."""
+    """(lower, upper), (N, K) float64 each: plain interval bounds on the logits over each image's ball."""
     _chain_plan_only(model)
     bounds = _all_bounds(model, images, eps, batch_size)
     return bounds["logit_lower"], bounds["logit_upper"]

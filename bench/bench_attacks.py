@@ -38,9 +38,9 @@ import attacks  # noqa: E402
 import box_attacks  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
-import configurator  # noqa: E402
 import datasets  # noqa: E402
-from bench.machine import cpu_line, forward_flops_per_example, numpy_matmul_rate  # noqa: E402
+from bench.machine import (add_model_arguments, cpu_line, forward_flops_per_example, load_model,  # noqa: E402
+                           numpy_matmul_rate)
 
 STEP_SIZE = 0.01  # attacks.run_pgd's default pgd_step_size; the speed does not depend on it.
 
@@ -79,17 +79,6 @@ def time_art(model, images, targets, steps):
     return len(images) * steps / (time.perf_counter() - start)
 
 
-def load_model(arguments):
-    """The model to time: --model's, or the config's topology with random weights; and its description."""
-    if arguments.model:
-        return cnn.load_trained_model(arguments.model), f"{arguments.model} (trained)"
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = cnn.build_model(configurator.load_config(arguments.config)["model"])
-    return model, f"{arguments.config or 'configs/default.toml'} (random weights)"
-
-
 def time_batch(model, batch_size, steps, repeats):
     """{row name: best image-steps/s} at one batch size, the rows alternating within each repeat."""
     rng = np.random.default_rng(batch_size)
@@ -109,8 +98,7 @@ def time_batch(model, batch_size, steps, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config whose [model] to build with random weights (default: the defaults)")
-    parser.add_argument("--model", help="a trained .keras model to time instead")
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each attack per run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--batch-sizes", default="80,256", help="comma-separated batch sizes (default: 80,256)")

@@ -1,5 +1,6 @@
 """The machine a benchmark ran on, printed first by every benchmark (CPU model, cores, vector extensions),
-and the two yardsticks the benchmarks share: a model's FLOPs and NumPy's matmul rate on this CPU."""
+the two yardsticks the benchmarks share (a model's FLOPs and NumPy's matmul rate on this CPU), and the
+model a --config/--model benchmark measures."""
 import os
 import platform
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import cnn
+import configurator
 
 # The vector extensions worth naming in a speed measurement, as /proc/cpuinfo spells them.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -58,3 +60,20 @@ def numpy_matmul_rate(size=1024, repeats=10):
     for _ in range(repeats):
         left @ right
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def add_model_arguments(parser):
+    """--config and --model, the choice load_model reads."""
+    parser.add_argument("--config", help="config whose [model] to build with random weights (default: the defaults)")
+    parser.add_argument("--model", help="a trained .keras model to measure instead")
+
+
+def load_model(arguments):
+    """The model to time: --model's, or the config's topology with random weights; and its description."""
+    if arguments.model:
+        return cnn.load_trained_model(arguments.model), f"{arguments.model} (trained)"
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = cnn.build_model(configurator.load_config(arguments.config)["model"])
+    return model, f"{arguments.config or 'configs/default.toml'} (random weights)"

@@ -163,7 +163,7 @@ def test_confidence_is_the_top_bound_over_the_classes_asked_for():
     model = hand_built_model()  # 3 classes and a "none" output.
     images = ood_images(model)
     bounds = interval_bounds.probability_upper_bounds(model, images, 0.1)
-    assert bounds.shape == (3, 4) and bounds.dtype == np.float32
+    assert bounds.shape == (3, 4) and bounds.dtype == np.float64  # Judged in float64 (the module's Precision).
     np.testing.assert_array_equal(interval_bounds.confidence_upper_bounds(model, images, 0.1), bounds.max(axis=1))
     np.testing.assert_array_equal(interval_bounds.confidence_upper_bounds(model, images, 0.1, num_classes=3),
                                   bounds[:, :3].max(axis=1))
@@ -235,6 +235,49 @@ def test_a_bound_that_is_exactly_the_bias_survives_large_cancelling_inputs():
     upper = tf.constant(rng.uniform(0, 300, (4, 1024)), tf.float32)
     differences = interval_bounds._logit_difference_bounds(layer, tf.zeros_like(upper), upper).numpy()
     np.testing.assert_allclose(differences[:, 1, 0], -7e-6, atol=1e-9)  # Exact: every term is 0.
+
+
+def reference_logit_bounds(kernels, biases, lower, upper):
+    """Interval bounds of Dense -> relu -> ... -> Dense logits in NumPy float64: the formulas by hand."""
+    for index, (kernel, bias) in enumerate(zip(kernels, biases)):
+        centre, radius = (upper + lower) / 2, (upper - lower) / 2
+        centre, radius = centre @ kernel + bias, radius @ np.abs(kernel)
+        lower, upper = centre - radius, centre + radius
+        if index < len(kernels) - 1:
+            lower, upper = np.maximum(lower, 0), np.maximum(upper, 0)
+    return lower, upper
+
+
+def test_judging_bounds_keep_their_precision_where_a_hidden_layer_cancels():
+    """A wide hidden layer with large weights: its centre and radius products (~10^4) cancel into small
+    bounds. In float32 (a training loss's dtype) rounding moves them by 1e-3 or more; the judging entries
+    (float64) agree with a float64 NumPy reference to 1e-9."""
+    import keras
+    import tensorflow as tf
+    from keras import layers
+
+    rng = np.random.default_rng(5)
+    inputs = keras.Input((784,))
+    hidden = layers.Dense(64, activation="relu", name="fc1")(inputs)
+    logits = layers.Dense(3, name="logits")(hidden)
+    model = keras.Model(inputs, layers.Activation("softmax", name="softmax")(logits))
+    kernels = [rng.normal(0, 100, (784, 64)).astype(np.float32), rng.normal(0, 1, (64, 3)).astype(np.float32)]
+    biases = [rng.normal(0, 10, 64).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32)]
+    for layer, kernel, bias in zip(model.layers[1:3], kernels, biases):
+        layer.set_weights([kernel, bias])
+    images = rng.uniform(0, 1, (5, 784)).astype(np.float32)
+    eps = 0.01
+    box = tuple(np.clip(images + sign * np.float32(eps), 0, 1).astype(np.float64) for sign in (-1, 1))
+    expected = reference_logit_bounds([k.astype(np.float64) for k in kernels],
+                                      [b.astype(np.float64) for b in biases], *box)
+    judged = interval_bounds.logit_bounds(model, images, eps)
+    assert all(bound.dtype == np.float64 for bound in judged)
+    np.testing.assert_allclose(np.concatenate(judged), np.concatenate(expected), rtol=0, atol=1e-9)
+    # The test can tell: the same bounds in float32 (the tensor entries given float32 boxes) are off.
+    steps, logits_layer = interval_bounds.check_model_supported(model)
+    float32_box = interval_bounds._propagate(steps, *(tf.constant(end, tf.float32) for end in box))
+    float32_upper = interval_bounds._bound_dense(logits_layer, *float32_box)[1].numpy()
+    assert np.abs(float32_upper - expected[1]).max() > 1e-4
 
 
 def test_one_dense_layer_three_classes_against_every_corner():
@@ -347,7 +390,7 @@ def test_a_mixed_precision_model_is_bounded_in_float32():
     images = ood_images(model)
     float32 = cnn.float32_model(model)
     bounds = interval_bounds.probability_upper_bounds(model, images, 0.0)
-    assert bounds.dtype == np.float32
+    assert bounds.dtype == np.float64  # The float32 copy's weights, judged in float64.
     np.testing.assert_allclose(bounds, cnn.predict(float32, images), rtol=1e-5, atol=1e-6)
 
 
@@ -399,3 +442,25 @@ def test_the_log_bound_is_the_log_of_the_bound():
         bounds = interval_bounds.confidence_upper_bounds(model, images, eps)
         np.testing.assert_allclose(np.exp(log_bounds), bounds, rtol=1e-5)
         assert np.all(log_bounds <= 0)
+
+
+def test_the_bounds_bench_runs_at_a_tiny_size(tmp_path, capsys):
+    import importlib.util
+
+    import configurator
+    from conftest import tiny_options
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_bounds.py"
+    spec = importlib.util.spec_from_file_location("bench_bounds", bench)
+    bench_bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_bounds)
+    config = tmp_path / "tiny.toml"
+    config.write_text(configurator.dump_toml({"model": tiny_options()["model"]}))
+    bench_bounds.main(["--config", str(config), "--points", "5", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU: ") and "5 uniform-noise points, eps 0.3" in lines[1]
+    text = "\n".join(lines)
+    for words in ("judging bounds (float64)", "training bounds (float32)", "ratio float64 time / float32 time",
+                  "largest |difference|"):
+        assert words in text
+
