@@ -585,6 +585,16 @@ def main(argv=None):
     return 0
 
 
+def check_judged_outputs(model, model_path, num_classes, target):
+    """Refuse in one line a model whose outputs do not fit the config's target (classes, plus "none" for extra_class)."""
+    outputs = num_classes + (target == "extra_class")
+    if model.output_shape[-1] != outputs:
+        meaning = f"{num_classes} classes" + (' and "none"' if target == "extra_class" else "")
+        raise UserError(f"model {model_path} has {model.output_shape[-1]} outputs but augment.target = {target!r} "
+                        f"needs {outputs} ({meaning}); judge it with the config it was trained with (its folder's "
+                        "config.toml) or set augment.target to the study's target")
+
+
 def judge(args):
     """--judge: the evaluation of one model alone; report.json, evaluation.png and config.toml in --out."""
     model_path = cnn.check_model_file(args.model)
@@ -597,8 +607,8 @@ def judge(args):
     num_classes = datasets.count_classes(data)
     # An extra_class study's model (its saved config says so) has one more output, "none"; the
     # evaluation scores the confidence over the real classes, as it does in the study's rounds.
-    outputs = num_classes + (config["augment"]["target"] == "extra_class")
-    model = cnn.load_trained_model(model_path, data["x_train"], num_classes=outputs)
+    model = cnn.load_trained_model(model_path, data["x_train"])
+    check_judged_outputs(model, model_path, num_classes, config["augment"]["target"])
     print(f"judging {model_path} in both threat models (eps {config['evaluation']['eps']}, "
           f"{config['evaluation']['points']} points per set)")
     judged = evaluation.Evaluation(data, config, num_classes, ood)

@@ -9,6 +9,7 @@ import pytest
 import configurator
 import evaluation
 import ood_sets
+from common import UserError
 from conftest import IMAGE_SIZE, QUICK_EVALUATION
 from helpers import QUICK_ATTACKS, quick_study_arguments
 
@@ -97,6 +98,13 @@ def test_an_extra_class_model_is_judged_on_its_real_classes(trained_tiny, tiny_n
     assert judged["in_distribution"] == in_study["in_distribution"]
     assert {name: row["auc"] for name, row in judged["ball"].items()} == \
         {name: row["auc"] for name, row in in_study["ball"].items()}
+    # A config whose target does not fit the model's outputs is refused in one line naming the key.
+    with pytest.raises(UserError, match=r"has 11 outputs but augment.target = 'uniform' needs 10 \(10 classes\)"):
+        preprocess_data.main(arguments + ["--set", 'augment.target="uniform"'])
+    plain = judge_arguments(trained_tiny, tiny_npz, tmp_path, "--set", 'augment.target="extra_class"')
+    with pytest.raises(UserError, match=r"has 10 outputs but augment.target = 'extra_class' needs 11 \(10 classes "
+                                        r"and \"none\"\); judge it with the config it was trained with"):
+        preprocess_data.main(plain)
 
 
 def test_worst_verdict_takes_the_worst_of_the_attacks_per_start():
