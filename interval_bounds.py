@@ -418,8 +418,8 @@ def confidence_bound_tensor(model, lower, upper, num_classes=None):
 
 @functools.lru_cache(maxsize=4)
 def _compiled_bounds(model):
-    """One tf.function (images, eps) -> {"probability_upper": (batch, K)}, with "logit_lower" and
-    "logit_upper" for a model of build_model's shape, for a float32 model.
+    """One tf.function (lower, upper: _judging_box's float64 box) -> {"probability_upper": (batch, K)},
+    with "logit_lower" and "logit_upper" for a model of build_model's shape, for a float32 model.
 
     Compiled once per model (the cache keeps the last few); it reads the model's variables when
     run, so bounds follow weights that change in training.
@@ -427,12 +427,10 @@ def _compiled_bounds(model):
     import tensorflow as tf
 
     plan = check_model_supported(model)
-    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32), tf.TensorSpec([], tf.float32)]
+    box = tf.TensorSpec([None, *model.input_shape[1:]], JUDGING_DTYPE)
 
-    @tf.function(input_signature=signature, jit_compile=False)
-    def bounds(images, eps):  # (batch, H, W, C), ()
-        # The box in float32, as box_attacks.ball gives the attacks, then converted (exactly) to float64.
-        lower, upper = (tf.cast(tf.clip_by_value(end, 0.0, 1.0), JUDGING_DTYPE) for end in (images - eps, images + eps))
+    @tf.function(input_signature=[box, box], jit_compile=False)
+    def bounds(lower, upper):  # (batch, H, W, C) each: _judging_box's
         if isinstance(plan, dict):
             return {"probability_upper": tf.exp(_combined_log_probability_bounds(plan, lower, upper))}
         steps, logits_layer = plan
@@ -453,7 +451,7 @@ def _all_bounds(model, images, eps, batch_size):
     bounds = _compiled_bounds(model)
     images = _checked_images(model, images)
     classes = model.output_shape[-1]
-    parts = [bounds(images[start:start + batch_size], np.float32(radius))
+    parts = [bounds(*_judging_box(images[start:start + batch_size], radius))
              for start in range(0, len(images), batch_size)]
     if not parts:
         return {name: np.zeros((0, classes), JUDGING_DTYPE) for name in ("logit_lower", "logit_upper", "probability_upper")}

@@ -88,10 +88,14 @@ def none_targets(count, num_classes, target):
     return targets
 
 
+def model_outputs(num_classes, target):
+    """The outputs a study's model has: the classes, plus "none" for extra_class."""
+    return num_classes + (target == "extra_class")
+
+
 def add_none_examples(data, images, num_classes, seed, target="uniform"):
     """Training set plus images labelled "none" (see none_targets), shuffled; other splits untouched."""
-    outputs = num_classes + (target == "extra_class")
-    targets = trainer.to_targets(data["y_train"], outputs)
+    targets = trainer.to_targets(data["y_train"], model_outputs(num_classes, target))
     all_images = np.concatenate([data["x_train"], images.astype(np.float32)])
     all_targets = np.concatenate([targets, none_targets(len(images), num_classes, target)])
     order = np.random.default_rng(seed).permutation(len(all_images))
@@ -587,7 +591,7 @@ def main(argv=None):
 
 def check_judged_outputs(model, model_path, num_classes, target):
     """Refuse in one line a model whose outputs do not fit the config's target (classes, plus "none" for extra_class)."""
-    outputs = num_classes + (target == "extra_class")
+    outputs = model_outputs(num_classes, target)
     if model.output_shape[-1] != outputs:
         meaning = f"{num_classes} classes" + (' and "none"' if target == "extra_class" else "")
         raise UserError(f"model {model_path} has {model.output_shape[-1]} outputs but augment.target = {target!r} "

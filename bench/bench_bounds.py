@@ -33,8 +33,9 @@ def float32_log_bounds(model, images, eps, batch_size=interval_bounds.DEFAULT_BA
     """The training loss's arithmetic: confidence_bound_tensor on float32 boxes, a batch at a time."""
     parts = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        lower, upper = (np.clip(batch + sign * np.float32(eps), 0, 1) for sign in (-1, 1))
+        # The judge's box, converted back to float32 exactly (it was clipped in float32).
+        box = interval_bounds._judging_box(images[start:start + batch_size], eps)
+        lower, upper = (end.astype(np.float32) for end in box)
         parts.append(np.asarray(interval_bounds.confidence_bound_tensor(model, lower, upper)))
     return np.concatenate(parts)
 
