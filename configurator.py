@@ -234,6 +234,7 @@ VALUE_RULES = {
     "evaluation.apgd_steps": _between(1, 100_000),
     "evaluation.apgd_restarts": _between(1, 100),
     "evaluation.square_points": _between(0, 1_000_000),
+    "evaluation.square_starts_per_class": _between(0, 100_000),
     "evaluation.square_queries": _between(1, 10**7),
     "evaluation.novelty_quantile": _PROBABILITY,
     "evaluation.novelty_test_points": _between(1, 10**7),

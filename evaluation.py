@@ -20,7 +20,7 @@ NeurIPS 2020, "GOOD"; Meinke et al. NeurIPS 2022, "ProoD"). Evaluation.run(model
 - the unbounded box (run_unbounded): starts_per_class starts per class from each noise
   family (ood_sets.NOISE_FAMILIES: a flat region around one family hides nothing), each
   attacked towards its class in the whole box [0, 1] by targeted APGD (cross-entropy),
-  and a subset by Square. A start is fooled when some attack brought it to p(class) >= cap
+  and square_starts_per_class of them per class (spread over the families) by Square. A start is fooled when some attack brought it to p(class) >= cap
   and it still looks like no training image (its nearest training image of the class is
   farther than `novelty_quantile` of the test images' own); an image as near a training
   image as real test images are is counted apart as a class image, never as fooled.
@@ -79,6 +79,17 @@ def unbounded_starts(data, section, labels):
 def subset(count, size, seed):
     """A fixed random choice of size indices out of count (sorted): the points Square also attacks."""
     return np.sort(np.random.default_rng(seed).permutation(count)[:min(size, count)])
+
+
+def square_starts(targets, per_class, seed):
+    """A fixed random choice of per_class start indices of each class (sorted): the whole-box starts
+    Square also attacks. Per class rather than overall so that every class has the same weight in
+    the fraction the conclusion may stand on (20 per class: a Wilson half-width of about 0.07)."""
+    generator, chosen = np.random.default_rng(seed), []
+    for label in np.unique(targets):
+        of_label = np.flatnonzero(targets == label)
+        chosen.append(generator.permutation(of_label)[:min(per_class, len(of_label))])
+    return np.sort(np.concatenate(chosen))
 
 
 # ------------------------------------------------------------------- the evaluation
@@ -190,7 +201,7 @@ class Evaluation:
         lower, upper = box_attacks.whole_box(self.starts)
         found = self._apgd(model, self.starts, lower, upper, "cross_entropy", self.targets, cap=self.cap)
         finals = {"apgd": (found["images"], found["confidence"])}
-        chosen = subset(len(self.starts), section["square_points"], section["seed"])
+        chosen = square_starts(self.targets, section["square_starts_per_class"], section["seed"])
         start_confidence = cnn.target_probabilities(model, self.starts, self.targets)  # Starts Square did not attack.
         for size in SQUARE_SIZES:
             images, confidence = self.starts.copy(), start_confidence.copy()
@@ -264,7 +275,7 @@ def strongest(summary):
     """The unbounded number a conclusion stands on: the larger fooled fraction of the worst case over
     every start (APGD on all of them, Square on a subset) and over the starts every attack ran on.
 
-    Square runs on square_points starts only (it is the slow one); where it fools far more than
+    Square runs on square_starts_per_class starts per class only (it is the slow one); where it fools far more than
     APGD (a defence that flattens the gradient near noise), the subset's fraction, with its wider
     interval, is the fair number, and the fraction over every start would understate it."""
     rows = [("every start", summary["worst"]), (f"the {summary['square_starts']} starts every attack ran on",

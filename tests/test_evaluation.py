@@ -43,8 +43,9 @@ def test_judge_reports_both_threat_models_with_sound_bounds(trained_tiny, tiny_n
     assert set(unbounded["by_family"]) == set(configurator.NOISE_FAMILIES)
     assert unbounded["strongest"]["fooled_fraction"] >= max(row["fooled_fraction"]
                                                             for row in unbounded["by_attack"].values())
-    square_points = QUICK_EVALUATION["square_points"]
-    assert unbounded["all_attacks"]["count"] == unbounded["by_attack"]["square_0.8"]["count"] == square_points
+    square_starts = 10 * QUICK_EVALUATION["square_starts_per_class"]
+    assert unbounded["square_starts"] == square_starts
+    assert unbounded["all_attacks"]["count"] == unbounded["by_attack"]["square_0.8"]["count"] == square_starts
     assert unbounded["by_attack"]["apgd"]["count"] == unbounded["starts"]
     assert report["art_check"]["ours"]["count"] == QUICK_EVALUATION["art_check_points"]
     printed = capsys.readouterr().out
@@ -136,6 +137,17 @@ def test_starts_cover_every_family_and_class_and_never_change(tiny_data):
     again, _, _ = evaluation.unbounded_starts(tiny_data, section, list(range(10)))
     np.testing.assert_array_equal(images, again)  # Every model of a study faces the same starts.
     assert np.max(images[families == "dim"]) <= 0.2
+
+
+def test_square_attacks_as_many_whole_box_starts_of_every_class_and_always_the_same():
+    targets = np.tile(np.arange(10), 5 * 3)  # Three starts per class from each of five families.
+    chosen = evaluation.square_starts(targets, 4, seed=0)
+    assert list(np.bincount(targets[chosen], minlength=10)) == [4] * 10
+    assert list(chosen) == sorted(set(chosen))  # Distinct starts, in order.
+    np.testing.assert_array_equal(chosen, evaluation.square_starts(targets, 4, seed=0))
+    assert not np.array_equal(chosen, evaluation.square_starts(targets, 4, seed=1))
+    assert len(evaluation.square_starts(targets, 100, seed=0)) == len(targets)  # More than there are: all of them.
+    assert len(evaluation.square_starts(targets, 0, seed=0)) == 0
 
 
 def test_ball_points_are_the_named_sets(tiny_data):
