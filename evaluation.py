@@ -20,7 +20,8 @@ NeurIPS 2020, "GOOD"; Meinke et al. NeurIPS 2022, "ProoD"). Evaluation.run(model
 - the unbounded box (run_unbounded): starts_per_class starts per class from each noise
   family (ood_sets.NOISE_FAMILIES: a flat region around one family hides nothing), each
   attacked towards its class in the whole box [0, 1] by targeted APGD (cross-entropy),
-  and square_starts_per_class of them per class (spread over the families) by Square. A start is fooled when some attack brought it to p(class) >= cap
+  and square_starts_per_class of them per class (drawn at random from every family's starts) by
+  Square. A start is fooled when some attack brought it to p(class) >= cap
   and it still looks like no training image (its nearest training image of the class is
   farther than `novelty_quantile` of the test images' own); an image as near a training
   image as real test images are is counted apart as a class image, never as fooled.
@@ -275,8 +276,8 @@ def strongest(summary):
     """The unbounded number a conclusion stands on: the larger fooled fraction of the worst case over
     every start (APGD on all of them, Square on a subset) and over the starts every attack ran on.
 
-    Square runs on square_starts_per_class starts per class only (it is the slow one); where it fools far more than
-    APGD (a defence that flattens the gradient near noise), the subset's fraction, with its wider
+    Square runs on square_starts_per_class starts per class only (it is the slow one); where it fools
+    far more than APGD (a defence that flattens the gradient near noise), the subset's fraction, with its wider
     interval, is the fair number, and the fraction over every start would understate it."""
     rows = [("every start", summary["worst"]), (f"the {summary['square_starts']} starts every attack ran on",
                                                summary["all_attacks"])]

@@ -118,7 +118,8 @@ def make_colour_images(num_examples, seed):
 
 # The field's evaluation (evaluation.py) at a size that runs in seconds on a tiny model.
 QUICK_EVALUATION = {"points": 12, "starts_per_class": 1, "apgd_steps": 10, "apgd_restarts": 1, "square_points": 2,
-                    "square_starts_per_class": 1, "square_queries": 20, "novelty_test_points": 30, "art_check_points": 4, "batch_size": 64}
+                    "square_starts_per_class": 1, "square_queries": 20, "novelty_test_points": 30,
+                    "art_check_points": 4, "batch_size": 64}
 
 
 def colour_options(num_steps=40):
